@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-all data clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,torch]'
+	touch $(STAMP)
+
+# Debian's dataset-fashion-mnist when apt is there; otherwise the demo falls back to TFDS.
+data:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: $(STAMP) data
+	$(PY) -m vit_jax.main --config=configs/fashion_mnist.py --workdir=workdirs/demo
+
+# Quick suite (CI): everything but tests marked slow.
+test: $(STAMP) data
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP) data
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) workdirs *.egg-info

@@ -1,0 +1,31 @@
+"""vit_jax: vision transformers in JAX/Flax. `pip install -e .[test]`."""
+import setuptools
+
+setuptools.setup(
+    name="vit_jax",
+    version="0.1.0",
+    description="Vision transformers (ViT, hybrids, Swin) in JAX/Flax: models, training, experiments.",
+    packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*"]),
+    python_requires=">=3.10,<3.13",
+    # Ranges are the ones tested here (Python 3.11); the lower bounds are the versions whose APIs
+    # the code uses, the upper bounds the next major/minor release nobody has run yet.
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "ml-collections>=1.1.0,<1.2",
+        "tensorflow-cpu>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "clu>=0.0.12,<0.1",
+        "tensorboard>=2.21,<2.22",
+        "matplotlib>=3.9,<4",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        # Parity tests and side-by-side benchmarks only; never imported by vit_jax itself.
+        "torch": ["torch==2.13.0", "transformers>=5.23,<5.24"],
+    },
+)

@@ -1,0 +1,1 @@
+"""vit_jax: vision transformers in JAX/Flax."""

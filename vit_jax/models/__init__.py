@@ -1,0 +1,39 @@
+"""The one model registry: `get_model(name, **overrides)` for every family.
+
+Each family module exposes `config_from_name(name) -> kwargs | None` (None: not its name) and
+`NAMES` (for error messages); this file lists the families explicitly, nothing registers itself.
+"""
+import dataclasses
+
+import flax.linen as nn
+
+from vit_jax.models import vit
+
+# (family module, module class) in the order names are tried.
+_FAMILIES = (
+    (vit, vit.VisionTransformer),
+)
+
+
+def known_names():
+  return [n for family, _ in _FAMILIES for n in family.NAMES]
+
+
+def get_model(name: str, **overrides) -> nn.Module:
+  """Returns the linen Module for `name` (e.g. "ViT-B/16"), with fields overridden by `overrides`.
+
+  Raises ValueError naming the known models for an unknown name, and the known fields for an
+  unknown override.
+  """
+  for family, cls in _FAMILIES:
+    kwargs = family.config_from_name(name)
+    if kwargs is None:
+      continue
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+      raise ValueError(f"Unknown option(s) {unknown} for model {name!r} ({cls.__name__}); "
+                       f"known: {', '.join(sorted(fields))}.")
+    kwargs.update(overrides)
+    return cls(**kwargs)
+  raise ValueError(f"Unknown model name {name!r}. Known models: {', '.join(known_names())}.")

@@ -1,0 +1,253 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) with the published parameter tree.
+
+Names are those of the published `.npz` files (shared/REFERENCE.md), old global numbering:
+`Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3}`.
+With `scan=True` the blocks live stacked under `Transformer/encoderblock` (leading axis = layer);
+`scan_to_unrolled` / `unrolled_to_scan` convert between the two layouts.
+"""
+import dataclasses
+import re
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_jax.models import layers
+
+Dtype = Any
+
+# name -> (hidden_size, mlp_dim, num_heads, num_layers). "Mu" is a CPU-sized model for this repo's
+# Fashion-MNIST runs; the others are the paper's and DeiT's.
+VARIANTS = {
+    "Mu": (128, 512, 4, 6),
+    "Ti": (192, 768, 3, 12),
+    "S": (384, 1536, 6, 12),
+    "B": (768, 3072, 12, 12),
+    "L": (1024, 4096, 16, 24),
+    "H": (1280, 5120, 16, 32),
+}
+NAME_RE = re.compile(r"^ViT-(?P<variant>[A-Za-z]+)/(?P<patch>\d+)$")
+
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: Any = 0.0  # float, or a traced scalar under nn.scan
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_0", **kw)(x)
+    y = layers.Attention(self.num_heads, dropout_rate=self.attention_dropout_rate,
+                         name="MultiHeadDotProductAttention_1", **kw)(
+                             y, deterministic=deterministic)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    x = x + layers.DropPath(self.droppath_rate)(y, deterministic)
+    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_2", **kw)(x)
+    y = layers.MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate, name="MlpBlock_3", **kw)(
+        y, deterministic=deterministic)
+    x = x + layers.DropPath(self.droppath_rate)(y, deterministic)
+    # Per-layer tokens for probing/visualisation; a no-op unless `intermediates` is mutable.
+    self.sow("intermediates", "tokens", x)
+    return x
+
+
+class _ScanBlock(nn.Module):
+  """Carry adapter for nn.scan: (x, layer_index) -> (x', None)."""
+  block_kwargs: Any
+  num_layers: int
+  droppath_rate: float
+
+  @nn.compact
+  def __call__(self, x, layer_index, deterministic):
+    rate = self.droppath_rate * layer_index / max(self.num_layers - 1, 1)
+    x = Encoder1DBlock(droppath_rate=rate, name="block", **self.block_kwargs)(x, deterministic)
+    return x, None
+
+
+class Encoder(nn.Module):
+  """Position embedding, `num_layers` blocks, final LayerNorm (`Transformer/...` in checkpoints)."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  posemb: str = "learn"  # learn | sincos2d
+  grid: Tuple[int, int] = (14, 14)  # token grid, for sincos2d
+  num_prefix_tokens: int = 1  # cls token(s) in front of the grid
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0  # linearly increasing from 0 at the first block to this at the last
+  scan: bool = False
+  remat_policy: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    _, n, d = x.shape
+    if self.posemb == "learn":
+      pe = PosEmbed(name="posembed_input", param_dtype=self.param_dtype)(n, d)
+    elif self.posemb == "sincos2d":
+      pe = layers.posemb_sincos_2d(*self.grid, d)
+      if self.num_prefix_tokens:
+        pe = jnp.concatenate([jnp.zeros((1, self.num_prefix_tokens, d)), pe], axis=1)
+    else:
+      raise ValueError(f"Unknown posemb {self.posemb!r}: use 'learn' or 'sincos2d'.")
+    x = x + pe.astype(x.dtype)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+    block_kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                        dropout_rate=self.dropout_rate,
+                        attention_dropout_rate=self.attention_dropout_rate,
+                        dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan:
+      block = _ScanBlock
+      if self.remat_policy:
+        block = nn.remat(block, policy=_policy(self.remat_policy), static_argnums=(3,))
+      scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(0, nn.broadcast), length=self.num_layers)
+      x, _ = scanned(block_kwargs, self.num_layers, self.droppath_rate, name="encoderblock")(
+          x, jnp.arange(self.num_layers, dtype=jnp.float32), not train)
+    else:
+      block = Encoder1DBlock
+      if self.remat_policy:
+        block = nn.remat(block, policy=_policy(self.remat_policy), static_argnums=(2,))
+      for i in range(self.num_layers):
+        rate = self.droppath_rate * i / max(self.num_layers - 1, 1)
+        x = block(droppath_rate=rate, name=f"encoderblock_{i}", **block_kwargs)(x, not train)
+    return nn.LayerNorm(epsilon=1e-6, name="encoder_norm", dtype=self.dtype,
+                        param_dtype=self.param_dtype)(x)
+
+
+class PosEmbed(nn.Module):
+  """Learned position embedding `pos_embedding` of shape (1, N, D), normal(0.02)."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, n, d):
+    return self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, n, d),
+                      self.param_dtype)
+
+
+def _policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat_policy {name!r}; known: {', '.join(REMAT_POLICIES)}")
+  return getattr(jax.checkpoint_policies, name)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier. `num_classes=0` returns the pooled (pre-head) representation.
+
+  `resnet`, when set, is a dict for `resnet.stem` (a hybrid: the ResNet's feature map becomes the
+  token grid); `None` is a pure ViT.
+  """
+  num_classes: int
+  patch_size: Tuple[int, int] = (16, 16)
+  hidden_size: int = 768
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  num_layers: int = 12
+  classifier: str = "token"  # token | gap | map
+  representation_size: Optional[int] = None
+  posemb: str = "learn"
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  head_bias_init: float = 0.0
+  scan: bool = False
+  remat_policy: Optional[str] = None
+  resnet: Optional[Any] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = images.astype(self.dtype)
+    if self.resnet is not None:
+      from vit_jax.models import resnet  # the hybrid's stem; resnet.py never imports vit.py
+      x = resnet.stem(x, **dict(self.resnet), **kw)
+
+    x = nn.Conv(self.hidden_size, self.patch_size, strides=self.patch_size, padding="VALID",
+                name="embedding", **kw)(x)
+    b, h, w, d = x.shape
+    x = jnp.reshape(x, (b, h * w, d))  # (B, N, D)
+
+    if self.classifier == "token":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls, [b, 1, 1]).astype(x.dtype), x], axis=1)
+    elif self.classifier not in ("gap", "map"):
+      raise ValueError(f"Unknown classifier {self.classifier!r}: use 'token', 'gap' or 'map'.")
+
+    x = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                posemb=self.posemb, grid=(h, w),
+                num_prefix_tokens=int(self.classifier == "token"),
+                dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                droppath_rate=self.droppath_rate, scan=self.scan,
+                remat_policy=self.remat_policy, name="Transformer", **kw)(x, train=train)
+
+    if self.classifier == "token":
+      x = x[:, 0]
+    elif self.classifier == "gap":
+      x = jnp.mean(x, axis=1)
+    else:
+      x = layers.MAPHead(self.num_heads, self.mlp_dim, name="MAPHead_0", **kw)(x)
+
+    if self.representation_size is not None:
+      x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits", **kw)(x))
+    if not self.num_classes:
+      return x
+    x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                 bias_init=nn.initializers.constant(self.head_bias_init), name="head", **kw)(x)
+    return x.astype(jnp.float32)
+
+
+def config_from_name(name: str) -> Optional[dict]:
+  """`ViT-B/16` -> VisionTransformer kwargs; None when the name is not a ViT name."""
+  m = NAME_RE.match(name)
+  if not m:
+    return None
+  if m["variant"] not in VARIANTS:
+    raise ValueError(f"Unknown ViT variant {m['variant']!r} in {name!r}; "
+                     f"known: {', '.join(VARIANTS)} (e.g. ViT-B/16).")
+  d, mlp, heads, depth = VARIANTS[m["variant"]]
+  p = int(m["patch"])
+  return dict(hidden_size=d, mlp_dim=mlp, num_heads=heads, num_layers=depth, patch_size=(p, p))
+
+
+NAMES = tuple(f"ViT-{v}/<patch>" for v in VARIANTS)
+
+
+# ------------------------------------------------------------------ scan <-> unrolled layout.
+def scan_to_unrolled(params, num_layers: Optional[int] = None):
+  """Params of a scanned ViT (`Transformer/encoderblock/block/...` stacked) -> `encoderblock_{i}`."""
+  params = dict(params)
+  enc = dict(params["Transformer"])
+  stacked = enc.pop("encoderblock")["block"]
+  n = num_layers or jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  for i in range(n):
+    enc[f"encoderblock_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+  params["Transformer"] = enc
+  return params
+
+
+def unrolled_to_scan(params):
+  """Params of an unrolled ViT (`encoderblock_{i}`) -> the scanned layout (leading layer axis)."""
+  params = dict(params)
+  enc = dict(params["Transformer"])
+  keys = sorted((k for k in enc if re.fullmatch(r"encoderblock_\d+", k)),
+                key=lambda k: int(k.split("_")[1]))
+  blocks = [enc.pop(k) for k in keys]
+  enc["encoderblock"] = {"block": jax.tree_util.tree_map(lambda *a: jnp.stack(a), *blocks)}
+  params["Transformer"] = enc
+  return params
