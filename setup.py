@@ -22,6 +22,7 @@ setuptools.setup(
         "matplotlib>=3.9,<4",
         "absl-py>=2.1,<3",
         "numpy>=1.26,<3",
+        "scipy>=1.13,<2",
     ],
     extras_require={
         "test": ["pytest>=8,<10"],

@@ -7,11 +7,15 @@ import dataclasses
 
 import flax.linen as nn
 
+from vit_jax.models import resnet
+from vit_jax.models import swin
 from vit_jax.models import vit
 
 # (family module, module class) in the order names are tried.
 _FAMILIES = (
-    (vit, vit.VisionTransformer),
+    (vit, vit.VisionTransformer),  # ViT-B/16 and the hybrids R50+ViT-B/16, ...
+    (resnet, resnet.ResNet),
+    (swin, swin.SwinTransformer),
 )
 
 

@@ -28,6 +28,17 @@ VARIANTS = {
     "H": (1280, 5120, 16, 32),
 }
 NAME_RE = re.compile(r"^ViT-(?P<variant>[A-Za-z]+)/(?P<patch>\d+)$")
+# Hybrids "R50+ViT-B/16": (depth in the name, patch in the name) -> (units per stage of the ResNet
+# stem, token patch size on its feature map), as in the published files. The stem's output stride
+# is 4 for the root alone, else 4 * 2**(stages - 1). R+ViT-Ti/16 is root + 8x8 patches, so in fact
+# /32 (7x7 tokens at 224 px, 6,337,704 parameters); its published name is kept.
+HYBRID_RE = re.compile(r"^R(?P<depth>\d*)\+ViT-(?P<variant>[A-Za-z]+)/(?P<patch>\d+)$")
+HYBRID_STEMS = {
+    ("", 16): ((), 8),
+    ("26", 32): ((2, 2, 2, 2), 1),
+    ("50", 16): ((3, 4, 9), 1),
+    ("50", 32): ((3, 4, 6, 3), 1),
+}
 
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
@@ -213,8 +224,8 @@ class VisionTransformer(nn.Module):
 
 
 def config_from_name(name: str) -> Optional[dict]:
-  """`ViT-B/16` -> VisionTransformer kwargs; None when the name is not a ViT name."""
-  m = NAME_RE.match(name)
+  """`ViT-B/16` or `R50+ViT-B/16` -> VisionTransformer kwargs; None for other names."""
+  m = NAME_RE.match(name) or HYBRID_RE.match(name)
   if not m:
     return None
   if m["variant"] not in VARIANTS:
@@ -222,10 +233,18 @@ def config_from_name(name: str) -> Optional[dict]:
                      f"known: {', '.join(VARIANTS)} (e.g. ViT-B/16).")
   d, mlp, heads, depth = VARIANTS[m["variant"]]
   p = int(m["patch"])
-  return dict(hidden_size=d, mlp_dim=mlp, num_heads=heads, num_layers=depth, patch_size=(p, p))
+  kwargs = dict(hidden_size=d, mlp_dim=mlp, num_heads=heads, num_layers=depth, patch_size=(p, p))
+  if m.re is HYBRID_RE:
+    key = (m["depth"], p)
+    if key not in HYBRID_STEMS:
+      raise ValueError(f"Unknown hybrid {name!r}; known: {', '.join(_HYBRID_NAMES)}.")
+    stages, p = HYBRID_STEMS[key]
+    kwargs.update(patch_size=(p, p), resnet=dict(num_layers=stages, width_factor=1))
+  return kwargs
 
 
-NAMES = tuple(f"ViT-{v}/<patch>" for v in VARIANTS)
+_HYBRID_NAMES = tuple(f"R{d}+ViT-<variant>/{p}" for d, p in HYBRID_STEMS)
+NAMES = tuple(f"ViT-{v}/<patch>" for v in VARIANTS) + _HYBRID_NAMES
 
 
 # ------------------------------------------------------------------ scan <-> unrolled layout.

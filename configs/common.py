@@ -1,0 +1,84 @@
+"""The keys every config has (the trainer reads each of them), and shared tables.
+
+Durations are given as `X_steps`, `X_epochs` or `X_examples` (set exactly one of each group; the
+others stay None) for X in total, lr.warmup, log_every, eval_every and checkpoint_every.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+# TFDS names, splits and class counts of the data sets the configs refer to.
+DATASETS = {
+    "cifar10": dict(name="tfds:cifar10", train="train", test="test", classes=10),
+    "cifar100": dict(name="tfds:cifar100", train="train", test="test", classes=100),
+    "pets": dict(name="tfds:oxford_iiit_pet", train="train", test="test", classes=37),
+    "flowers": dict(name="tfds:oxford_flowers102", train="train+validation", test="test",
+                    classes=102),
+    "imagenet1k": dict(name="tfds:imagenet2012", train="train[:99%]", test="validation",
+                       classes=1000),
+    "imagenet21k": dict(name="tfds:imagenet21k", train="full[51200:]", test="full[:51200]",
+                        classes=21843),
+}
+
+
+def _durations(cfg, prefix):
+  for unit, kind in (("steps", int), ("epochs", float), ("examples", int)):
+    cfg[f"{prefix}_{unit}"] = config_dict.placeholder(kind)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with neutral defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model_name = "ViT-B/16"
+  c.model = ml_collections.ConfigDict()  # overrides of the named model's fields
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "fashion_mnist"
+  c.dataset.data_dir = config_dict.placeholder(str)
+  c.dataset.manual_dir = config_dict.placeholder(str)
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.pp_train = "decode|value_range(-1,1)"
+  c.pp_eval = "decode|value_range(-1,1)"
+  c.mixup = 0.0
+  c.batch_size = 512
+  c.eval_batch_size = 512
+
+  _durations(c, "total")
+  _durations(c, "log_every")
+  _durations(c, "eval_every")
+  _durations(c, "checkpoint_every")
+  c.keep_checkpoints = 2
+
+  c.optax = ml_collections.ConfigDict(dict(name="adamw", momentum=0.9, b1=0.9, b2=0.999))
+  c.lr = ml_collections.ConfigDict(dict(base=1e-3, decay="cosine", end=0.0))
+  _durations(c.lr, "warmup")
+  c.wd = 0.0
+  c.wd_mask = r".*/kernel"  # decoupled weight decay on kernels only
+  c.grad_clip_norm = 1.0
+  c.grad_accum_steps = 1
+  c.label_smoothing = 0.0
+  c.freeze = ""  # regex of frozen parameters
+
+  c.parallel = "jit"  # jit (NamedSharding over the mesh) | pmap
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.sharding = ml_collections.ConfigDict(dict(min_fsdp_size=2 ** 14, rules=()))
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = config_dict.placeholder(str)
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
+
+  # Few-shot linear evaluation on frozen pre-logits features (the ViT paper's), run every
+  # eval_every and at the end; empty `shots` disables it.
+  c.fewshot = ml_collections.ConfigDict()
+  c.fewshot.shots = ()
+  c.fewshot.train_split = "train"
+  c.fewshot.test_split = "test"
+  c.fewshot.l2_reg = 2.0 ** 10
+  c.fewshot.num_trials = 1
+
+  c.pretrained = ml_collections.ConfigDict()
+  c.pretrained.path = config_dict.placeholder(str)
+  c.pretrained.strict = True
+  c.export_npz = True
+  return c

@@ -1,0 +1,39 @@
+r"""Fashion-MNIST from scratch on a CPU: the README's `make demo`.
+
+  python -m vit_jax.main --config=configs/fashion_mnist.py:vit --workdir=workdirs/fmnist_vit
+
+Args (after the colon): `vit` (pure ViT, the default for now), `hybrid`, `resnet`, `swin`.
+Results: TO BE MEASURED.
+"""
+from configs import common
+
+MODELS = {
+    # arg: (model_name, overrides, epochs, lr)
+    "vit": ("ViT-Mu/7", dict(classifier="gap"), 5, 2e-3),
+}
+
+
+def get_config(arg: str = "vit"):
+  arg = arg or "vit"
+  if arg not in MODELS:
+    raise ValueError(f"Unknown fashion_mnist config arg {arg!r}; known: {', '.join(MODELS)}")
+  name, overrides, epochs, lr = MODELS[arg]
+  c = common.base_config()
+  c.model_name = name
+  c.model.update(overrides)
+  c.dataset.name = "fashion_mnist"
+  c.train_split, c.eval_split = "train", "test"
+  c.pp_train = "decode|random_crop(28, pad=2)|flip_lr|value_range(-1,1)"
+  c.pp_eval = "decode|value_range(-1,1)"
+  c.batch_size = 256
+  c.eval_batch_size = 1000
+  c.total_epochs = epochs
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.optax.name = "adamw"
+  c.lr.base = lr
+  c.lr.warmup_epochs = 0.5
+  c.lr.decay = "cosine"
+  c.wd = 0.05
+  c.label_smoothing = 0.1
+  return c

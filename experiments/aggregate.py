@@ -1,0 +1,298 @@
+"""Results of a sweep: one row per finished point, a CSV/JSON table and the paper's plots.
+
+  python -m experiments.aggregate OUT
+
+OUT is the runner's `--out`: `OUT/sweep.json` (the sweep's points and tags) and the workdirs
+`OUT/points/NAME/`. A point is finished when its workdir has `result.json`; the runner writes it
+when a run completes, and `collect` writes it here for points that completed elsewhere (a cluster
+job running the printed command). Completion is read from `metrics.jsonl`: its last training row
+is the final step (`eta_sec` 0) and a row of the same step follows it (the final evaluation).
+
+Writes OUT/results.csv and OUT/results.json (a row per point: name, the point's tags (family,
+model, train_size, seed, ...), accuracy (top-1 on the config's eval_split), fewshot_{k}shot_accuracy,
+core_hours, num_params, examples_seen, steps), OUT/accuracy_vs_data.png (the ViT paper's figures 3
+and 4: accuracy against training-set size, log x, a line per model coloured by family, mean and
+min-max over seeds) and OUT/accuracy_vs_compute.png (figure 5: accuracy against core-hours).
+
+core_hours adds up the runs of a point: the trainer's count restarts when a run resumes, so each
+run's last value is summed (time after a run's last log row is not counted).
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import zipfile
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+RESULT = "result.json"
+CORE_COLUMNS = ("name", "family", "model", "train_size", "seed", "accuracy")
+TAIL_COLUMNS = ("core_hours", "num_params", "examples_seen", "steps", "eval_split", "config")
+
+
+# --------------------------------------------------------------------------- one point's result.
+def read_metrics(workdir: str) -> List[Dict[str, Any]]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:  # A line cut off by a kill; the run rewrites what it needs.
+          pass
+  return rows
+
+
+def final_step(rows: List[Dict[str, Any]]) -> Optional[int]:
+  """The step of the final evaluation when the metrics show a completed run, else None."""
+  last = max((i for i, r in enumerate(rows) if "train_loss" in r), default=None)
+  if last is None or rows[last].get("eta_sec") != 0:
+    return None
+  step = rows[last]["step"]
+  if any(r["step"] == step and "train_loss" not in r for r in rows[last + 1:]):
+    return step
+  return None
+
+
+def core_hours(rows: List[Dict[str, Any]]) -> float:
+  """Sum over runs (a drop of `core_hours` between training rows starts a new run) of the last
+  value of each."""
+  total, current = 0.0, None
+  for r in rows:
+    if "core_hours" not in r:
+      continue
+    h = float(r["core_hours"])
+    if current is not None and h < current:
+      total += current
+    current = h
+  return total + (current or 0.0)
+
+
+def count_params(path: str) -> Optional[int]:
+  """Parameters in an `.npz` file, from the array headers only (nothing is loaded)."""
+  if not os.path.exists(path):
+    return None
+  total = 0
+  with zipfile.ZipFile(path) as z:
+    for name in z.namelist():
+      with z.open(name) as f:
+        major, minor = np.lib.format.read_magic(f)
+        read_header = getattr(np.lib.format, f"read_array_header_{major}_{minor}", None)
+        shape = read_header(f)[0] if read_header else np.load(f).shape
+        total += int(np.prod(shape))
+  return total
+
+
+def point_result(workdir: str, point: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+  """The result of a completed run in `workdir` (None if it has not completed)."""
+  rows = read_metrics(workdir)
+  step = final_step(rows)
+  if step is None:
+    return None
+  config = {}
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+  eval_split = config.get("eval_split") or ""
+  final: Dict[str, float] = {}
+  for r in rows:
+    if r["step"] == step and "train_loss" not in r:
+      final.update({k: v for k, v in r.items() if k != "step"})
+  last_train = [r for r in rows if "train_loss" in r][-1]
+  evals = [r for r in rows if "train_loss" not in r and r["step"] != step]
+  point = dict(point or {})
+  return {
+      "name": point.get("name", os.path.basename(os.path.normpath(workdir))),
+      "config": point.get("config"), "overrides": point.get("overrides", {}),
+      "tags": point.get("tags", {}), "model_name": config.get("model_name"),
+      "train_split": config.get("train_split"), "eval_split": eval_split,
+      "steps": step, "examples_seen": last_train.get("examples_seen"),
+      "core_hours": core_hours(rows), "train_loss": last_train.get("train_loss"),
+      "num_params": count_params(os.path.join(workdir, "params.npz")),
+      "final": final, "evals": evals,
+  }
+
+
+def write_result(workdir: str, point: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+  """Writes `result.json` (atomically) for a completed run; None if it has not completed."""
+  result = point_result(workdir, point)
+  if result is not None:
+    tmp = os.path.join(workdir, RESULT + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, RESULT))
+  return result
+
+
+def load_result(workdir: str) -> Optional[Dict[str, Any]]:
+  path = os.path.join(workdir, RESULT)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+# ------------------------------------------------------------------------------------- table.
+def family_of(model_name: Optional[str]) -> str:
+  """"R50+ViT-B/16" -> "Hybrid", "ViT-B/16" -> "ViT", "BiT-R50x1" -> "ResNet", "Swin-T" -> "Swin"."""
+  name = model_name or ""
+  if "+ViT" in name:
+    return "Hybrid"
+  for prefix, family in (("ViT", "ViT"), ("BiT", "ResNet"), ("Swin", "Swin")):
+    if name.startswith(prefix):
+      return family
+  return name.split("-")[0] or "unknown"
+
+
+def row_of(result: Dict[str, Any]) -> Dict[str, Any]:
+  """A result.json -> one flat table row."""
+  tags = dict(result.get("tags") or {})
+  final = result.get("final") or {}
+  split = result.get("eval_split") or ""
+  row = {"name": result["name"]}
+  row.update(tags)
+  row.setdefault("model", result.get("model_name"))
+  row.setdefault("family", family_of(result.get("model_name")))
+  row["accuracy"] = final.get(f"{split}_accuracy") if split else None
+  row.update({k: v for k, v in sorted(final.items(), key=lambda kv: _shot(kv[0]))
+              if k.startswith("fewshot_")})
+  for k in TAIL_COLUMNS:
+    row[k] = result.get(k)
+  return row
+
+
+def _shot(key: str) -> int:
+  m = re.match(r"fewshot_(\d+)shot", key)
+  return int(m.group(1)) if m else 0
+
+
+def collect(out: str) -> List[Dict[str, Any]]:
+  """Rows of every finished point under `out` (points of OUT/sweep.json first, in order, then any
+  other OUT/points/* with a result), writing result.json for runs completed elsewhere."""
+  points_dir = os.path.join(out, "points")
+  declared = []
+  if os.path.exists(os.path.join(out, "sweep.json")):
+    with open(os.path.join(out, "sweep.json")) as f:
+      declared = json.load(f)["points"]
+  names = [p["name"] for p in declared]
+  if os.path.isdir(points_dir):
+    names += sorted(n for n in os.listdir(points_dir) if n not in set(names))
+  by_name = {p["name"]: p for p in declared}
+  rows = []
+  for name in names:
+    workdir = os.path.join(points_dir, name)
+    result = load_result(workdir)
+    if result is None and os.path.isdir(workdir):
+      result = write_result(workdir, by_name.get(name))
+    if result is not None:
+      rows.append(row_of(result))
+  return rows
+
+
+def write_table(rows: List[Dict[str, Any]], out: str) -> None:
+  """OUT/results.csv and OUT/results.json; columns in a fixed order, then the rest."""
+  columns = [c for c in CORE_COLUMNS]
+  for r in rows:
+    columns += [k for k in r if k not in columns and k not in TAIL_COLUMNS]
+  columns += list(TAIL_COLUMNS)
+  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=columns)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump([{k: r.get(k) for k in columns} for r in rows], f, indent=1)
+
+
+# ------------------------------------------------------------------------------------- plots.
+def _metrics(rows) -> List[str]:
+  keys = ["accuracy"] + sorted({k for r in rows for k in r if k.startswith("fewshot_")},
+                               key=_shot)
+  return [k for k in keys if any(r.get(k) is not None for r in rows)]
+
+
+def _title(metric: str) -> str:
+  if metric == "accuracy":
+    return "top-1 accuracy"
+  return f"linear {_shot(metric)}-shot accuracy"
+
+
+def _plot(rows, path: str, x_key: str, x_label: str, lines: bool) -> bool:
+  """A panel per metric; x log; a series per (family, model). Returns False if nothing to plot."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = [r for r in rows if isinstance(r.get(x_key), (int, float)) and r[x_key] > 0]
+  metrics = _metrics(rows)
+  if not rows or not metrics:
+    return False
+  families = sorted({str(r.get("family")) for r in rows})
+  cmap = plt.get_cmap("tab10")
+  colour = {f: cmap(i % 10) for i, f in enumerate(families)}
+  markers = "osD^v<>ph*"
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+  for ax, metric in zip(axes[0], metrics):
+    series = {}
+    for r in rows:
+      if r.get(metric) is not None:
+        series.setdefault((str(r.get("family")), str(r.get("model"))), []).append(r)
+    for j, ((family, model), rs) in enumerate(sorted(series.items())):
+      xs = sorted({r[x_key] for r in rs}) if lines else None
+      if lines:  # Mean and min-max over seeds at each x.
+        ys = [[r[metric] for r in rs if r[x_key] == x] for x in xs]
+        mean = np.array([np.mean(y) for y in ys])
+        err = np.array([[m - min(y) for m, y in zip(mean, ys)], [max(y) - m for m, y in
+                                                                 zip(mean, ys)]])
+        ax.errorbar(xs, mean, yerr=err, color=colour[family], marker=markers[j % len(markers)],
+                    capsize=2, label=f"{model} ({family})")
+      else:
+        ax.scatter([r[x_key] for r in rs], [r[metric] for r in rs], color=colour[family],
+                   marker=markers[j % len(markers)], label=f"{model} ({family})")
+    ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(_title(metric))
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def plot_accuracy_vs_data(rows, path: str) -> bool:
+  return _plot(rows, path, "train_size", "training-set size (examples)", lines=True)
+
+
+def plot_accuracy_vs_compute(rows, path: str) -> bool:
+  return _plot(rows, path, "core_hours", "training compute (core-hours)", lines=False)
+
+
+def aggregate(out: str, *, log=print) -> List[Dict[str, Any]]:
+  """collect + write_table + both plots; returns the rows."""
+  rows = collect(out)
+  os.makedirs(out, exist_ok=True)
+  write_table(rows, out)
+  written = [os.path.join(out, n) for n in ("results.csv", "results.json")]
+  for fn, name in ((plot_accuracy_vs_data, "accuracy_vs_data.png"),
+                   (plot_accuracy_vs_compute, "accuracy_vs_compute.png")):
+    if fn(rows, os.path.join(out, name)):
+      written.append(os.path.join(out, name))
+  log(f"{len(rows)} finished point(s); wrote {', '.join(written)}")
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("out", help="the runner's --out directory")
+  aggregate(parser.parse_args(argv).out)
+
+
+if __name__ == "__main__":
+  main()

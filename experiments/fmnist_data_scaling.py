@@ -1,0 +1,54 @@
+r"""Data scaling at CPU scale: a ResNet, a ViT and a hybrid trained from scratch on 1k to 60k
+Fashion-MNIST images at one fixed compute budget (the shape of the ViT paper's figures 3 and 4).
+
+  python -m experiments.runner experiments/fmnist_data_scaling.py --out=workdirs/fmnist_scaling
+  python -m experiments.runner experiments/fmnist_data_scaling.py:examples=81920,seeds=0/1 ...
+
+Points: configs/fashion_mnist.py with args `resnet`, `vit`, `hybrid` (similar compute per image)
+x training sets "train@seeded(N, seed=S)" for N in 1000, 3000, 10000, 30000, 60000 (nested: the
+1k images are among the 3k ones, ...) x seeds S (the seed of the subset, the initialisation and the
+augmentation). Named `{model}_n{N}_s{S}`.
+
+Budget: every point trains on the same number of examples, whatever N (default 20480 = 80 steps of
+256): the paper compares data sizes at a fixed pre-training compute. So N=1000 sees ~20 epochs and
+overfits, N=60000 sees a third of an epoch and is compute-bound. Warm-up is 10% of the budget and
+the cosine decay spans it; both are set in the base config's own units (`examples_budget`).
+Evaluation: top-1 on the 10k test images, and linear few-shot (1/5/10/25 per class from the first
+1000 training images, tested on the first 2000 test images), `evals` times during training and at
+the end.
+
+Arg (after the colon, comma-separated key=value, lists joined by "/"): examples (20480), sizes
+(1000/3000/10000/30000/60000), models (resnet/vit/hybrid), seeds (0), evals (1), shots
+(1/5/10/25).
+Measured (ViT point, 2 shared CPU cores): see the runner's log; ~2 minutes per point at defaults.
+"""
+from experiments import sweep
+
+CONFIG = "configs/fashion_mnist.py"
+FAMILIES = {"resnet": "ResNet", "vit": "ViT", "hybrid": "Hybrid"}
+DEFAULTS = dict(examples=20480, sizes=(1000, 3000, 10000, 30000, 60000),
+                models=("resnet", "vit", "hybrid"), seeds=(0,), evals=1, shots=(1, 5, 10, 25))
+
+
+def get_sweep(arg=None) -> sweep.Sweep:
+  a = sweep.parse_arg(arg, DEFAULTS)
+  budget = int(a["examples"])
+  points = []
+  for model in a["models"]:
+    config = f"{CONFIG}:{model}"
+    base = sweep.load_config(config)
+    for n in a["sizes"]:
+      for seed in a["seeds"]:
+        over = {"seed": seed, "train_split": f"train@seeded({n}, seed={seed})",
+                "fewshot.shots": tuple(a["shots"]), "fewshot.train_split": "train[:1000]",
+                "fewshot.test_split": "test[:2000]"}
+        over.update(sweep.examples_budget(base, "total", budget, n))
+        over.update(sweep.examples_budget(base, "lr.warmup", budget // 10, n))
+        over.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, n))
+        if a["evals"]:
+          over.update(sweep.examples_budget(base, "eval_every", budget // (a["evals"] + 1), n))
+        tags = {"family": FAMILIES.get(model, model), "model": base.model_name, "train_size": n,
+                "seed": seed, "budget_examples": budget}
+        points.append(sweep.Point(f"{model}_n{n}_s{seed}", config, over, tags))
+  return sweep.Sweep("fmnist_data_scaling", points,
+                     f"Fashion-MNIST data scaling at {budget} training examples per point.")

@@ -1,0 +1,300 @@
+r"""Runs a sweep, point by point or several at once, each in its own workdir; or prints the commands.
+
+  python -m experiments.runner experiments/fmnist_data_scaling.py[:ARG] --out=DIR \
+      [--parallel=N] [--only=REGEX] [--print-commands] [--in-process] [--no-aggregate]
+
+Each point runs `python -m vit_jax.main --config=... --workdir=DIR/points/NAME --config.k=v ...`
+as a subprocess in the repository root (a crash in one point does not stop the others), its output
+appended to DIR/points/NAME/log.txt. A point whose workdir has `result.json` is finished and
+skipped; any other point is (re)started, and resumes from its latest checkpoint because the
+trainer does. `--parallel=N` keeps N points running at once (on a CPU each process uses every core:
+N=1 is fastest there). Ctrl-C or SIGTERM to the runner asks the running points to save a checkpoint
+and stop (they run in their own sessions, so only the runner gets the terminal's Ctrl-C).
+
+`--in-process` runs the points one after another in this process through
+`vit_jax.train.train_and_evaluate` on the very config the command would build (tests use it, under
+`tfds.testing.mock_data`). `--print-commands` prints, for every point not finished yet, the exact
+command for a cluster scheduler (run it from the repository root; add `--distributed` for
+multi-host jobs), and writes DIR/sweep.json; `python -m experiments.aggregate DIR` then collects
+whatever finished. `--only=REGEX` selects points whose name matches (re.search).
+
+At the end the runner aggregates all finished points: DIR/results.csv, results.json and the plots
+(see experiments/aggregate.py). Exit status: 0 when every selected point is finished, 1 if any
+failed, 3 if any was stopped (rerun to resume).
+"""
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Sequence
+
+from experiments import aggregate
+from experiments import sweep as sweep_lib
+
+DONE, FINISHED, STOPPED, FAILED = "done", "finished", "stopped", "failed"
+MAIN = ("-m", "vit_jax.main")
+
+
+def point_workdir(out: str, point: sweep_lib.Point) -> str:
+  return os.path.join(os.path.abspath(out), "points", point.name)
+
+
+def select(sweep: sweep_lib.Sweep, only: Optional[str]) -> List[sweep_lib.Point]:
+  if not only:
+    return list(sweep.points)
+  try:
+    pattern = re.compile(only)
+  except re.error as e:
+    raise ValueError(f"--only={only!r} is not a regular expression: {e}") from None
+  chosen = [p for p in sweep.points if pattern.search(p.name)]
+  if not chosen:
+    raise ValueError(f"--only={only!r} matches none of the {len(sweep.points)} points of "
+                     f"{sweep.name!r} (e.g. {', '.join(p.name for p in sweep.points[:3])}).")
+  return chosen
+
+
+def write_sweep(sweep: sweep_lib.Sweep, out: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "sweep.json"), "w") as f:
+    json.dump(sweep.to_json(), f, indent=1)
+
+
+def _definition(point: sweep_lib.Point) -> Dict:
+  return json.loads(json.dumps({"config": point.config, "overrides": dict(point.overrides)}))
+
+
+def prepare(point: sweep_lib.Point, workdir: str) -> bool:
+  """Creates the workdir and records the point's definition; True if the point is finished.
+
+  A workdir made by a point with another config or overrides is an error (reusing its checkpoints
+  would mix two runs): use another --out or delete it.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "point.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    if before != _definition(point):
+      raise ValueError(f"{workdir} belongs to a point {point.name!r} with another definition:\n"
+                       f"  before: {before}\n  now:    {_definition(point)}\n"
+                       "Use another --out, or delete that workdir to start the point afresh.")
+  else:
+    with open(path, "w") as f:
+      json.dump(_definition(point), f, indent=1)
+  if aggregate.load_result(workdir) is not None:
+    return True
+  return aggregate.write_result(workdir, dataclasses.asdict(point)) is not None
+
+
+def commands(sweep: sweep_lib.Sweep, out: str, *, only: Optional[str] = None,
+             python: str = sys.executable, main: Sequence[str] = MAIN) -> List[str]:
+  """One shell line per point not finished yet (finished ones as comments)."""
+  lines = [f"# {sweep.name}: run from {sweep_lib.REPO_ROOT}; afterwards "
+           f"`python -m experiments.aggregate {shlex.quote(os.path.abspath(out))}`"]
+  write_sweep(sweep, out)
+  for point in select(sweep, only):
+    workdir = point_workdir(out, point)
+    finished = aggregate.load_result(workdir) is not None
+    argv = sweep_lib.command(point, workdir, python=python, main=main)
+    lines.append(("# finished: " if finished else "") + shlex.join(argv))
+  return lines
+
+
+# --------------------------------------------------------------------------------- running.
+def run_in_process(point: sweep_lib.Point, workdir: str) -> str:
+  """Trains the point here (on the config its command would build); returns its status."""
+  from vit_jax import train  # pylint: disable=g-import-not-at-top  (jax only when needed)
+  handler = logging.FileHandler(os.path.join(workdir, "log.txt"))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  root = logging.getLogger()
+  root.addHandler(handler)
+  try:
+    config = sweep_lib.build_config(point)
+    result = train.train_and_evaluate(config, workdir)
+  except Exception:  # pylint: disable=broad-except  (one point's failure must not stop the sweep)
+    with open(os.path.join(workdir, "log.txt"), "a") as f:
+      f.write(traceback.format_exc())
+    return FAILED
+  finally:
+    root.removeHandler(handler)
+    handler.close()
+  if "stopped_at_step" in result:
+    return STOPPED
+  return _finish(point, workdir)
+
+
+def _finish(point, workdir) -> str:
+  if aggregate.write_result(workdir, dataclasses.asdict(point)) is None:
+    with open(os.path.join(workdir, "log.txt"), "a") as f:
+      f.write("runner: the run ended without a final evaluation in metrics.jsonl; rerun to "
+              "resume.\n")
+    return STOPPED
+  return FINISHED
+
+
+class _Stop:
+  """Ctrl-C / SIGTERM while the runner waits: stop launching, SIGTERM the running points."""
+
+  def __init__(self):
+    self.requested = False
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield
+      return
+    previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      yield
+    finally:
+      for s, h in previous.items():
+        signal.signal(s, h)
+
+  def _handle(self, signum, _):
+    self.requested = True
+
+
+def _child_env() -> Dict[str, str]:
+  env = dict(os.environ)
+  paths = [sweep_lib.REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+  return env
+
+
+def run_sweep(sweep: sweep_lib.Sweep, out: str, *, parallel: int = 1, only: Optional[str] = None,
+              in_process: bool = False, python: str = sys.executable,
+              main: Sequence[str] = MAIN, aggregate_results: bool = True,
+              log: Callable[[str], None] = print) -> Dict[str, str]:
+  """Runs the selected points that are not finished; returns {point name: status}."""
+  if parallel < 1:
+    raise ValueError(f"--parallel must be at least 1, got {parallel}.")
+  if in_process and parallel > 1:
+    raise ValueError("--in-process runs one point at a time; drop --parallel or --in-process.")
+  points = select(sweep, only)
+  write_sweep(sweep, out)
+  status, todo = {}, collections.deque()
+  for point in points:
+    workdir = point_workdir(out, point)
+    if prepare(point, workdir):
+      status[point.name] = DONE
+    else:
+      todo.append(point)
+  log(f"{sweep.name}: {len(points)} point(s) selected, {len(points) - len(todo)} already "
+      f"finished, {len(todo)} to run{' in-process' if in_process else ''}.")
+  stop = _Stop()
+  with stop.installed():
+    if in_process:
+      for point in todo:
+        t0 = time.time()
+        log(f"start {point.name}")
+        status[point.name] = run_in_process(point, point_workdir(out, point))
+        log(_summary(point, status[point.name], time.time() - t0, out))
+        if stop.requested:
+          break
+    else:
+      _run_subprocesses(todo, out, parallel, python, main, status, stop, log)
+  for point in points:
+    status.setdefault(point.name, STOPPED)  # Not started because the runner was stopped.
+  if aggregate_results:
+    aggregate.aggregate(out, log=log)
+  return status
+
+
+def _run_subprocesses(todo, out, parallel, python, main, status, stop, log):
+  running = {}  # name -> (point, Popen, log file, start time)
+  signalled = False
+  while (todo and not stop.requested) or running:
+    while todo and len(running) < parallel and not stop.requested:
+      point = todo.popleft()
+      workdir = point_workdir(out, point)
+      argv = sweep_lib.command(point, workdir, python=python, main=main)
+      f = open(os.path.join(workdir, "log.txt"), "a")
+      f.write(f"\n=== runner {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n")
+      f.flush()
+      proc = subprocess.Popen(argv, cwd=sweep_lib.REPO_ROOT, env=_child_env(), stdout=f,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+      running[point.name] = (point, proc, f, time.time())
+      log(f"start {point.name} (pid {proc.pid})")
+    if stop.requested and not signalled:
+      signalled = True
+      log(f"stopping: asking {len(running)} running point(s) to save and exit")
+      for _, proc, _, _ in running.values():
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(proc.pid, signal.SIGTERM)
+    for name in list(running):
+      point, proc, f, t0 = running[name]
+      rc = proc.poll()
+      if rc is None:
+        continue
+      f.close()
+      del running[name]
+      status[name] = _finish(point, point_workdir(out, point)) if rc == 0 else FAILED
+      log(_summary(point, status[name], time.time() - t0, out, rc))
+    time.sleep(0.2)
+
+
+def _summary(point, status, seconds, out, rc=None) -> str:
+  text = f"{status} {point.name} after {seconds:.0f} s"
+  workdir = point_workdir(out, point)
+  if status == FINISHED:
+    row = aggregate.row_of(aggregate.load_result(workdir))
+    acc = row.get("accuracy")
+    text += f": accuracy {acc:.4f}" if isinstance(acc, float) else ""
+  elif status == FAILED:
+    text += (f" (exit code {rc})" if rc is not None else "") + \
+        f"; last lines of {os.path.join(workdir, 'log.txt')}:\n" + _tail(workdir)
+  return text
+
+
+def _tail(workdir, n=8) -> str:
+  path = os.path.join(workdir, "log.txt")
+  if not os.path.exists(path):
+    return ""
+  with open(path, errors="replace") as f:
+    return "".join("    " + line for line in f.readlines()[-n:])
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      description="Run a sweep (experiments/*.py) point by point, or print its commands.")
+  parser.add_argument("experiment", help="experiments/FILE.py[:ARG]")
+  parser.add_argument("--out", help="output folder (default workdirs/experiments/<sweep name>)")
+  parser.add_argument("--parallel", type=int, default=1, help="points running at once")
+  parser.add_argument("--only", help="run only points whose name matches this regex")
+  parser.add_argument("--print-commands", action="store_true",
+                      help="print the command of every unfinished point and exit")
+  parser.add_argument("--in-process", action="store_true",
+                      help="train in this process, one point after another")
+  parser.add_argument("--no-aggregate", dest="aggregate", action="store_false",
+                      help="skip the results table and plots at the end")
+  parser.add_argument("--python", default=sys.executable,
+                      help="Python interpreter of the point commands")
+  args = parser.parse_args(argv)
+  sweep = sweep_lib.load_experiment(args.experiment)
+  out = args.out or os.path.join("workdirs", "experiments", sweep.name)
+  if args.print_commands:
+    print("\n".join(commands(sweep, out, only=args.only, python=args.python)))
+    return 0
+  status = run_sweep(sweep, out, parallel=args.parallel, only=args.only,
+                     in_process=args.in_process, python=args.python,
+                     aggregate_results=args.aggregate)
+  counts = collections.Counter(status.values())
+  print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+  if counts[FAILED]:
+    return 1
+  return 3 if counts[STOPPED] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

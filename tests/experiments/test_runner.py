@@ -1,0 +1,173 @@
+"""End-to-end tests for experiments/runner.py on a tiny sweep under tfds.testing.mock_data: points
+run (in-process and as subprocesses), finished points are skipped, an interrupted point resumes,
+the table and plots are written, and --print-commands prints the commands."""
+import csv
+import json
+import os
+import shlex
+import sys
+import textwrap
+
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import aggregate
+from experiments import runner
+from experiments import sweep as sweep_lib
+from vit_jax import checkpoint
+from vit_jax import data as data_lib
+
+TINY = {"model.hidden_size": 16, "model.mlp_dim": 32, "model.num_heads": 2,
+        "model.num_layers": 1, "dataset.name": "tfds:mnist", "eval_split": "test[:50]",
+        "batch_size": 16, "eval_batch_size": 16, "log_every_steps": 1,
+        "checkpoint_every_steps": 2, "eval_every_examples": 48, "lr.warmup_epochs": 0.0,
+        "fewshot.shots": (1, 2), "fewshot.train_split": "train", "fewshot.test_split": "test[:50]"}
+CONFIG = "configs/fashion_mnist.py:vit"
+
+
+def tiny_sweep(sizes=(48, 96), extra=()) -> sweep_lib.Sweep:
+  """ViT-Mu/7 shrunk to one 16-wide layer, 96 training examples (6 steps of 16) per point."""
+  base = sweep_lib.load_config(CONFIG)
+  points = []
+  for n in sizes:
+    over = dict(TINY, train_split=f"train@seeded({n}, seed=0)")
+    over.update(sweep_lib.examples_budget(base, "total", 96, n, batch_size=16))
+    points.append(sweep_lib.Point(f"vit_n{n}", CONFIG, over, {
+        "family": "ViT", "model": "ViT-Mu/7", "train_size": n, "seed": 0}))
+  points += list(extra)
+  return sweep_lib.Sweep("tiny", points)
+
+
+@pytest.fixture
+def mock_tfds():
+  with tfds.testing.mock_data(num_examples=200):
+    yield
+
+
+def _train_steps(workdir):
+  return [r["step"] for r in aggregate.read_metrics(workdir) if "train_loss" in r]
+
+
+def test_in_process_sweep_runs_skips_and_aggregates(tmp_path, mock_tfds):
+  out = str(tmp_path / "out")
+  s = tiny_sweep()
+  status = runner.run_sweep(s, out, in_process=True, log=lambda _: None)
+  assert status == {"vit_n48": "finished", "vit_n96": "finished"}
+  for p in s.points:
+    workdir = runner.point_workdir(out, p)
+    assert _train_steps(workdir) == [1, 2, 3, 4, 5, 6]
+    rows = aggregate.read_metrics(workdir)
+    assert [r["step"] for r in rows if "test_accuracy" in r] == [3, 6]  # periodic and final
+    final = rows[-1]
+    result = aggregate.load_result(workdir)
+    assert result["final"]["test_accuracy"] == final["test_accuracy"]
+    assert set(result["final"]) >= {"fewshot_1shot_accuracy", "fewshot_2shot_accuracy"}
+    assert json.load(open(os.path.join(workdir, "config.json")))["train_split"] == \
+        p.overrides["train_split"]
+
+  with open(os.path.join(out, "results.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert [r["name"] for r in table] == ["vit_n48", "vit_n96"]
+  for r, n in zip(table, (48, 96)):
+    final = aggregate.read_metrics(runner.point_workdir(out, s.points[0 if n == 48 else 1]))[-1]
+    assert (r["family"], r["model"], r["train_size"], r["steps"], r["examples_seen"]) == (
+        "ViT", "ViT-Mu/7", str(n), "6", "96.0")
+    assert float(r["accuracy"]) == final["test_accuracy"]
+    assert float(r["fewshot_2shot_accuracy"]) == final["fewshot_2shot_accuracy"]
+    assert int(r["num_params"]) > 0 and float(r["core_hours"]) > 0
+  for name in ("accuracy_vs_data.png", "accuracy_vs_compute.png"):
+    with open(os.path.join(out, name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+  # Rerun: nothing is trained again.
+  before = open(os.path.join(runner.point_workdir(out, s.points[0]), "metrics.jsonl")).read()
+  assert runner.run_sweep(s, out, in_process=True, log=lambda _: None) == {
+      "vit_n48": "done", "vit_n96": "done"}
+  assert open(os.path.join(runner.point_workdir(out, s.points[0]), "metrics.jsonl")).read() == \
+      before
+
+  # The same name with another definition is refused rather than resumed.
+  changed = sweep_lib.Sweep("tiny", [sweep_lib.Point(
+      "vit_n48", CONFIG, dict(s.points[0].overrides, seed=1), s.points[0].tags)])
+  with pytest.raises(ValueError, match="another definition"):
+    runner.run_sweep(changed, out, in_process=True, log=lambda _: None)
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_interrupted_point_resumes(tmp_path, mock_tfds, monkeypatch):
+  out = str(tmp_path / "out")
+  s = tiny_sweep(sizes=(96,))
+  workdir = runner.point_workdir(out, s.points[0])
+  original = data_lib.train_iterator
+
+  def crashing(*args, **kwargs):  # The process "dies" once step 5's batch is fetched.
+    for i, batch in enumerate(original(*args, **kwargs)):
+      if i == 5:
+        raise _Crash()
+      yield batch
+  monkeypatch.setattr(data_lib, "train_iterator", crashing)
+  assert runner.run_sweep(s, out, in_process=True, log=lambda _: None) == {"vit_n96": "failed"}
+  assert "_Crash" in open(os.path.join(workdir, "log.txt")).read()
+  assert aggregate.load_result(workdir) is None
+  saved = checkpoint.TrainCheckpointer(workdir).latest_step()
+  assert saved == 4  # checkpoints every 2 steps; step 5 never finished
+
+  monkeypatch.setattr(data_lib, "train_iterator", original)
+  assert runner.run_sweep(s, out, in_process=True, log=lambda _: None) == {"vit_n96": "finished"}
+  steps = _train_steps(workdir)
+  assert steps[:4] == [1, 2, 3, 4] and steps[-2:] == [5, 6]  # resumed after step 4
+  assert steps.count(1) == 1  # not restarted from scratch
+  assert aggregate.load_result(workdir)["steps"] == 6
+
+
+def test_print_commands(tmp_path, capsys):
+  out = str(tmp_path / "out")
+  exp = tmp_path / "exp.py"
+  exp.write_text(textwrap.dedent(f"""
+      from experiments import sweep
+      def get_sweep(arg=None):
+        return sweep.Sweep("tiny", [
+            sweep.Point("a", "{CONFIG}", {{"seed": int(arg or 0), "model.hidden_size": 16}}),
+            sweep.Point("b", "{CONFIG}", {{"train_split": "train@seeded(1000, seed=0)"}})])
+      """))
+  assert runner.main([f"{exp}:7", f"--out={out}", "--print-commands", "--python=python"]) == 0
+  lines = capsys.readouterr().out.strip().split("\n")
+  assert lines[0].startswith("# tiny: run from") and len(lines) == 3
+  a, b = (shlex.split(line) for line in lines[1:])
+  assert a[:5] == ["python", "-m", "vit_jax.main", f"--config={CONFIG}",
+                   f"--workdir={os.path.join(out, 'points', 'a')}"]
+  assert "--config.seed=7" in a and "--config.train_split=train@seeded(1000, seed=0)" in b
+  s = sweep_lib.load_experiment(f"{exp}:7")
+  assert sweep_lib._parse_flags(a[3:4] + a[5:]).to_dict() == \
+      sweep_lib.build_config(s.points[0]).to_dict()
+  assert json.load(open(os.path.join(out, "sweep.json")))["points"][1]["name"] == "b"
+  assert runner.main([f"{exp}", f"--out={out}", "--print-commands", "--only=^b$"]) == 0
+  assert len(capsys.readouterr().out.strip().split("\n")) == 2
+  with pytest.raises(ValueError, match="matches none"):
+    runner.main([f"{exp}", f"--out={out}", "--print-commands", "--only=zzz"])
+
+
+@pytest.mark.slow
+def test_subprocesses_run_in_parallel_and_a_crash_stays_in_its_point(tmp_path):
+  # The children run vit_jax.main under the same mock data, through a two-line launcher.
+  launcher = tmp_path / "mock_main.py"
+  launcher.write_text(textwrap.dedent("""
+      import tensorflow_datasets as tfds
+      from absl import app
+      from vit_jax import main
+      with tfds.testing.mock_data(num_examples=200):
+        app.run(main.main)
+      """))
+  bad = sweep_lib.Point("broken", CONFIG, dict(TINY, model_name="ViT-Nope/7"))
+  s = tiny_sweep(sizes=(96,), extra=[bad])
+  out = str(tmp_path / "out")
+  status = runner.run_sweep(s, out, parallel=2, main=(str(launcher),), log=lambda _: None)
+  assert status == {"vit_n96": "finished", "broken": "failed"}
+  assert "Unknown ViT variant 'Nope'" in open(
+      os.path.join(runner.point_workdir(out, bad), "log.txt")).read()
+  assert _train_steps(runner.point_workdir(out, s.points[0])) == [1, 2, 3, 4, 5, 6]
+  with open(os.path.join(out, "results.csv")) as f:
+    assert [r["name"] for r in csv.DictReader(f)] == ["vit_n96"]

@@ -1,0 +1,411 @@
+"""Checkpoints: published ViT `.npz` parameters, and orbax training-state checkpoints.
+
+Published `.npz` files (shared/REFERENCE.md) hold one array per '/'-joined parameter name:
+  `load_npz`        file -> nested params in our model's numbering, GroupNorm params squeezed.
+  `load_pretrained` adapts such params to a freshly initialised model (head, pre_logits, position
+                    embedding resolution, scanned layout) and reports every mismatch by name.
+  `save_npz`        params -> the same flat layout (unscanned), written atomically.
+
+Training state (params, optimizer state, step, rng — any pytree of jax.Arrays) goes through
+`TrainCheckpointer`, a thin wrapper over `orbax.checkpoint.CheckpointManager`.
+"""
+import io
+import math
+import os
+import re
+import uuid
+from typing import Any, Callable, Mapping, Optional, Union
+
+from absl import logging
+from etils import epath
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import scipy.ndimage
+
+from vit_jax.models import vit
+
+Params = Any
+PyTree = Any
+
+# Per-class numbering (linen's default) of an encoder block -> the old global numbering that the
+# published files and our `Encoder1DBlock` use.
+_PER_CLASS_TO_GLOBAL = {
+    "LayerNorm_0": "LayerNorm_0",
+    "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+    "LayerNorm_1": "LayerNorm_2",
+    "MlpBlock_0": "MlpBlock_3",
+}
+_BLOCK_RE = re.compile(r"encoderblock_\d+")
+_GROUPNORM_RE = re.compile(r"(gn\w*|GroupNorm_\d+)")
+
+
+def _gfile():
+  """`tf.io.gfile` (local, gs://, ...), imported on first use: TensorFlow takes seconds to import
+  and only the `.npz` I/O needs it."""
+  from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+  return gfile
+
+
+# ----------------------------------------------------------------- published .npz parameters.
+def _flatten(tree) -> dict:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def _renumber_block(block: dict) -> dict:
+  """One encoder block in per-class numbering -> global numbering; anything else is unchanged."""
+  if set(block) == set(_PER_CLASS_TO_GLOBAL):
+    return {_PER_CLASS_TO_GLOBAL[k]: v for k, v in block.items()}
+  return block
+
+
+def _canonicalize(params: dict) -> dict:
+  """Our numbering for encoder blocks, GroupNorm params (1,1,1,C) -> (C,). Idempotent."""
+  params = dict(params)
+  if isinstance(params.get("Transformer"), Mapping):
+    enc = dict(params["Transformer"])
+    for k, v in enc.items():
+      if _BLOCK_RE.fullmatch(k):
+        enc[k] = _renumber_block(dict(v))
+      elif k == "encoderblock" and isinstance(v, Mapping) and "block" in v:  # scanned layout
+        enc[k] = {**v, "block": _renumber_block(dict(v["block"]))}
+    params["Transformer"] = enc
+  flat = _flatten(params)
+  for key, v in flat.items():
+    *path, leaf = key.split("/")
+    if (path and _GROUPNORM_RE.fullmatch(path[-1]) and leaf in ("scale", "bias")
+        and np.ndim(v) == 4 and np.shape(v)[:3] == (1, 1, 1)):
+      flat[key] = np.reshape(v, (-1,))
+  return _unflatten(flat)
+
+
+def load_npz(path: Union[str, os.PathLike]) -> Params:
+  """Reads a published ViT/hybrid `.npz` (flat '/'-joined names) into nested params.
+
+  Encoder blocks in per-class numbering (LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
+  MlpBlock_0) are renamed to the global numbering our model uses (LayerNorm_0,
+  MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3); GroupNorm params stored as (1,1,1,C)
+  become (C,). Leaves are numpy arrays. Reads through `tf.io.gfile`, so any path TensorFlow's file
+  systems know works (local, gs://).
+  """
+  with _gfile().GFile(os.fspath(path), "rb") as f:
+    with np.load(f, allow_pickle=False) as npz:
+      flat = {k: npz[k] for k in npz.files}
+  if not flat:
+    raise ValueError(f"{path} holds no arrays; expected a ViT .npz with keys like "
+                     "'Transformer/encoder_norm/scale'.")
+  return _canonicalize(_unflatten(flat))
+
+
+def _host(x) -> np.ndarray:
+  """A leaf as a host numpy array (gathers a multi-process jax.Array first)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
+def save_npz(params: Params, path: Union[str, os.PathLike]) -> None:
+  """Writes params as a flat '/'-joined `.npz` in the published layout, atomically.
+
+  Scanned params are unrolled first (`encoderblock` -> `encoderblock_{i}`). Arrays of dtypes that
+  numpy cannot store natively (bfloat16, ...) are written as float32. The file appears under
+  `path` only once complete: it is written next to it under a temporary name and renamed. With
+  several processes, every process must call this when arrays are sharded across processes (it
+  gathers them); let only one process write, e.g. `if jax.process_index() == 0`.
+  """
+  params = flax.core.unfreeze(params)
+  if "encoderblock" in params.get("Transformer", {}):
+    params = vit.scan_to_unrolled(params)
+  flat = {}
+  for k, v in _flatten(params).items():
+    v = _host(v)
+    flat[k] = v.astype(np.float32) if not v.dtype.isbuiltin else v
+  buf = io.BytesIO()
+  np.savez(buf, **flat)
+
+  gfile, path = _gfile(), os.fspath(path)
+  parent = os.path.dirname(path)
+  if parent and not gfile.exists(parent):
+    gfile.makedirs(parent)
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  try:
+    with gfile.GFile(tmp, "wb") as f:
+      f.write(buf.getvalue())
+    gfile.rename(tmp, path, overwrite=True)
+  finally:
+    if gfile.exists(tmp):
+      gfile.remove(tmp)
+
+
+def _num_prefix_tokens(params: Mapping[str, Any], model_config) -> int:
+  if model_config is not None and model_config.get("classifier") is not None:
+    return int(model_config["classifier"] == "token")
+  return int("cls" in params)
+
+
+def _grid_side(n: int, what: str, shape) -> int:
+  side = math.isqrt(n)
+  if side * side != n:
+    raise ValueError(f"{what} position embedding {tuple(shape)} has {n} grid tokens, not a square "
+                     "grid; only square grids can be resized.")
+  return side
+
+
+def resize_posemb(posemb: np.ndarray, num_tokens: int, *, prefix_old: int, prefix_new: int,
+                  prefix_fill: Optional[np.ndarray] = None) -> np.ndarray:
+  """Position embedding (1, prefix_old + g*g, D) -> (1, num_tokens, D) for a new square grid.
+
+  The prefix (cls) rows are kept (dropped if the model has none; taken from `prefix_fill` if only
+  the model has them). The grid is resized bilinearly as in the JAX release:
+  `scipy.ndimage.zoom(order=1)`, which maps corner to corner (align_corners semantics: output index
+  i samples input coordinate i * (g_old - 1) / (g_new - 1)).
+  """
+  posemb = np.asarray(posemb)
+  tok, grid = posemb[:, :prefix_old], posemb[0, prefix_old:]
+  gs_old = _grid_side(len(grid), "checkpoint", posemb.shape)
+  gs_new = _grid_side(num_tokens - prefix_new, "model", (1, num_tokens, posemb.shape[-1]))
+  if gs_new != gs_old:
+    logging.info("Resizing position embedding grid %dx%d -> %dx%d", gs_old, gs_old, gs_new, gs_new)
+    zoom = (gs_new / gs_old, gs_new / gs_old, 1)
+    grid = scipy.ndimage.zoom(grid.reshape(gs_old, gs_old, -1), zoom, order=1)
+    assert grid.shape[:2] == (gs_new, gs_new), grid.shape  # zoom rounds the output size
+  grid = grid.reshape(1, gs_new * gs_new, -1)
+  if prefix_new <= prefix_old:
+    tok = tok[:, :prefix_new]
+  elif prefix_fill is None:
+    raise ValueError(f"The model has {prefix_new} prefix token(s), the checkpoint {prefix_old}: "
+                     "pass prefix_fill (the model's own position embedding) for the missing rows.")
+  else:
+    tok = np.concatenate([tok, np.asarray(prefix_fill)[:, prefix_old:prefix_new]], axis=1)
+  return np.concatenate([tok, grid], axis=1).astype(posemb.dtype)
+
+
+def _shapes(flat: Mapping[str, Any]) -> dict:
+  return {k: tuple(np.shape(v)) for k, v in sorted(flat.items())}
+
+
+def load_pretrained(path_or_params: Union[str, os.PathLike, Params], init_params: Params, *,
+                    model_config: Optional[Mapping[str, Any]] = None, strict: bool = True,
+                    reinit_head: Optional[bool] = None,
+                    log: Callable[[str], None] = logging.info) -> Params:
+  """Adapts published ViT params (a `.npz` path or a params tree) to `init_params`' model.
+
+  `init_params` are a freshly initialised model's params (`variables["params"]`); they define the
+  target tree. In order:
+  - numbering and GroupNorm shapes are canonicalised as in `load_npz`;
+  - scanned/unrolled layout follows `init_params` (`vit.unrolled_to_scan` / `scan_to_unrolled`);
+  - `pre_logits` and `head` in the checkpoint but not in the model are dropped;
+  - the head is taken from `init_params` when `reinit_head` is True, or (default None) when the
+    checkpoint's head is absent, has another shape (class count), or sat on dropped pre_logits;
+  - a position embedding of another length is resized: prefix (cls) tokens are split off and kept,
+    the square grid is resized bilinearly (`resize_posemb`: scipy.ndimage.zoom order=1, as in the
+    JAX release); the number of prefix tokens comes from `model_config["classifier"]` when
+    given, else from whether `init_params` has `cls`;
+  - leaves are cast to `init_params`' dtypes.
+  Remaining mismatches (keys missing from the checkpoint, unexpected keys, mis-shaped keys) raise
+  one ValueError naming all of them, unless `strict=False`: then they are logged through `log`,
+  and missing/mis-shaped keys keep their initialised values.
+
+  Returns a params tree with `init_params`' structure: checkpoint leaves are numpy arrays, the rest
+  are `init_params`' own leaves; `jax.device_put` it with the training shardings.
+  """
+  init = flax.core.unfreeze(init_params)
+  if set(init) == {"params"}:
+    raise ValueError("init_params looks like a variables dict; pass variables['params'].")
+  if isinstance(path_or_params, (str, os.PathLike)):
+    restored = load_npz(path_or_params)
+  else:
+    restored = _canonicalize(jax.tree.map(_host, flax.core.unfreeze(path_or_params)))
+  if set(restored) == {"params"}:
+    restored = restored["params"]
+
+  init_enc, ckpt_enc = init.get("Transformer", {}), restored.get("Transformer", {})
+  if "encoderblock" in init_enc and any(_BLOCK_RE.fullmatch(k) for k in ckpt_enc):
+    restored = jax.tree.map(np.asarray, vit.unrolled_to_scan(restored))
+  elif "encoderblock" in ckpt_enc and any(_BLOCK_RE.fullmatch(k) for k in init_enc):
+    restored = vit.scan_to_unrolled(restored)
+
+  dropped = set()
+  for name in ("pre_logits", "head"):
+    if name in restored and name not in init:
+      log(f"load_pretrained: dropping checkpoint '{name}' (the model has none).")
+      del restored[name]
+      dropped.add(name)
+  if "head" in init:
+    init_head, ckpt_head = _flatten(init["head"]), _flatten(restored.get("head", {}))
+    # A head trained on top of pre_logits is meaningless without them.
+    auto = _shapes(init_head) != _shapes(ckpt_head) or "pre_logits" in dropped
+    if reinit_head or (reinit_head is None and auto):
+      log("load_pretrained: head re-initialised "
+          f"(checkpoint {_shapes(ckpt_head)} -> model {_shapes(init_head)}).")
+      restored["head"] = init["head"]
+
+  try:
+    posemb = restored["Transformer"]["posembed_input"]["pos_embedding"]
+    posemb_init = init["Transformer"]["posembed_input"]["pos_embedding"]
+  except KeyError:
+    posemb = posemb_init = None
+  if posemb is not None and np.shape(posemb) != np.shape(posemb_init) and (
+      np.shape(posemb)[-1] == np.shape(posemb_init)[-1]):
+    prefix_new = _num_prefix_tokens(init, model_config)
+    restored["Transformer"]["posembed_input"]["pos_embedding"] = resize_posemb(
+        posemb, np.shape(posemb_init)[1], prefix_old=int("cls" in restored),
+        prefix_new=prefix_new, prefix_fill=posemb_init)
+    log(f"load_pretrained: position embedding {np.shape(posemb)} -> {np.shape(posemb_init)}.")
+
+  want, have = _flatten(init), _flatten(restored)
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  misshaped = sorted(k for k in set(want) & set(have) if np.shape(want[k]) != np.shape(have[k]))
+  if missing or unexpected or misshaped:
+    lines = ([f"  missing from the checkpoint: {k} {tuple(np.shape(want[k]))}" for k in missing] +
+             [f"  unexpected in the checkpoint: {k} {tuple(np.shape(have[k]))}"
+              for k in unexpected] +
+             [f"  mis-shaped: {k}: checkpoint {tuple(np.shape(have[k]))} vs model "
+              f"{tuple(np.shape(want[k]))}" for k in misshaped])
+    msg = "\n".join([f"Checkpoint does not match the model ({len(lines)} key(s)):"] + lines)
+    if strict:
+      raise ValueError(msg + "\nPass strict=False to keep the initialised values for missing and "
+                       "mis-shaped keys and ignore unexpected ones.")
+    log(f"load_pretrained (strict=False): {msg}\nKeeping the initialised values.")
+
+  out = {}
+  for k, v in want.items():
+    if k in have and k not in misshaped:
+      out[k] = v if have[k] is v else np.asarray(have[k]).astype(v.dtype)
+    else:
+      out[k] = v
+  out = _unflatten(out)
+  return flax.core.freeze(out) if isinstance(init_params, flax.core.FrozenDict) else out
+
+
+# ------------------------------------------------------------ training-state checkpoints (orbax).
+def _path_name(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _stored_shape(x) -> tuple:
+  """Shape as orbax stores the leaf: typed PRNG keys are stored as their raw key data."""
+  if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+    return tuple(jax.eval_shape(jax.random.key_data, x).shape)
+  return tuple(np.shape(x))
+
+
+class TrainCheckpointer:
+  """Training-state checkpoints under `{workdir}/checkpoints/{step}` (orbax CheckpointManager).
+
+  The state is any pytree of jax.Arrays (e.g. {params, opt_state, step, rng}; optax states and
+  typed PRNG keys included). Saves are atomic: orbax writes `{step}.orbax-checkpoint-tmp*` and
+  renames it when complete, so an interrupted save is never listed or restored. (Its leftover tmp
+  directory stays until deleted by hand: orbax's `cleanup_tmp_directories` would list the directory
+  from a background thread while the caller goes on, which breaks under file-system mocks such as
+  `tfds.testing.mock_data`.) Only the newest `max_to_keep` steps are kept (None: all).
+  Every process must call every method — orbax coordinates the processes and writes each array
+  shard from the process that holds it; do not guard calls by process index.
+  """
+
+  def __init__(self, workdir: Union[str, os.PathLike], *, max_to_keep: Optional[int] = 3,
+               async_save: bool = False):
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep={max_to_keep}: must be >= 1, or None to keep all steps.")
+    self.directory = epath.Path(workdir) / "checkpoints"
+    # An explicit registry so that a fresh manager can read a step's metadata before any
+    # save/restore (without it `metadata(step).item_metadata` is None).
+    registry = ocp.handlers.create_default_handler_registry(
+        default=ocp.StandardCheckpointHandler())
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+        create=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=registry)
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list:
+    """Steps of the complete checkpoints kept, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
+    """Saves `state` as `step`; returns whether it saved.
+
+    A step that is already saved is skipped (never overwritten), and so, unless `force`, is a step
+    below latest_step(). With `async_save` it returns once the arrays are copied off the devices;
+    `wait()` blocks until the checkpoint is complete.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():  # orbax would raise StepAlreadyExistsError with force
+      logging.info("Checkpoint of step %d already in %s; not saving it again.", step,
+                   self.directory)
+      return False
+    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def restore(self, abstract_state: PyTree, step: Optional[int] = None) -> PyTree:
+    """Restores step `step` (default: the latest) into the structure, dtypes and shardings of
+    `abstract_state` (jax.ShapeDtypeStruct leaves with `.sharding`, e.g. from `jax.eval_shape`, or
+    arrays), possibly different from the shardings it was saved with.
+
+    Raises FileNotFoundError when there is no such checkpoint and ValueError naming every key whose
+    shape differs from the checkpoint's, or that only one of them has.
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    elif step not in self._manager.all_steps():
+      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
+                              f"available steps: {self.all_steps()}.")
+    self._check_shapes(abstract_state, step)
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def _check_shapes(self, abstract_state: PyTree, step: int) -> None:
+    """Compares the checkpoint's stored shapes with `abstract_state`'s, naming each mismatch
+    (orbax's own error names neither the key nor the tree position)."""
+    stored = self._manager.metadata(step).item_metadata
+    stored = getattr(stored, "tree", stored)
+    if stored is None:
+      return  # metadata unreadable: leave the checking to orbax
+    have = {_path_name(p): tuple(m.shape) for p, m in
+            jax.tree_util.tree_flatten_with_path(stored, is_leaf=lambda x: hasattr(x, "shape"))[0]}
+    want = {_path_name(p): _stored_shape(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    lines = [f"  {k}: checkpoint {have[k]} vs expected {want[k]}"
+             for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+    lines += [f"  missing from the checkpoint: {k} {want[k]}"
+              for k in sorted(set(want) - set(have))]
+    lines += [f"  unexpected in the checkpoint: {k} {have[k]}"
+              for k in sorted(set(have) - set(want))]
+    if lines:
+      raise ValueError(
+          f"Checkpoint {self.directory / str(step)} does not match the state to restore into:\n"
+          + "\n".join(lines) + "\nBuild the abstract state from the same model and optimizer "
+          "config as the run that saved it (to start from other weights, use load_pretrained).")
+
+  def wait(self) -> None:
+    """Blocks until pending (async) saves are complete."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,307 @@
+"""Deterministic, resumable input pipelines (tf.data) yielding numpy batches for this host.
+
+Training (`train_iterator`) is an infinite stream in which everything follows from (seed, step):
+
+* In-memory sources (Fashion-MNIST, image folders): the global example stream is epoch after
+  epoch, epoch e being the stateless permutation `RandomIndexShuffle(seed=(K_perm, e, 0))` of the
+  split (no table, any position computed directly); the global batch of step s is positions
+  [s*B, (s+1)*B) of the stream and host p takes rows [p*B/P, (p+1)*B/P) of it. So the global batches do not depend on the number of hosts, and
+  `start_step` is just where the step counter starts.
+* TFDS sources: host p streams its own contiguous part of the split (`splits.host_chunk`); its
+  epoch e is that part shuffled by tf.data with seed (K_perm(p) + e) and a buffer of
+  min(part, source.shuffle_buffer) records; the host's batch s is positions [s*B/P, (s+1)*B/P) of
+  its stream. `start_step` starts at the right epoch and `skip`s within it (records only; nothing
+  is decoded).
+
+Random augmentations draw uniforms with stateless tf.random ops: for fixed-shape sources the whole
+global batch at once, `stateless_uniform((B, k), seed=(K_aug, s))`, row r belonging to position
+s*B + r (TFDS: host-local rows, key K_aug(p)); for variable-size sources each example its own
+`stateless_uniform((1, k), seed=(K_aug, position))`. Mixup (Beta(a, a), lambda = max(l, 1 - l),
+partner = the previous example of the host batch) takes its lambda from (K_mix, s).
+The K's are derived from `seed` (and the host for TFDS) with numpy's SeedSequence.
+
+Evaluation (`eval_iterator`) gives host p the contiguous part p of the split, pads it with masked
+zeros to the same number of batches on every host and never drops an example.
+"""
+import math
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from vit_jax.data import preprocess
+from vit_jax.data import sources as sources_lib
+from vit_jax.data import splits as splits_lib
+
+_PERM, _AUG, _MIXUP, _EVAL = 1, 2, 3, 4
+
+
+def _key(*parts: int) -> int:
+  """A 62-bit key for stateless seeds from non-negative ints (seed, purpose, host...)."""
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 2)
+
+
+def _seed(key: int, x: tf.Tensor) -> tf.Tensor:
+  return tf.stack([tf.constant(key, tf.int64), tf.cast(x, tf.int64)])
+
+
+def _processes(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  (only for the host's index and count)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, process_count={process_count}).")
+  return process_index, process_count
+
+
+def _local_batch(batch_size: int, process_count: int) -> int:
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"The global batch_size {batch_size} must be a positive multiple of the "
+                     f"number of processes {process_count}.")
+  return batch_size // process_count
+
+
+class _Chain:
+  """The pp ops of an iterator: on whole batches for fixed-shape sources, else per example."""
+
+  def __init__(self, source: sources_lib.Source, pp: str):
+    self.ops = preprocess.parse(pp, channels=source.image_shape[-1])
+    self.num_random = preprocess.num_random(self.ops)
+    self.batched = all(d is not None for d in source.image_shape)
+    self.image_shape = source.image_shape
+
+  def example(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Per-example stage: decode to the fixed shape, or (variable sizes) run the whole chain."""
+    if self.batched:
+      if image.dtype == tf.string:
+        image = tf.io.decode_image(image, channels=self.image_shape[-1], expand_animations=False)
+      return tf.ensure_shape(image, self.image_shape)
+    u = tf.random.stateless_uniform([1, self.num_random], seed)
+    return preprocess.apply(self.ops, image[None], u)[0]
+
+  def batch(self, images: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
+    """Batch stage: the chain for fixed-shape sources (u: (b, num_random)), else a cast."""
+    if self.batched:
+      return preprocess.apply(self.ops, images, u)
+    return tf.cast(images, tf.float32)
+
+  def check_fixed(self, spec: tf.TensorSpec, pp: str):
+    if not spec.shape.is_fully_defined():
+      raise ValueError(f"pp {pp!r} gives images of varying size {spec.shape} for this source; end "
+                       "it with a fixed size (resize, central_crop, random_crop, inception_crop).")
+
+
+def _finish(images, labels, num_classes: int, mixup: float = 0.0, seed=None):
+  labels = tf.one_hot(labels, num_classes, dtype=tf.float32)
+  if mixup > 0:
+    g = tf.random.stateless_gamma([2], seed, alpha=mixup)
+    lam = tf.where(g[0] + g[1] > 0, g[0] / (g[0] + g[1]), 1.0)
+    lam = tf.maximum(lam, 1.0 - lam)
+    images = lam * images + (1.0 - lam) * tf.roll(images, 1, axis=0)
+    labels = lam * labels + (1.0 - lam) * tf.roll(labels, 1, axis=0)
+  return {"image": images, "label": labels}
+
+
+def _numpy_batches(ds: tf.data.Dataset, on_error: Optional[Callable[[int], None]] = None
+                   ) -> Iterator[Dict[str, np.ndarray]]:
+  """Yields ds as numpy; on a TF error in batch k, `on_error(k)` may raise a clearer error."""
+  it = ds.as_numpy_iterator()
+  k = 0
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.OpError:
+      if on_error is not None:
+        on_error(k)
+      raise
+    yield batch
+    k += 1
+
+
+def _diagnose(source, indices_of_batch: Callable[[int], np.ndarray]):
+  """For encoded in-memory sources: on failure, name the unreadable file (batch k or the next)."""
+  if not (isinstance(source, sources_lib.ArraySource) and source.encoded):
+    return None
+
+  def on_error(k):
+    for j in range(k, k + 3):  # Errors surface in order; look a little further to be safe.
+      source.check_examples(indices_of_batch(j))
+  return on_error
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def train_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_size: int,
+                   seed: int, start_step: int = 0, process_index: Optional[int] = None,
+                   process_count: Optional[int] = None, mixup: float = 0.0,
+                   prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
+  """Infinite, deterministic training batches for this host, starting at step `start_step`.
+
+  Yields {"image": float32 (B/P, H, W, C), "label": float32 one-hot (B/P, K)}; `batch_size` is
+  global (B), P the process count. Batch k is the batch of step start_step + k, bitwise the same
+  as in an uninterrupted run. `mixup` > 0 mixes each host batch with Beta(mixup, mixup).
+  """
+  sources_lib.hide_accelerators()
+  if seed < 0 or start_step < 0:
+    raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be >= 0.")
+  p, num_p = _processes(process_index, process_count)
+  b = _local_batch(batch_size, num_p)
+  parts = source.resolve(split)
+  chain = _Chain(source, pp)
+  if isinstance(source, sources_lib.ArraySource):
+    ds, on_error = _train_in_memory(source, chain, source.table_indices(parts), batch_size, b, p,
+                                    seed, start_step, mixup, pp)
+  else:
+    ds, on_error = _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp)
+  if prefetch:
+    ds = ds.prefetch(prefetch)
+  return _numpy_batches(_options(ds), on_error)
+
+
+def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, pp):
+  """Global permutation per epoch of `indices` (into the source's table), host p takes its rows
+  of each global batch."""
+  n = len(indices)
+  idx = tf.constant(indices)
+  perm_key, aug_key, mix_key = _key(seed, _PERM), _key(seed, _AUG), _key(seed, _MIXUP)
+  parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def lookup(step):  # (b,) global stream positions of this host's rows, and their indices.
+    pos = tf.cast(step, tf.int64) * B + p * b + tf.range(b, dtype=tf.int64)
+    epoch = pos // n
+    seeds = tf.stack([tf.fill([b], tf.constant(perm_key, tf.int64)), epoch, 0 * epoch], axis=1)
+    # The raw op: tf.random.experimental.index_shuffle mishandles a batch of seeds (TF 2.21).
+    order = tf.raw_ops.RandomIndexShuffle(index=pos % n, seed=seeds,  # seeds (b, 3)
+                                          max_index=tf.constant(n - 1, tf.int64), rounds=4)
+    return pos, tf.gather(idx, order)
+
+  if chain.batched:
+    def step_fn(step):
+      ex = source.load(lookup(step)[1])
+      u = tf.random.stateless_uniform([B, chain.num_random], _seed(aug_key, step))[p * b:][:b]
+      return _finish(chain.batch(ex["image"], u), ex["label"], source.num_classes, mixup,
+                     _seed(mix_key, step))
+    ds = tf.data.Dataset.counter(start_step).map(step_fn, **parallel)
+  else:
+    def example_fn(pos, i):
+      ex = source.load(i)
+      return chain.example(ex["image"], _seed(aug_key, pos)), ex["label"]
+    ds = tf.data.Dataset.counter(start_step).map(lookup).unbatch().map(example_fn, **parallel)
+    chain.check_fixed(ds.element_spec[0], pp)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds.batch(b))
+    ds = ds.map(lambda step, ex: _finish(chain.batch(ex[0], None), ex[1], source.num_classes,
+                                         mixup, _seed(mix_key, step)), **parallel)
+  on_error = _diagnose(source, lambda j: lookup(start_step + j)[1].numpy())
+  return ds, on_error
+
+
+def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp):
+  """TFDS: host p streams its own part, shuffled per epoch with seed (K_perm(p) + epoch)."""
+  chunk = splits_lib.host_chunk(parts, p, num_p)
+  n = splits_lib.num_examples(chunk)
+  if n == 0:
+    raise ValueError(f"The split has {splits_lib.num_examples(parts)} examples, fewer than the "
+                     f"{num_p} processes; host {p} would get none.")
+  host = source.host_dataset(chunk)
+  perm_key, aug_key, mix_key = (_key(seed, purpose, p) for purpose in (_PERM, _AUG, _MIXUP))
+  buffer = min(n, source.shuffle_buffer)
+  parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  first = start_step * b  # Position of the first example in this host's stream.
+  epoch, offset = divmod(first, n)
+  ds = tf.data.Dataset.counter(epoch).flat_map(
+      lambda e: host.shuffle(buffer, seed=perm_key + e, reshuffle_each_iteration=False))
+  ds = tf.data.Dataset.zip(ds.skip(offset), tf.data.Dataset.counter(first))
+  ds = ds.map(lambda ex, j: (chain.example(ex["image"], _seed(aug_key, j)), ex["label"]),
+              **parallel)
+  chain.check_fixed(ds.element_spec[0], pp)
+  ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds.batch(b, drop_remainder=True))
+
+  def batch_fn(step, ex):
+    u = tf.random.stateless_uniform([b, chain.num_random], _seed(aug_key, step))
+    return _finish(chain.batch(ex[0], u), ex[1], source.num_classes, mixup, _seed(mix_key, step))
+  return ds.map(batch_fn, **parallel), None
+
+
+def _eval_plan(n: int, b: int, p: int, num_p: int) -> Tuple[int, int]:
+  """(batches every host yields, real examples of host p) for a split of n examples."""
+  largest = max((q + 1) * n // num_p - q * n // num_p for q in range(num_p))
+  return -(-largest // b), (p + 1) * n // num_p - p * n // num_p
+
+
+def eval_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_size: int,
+                  process_index: Optional[int] = None, process_count: Optional[int] = None,
+                  prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
+  """Finite evaluation batches for this host: {"image", "label" (one-hot), "mask" (B/P,)}.
+
+  Every host yields the same number of batches; across hosts every example of `split` appears
+  exactly once with mask 1; padding rows are zeros with mask 0.
+  """
+  sources_lib.hide_accelerators()
+  p, num_p = _processes(process_index, process_count)
+  b = _local_batch(batch_size, num_p)
+  parts = source.resolve(split)
+  chain = _Chain(source, pp)
+  chunk = splits_lib.host_chunk(parts, p, num_p)
+  num_batches, n = _eval_plan(splits_lib.num_examples(parts), b, p, num_p)
+  mask = (np.arange(num_batches * b) < n).astype(np.float32)
+  key = _key(0, _EVAL)  # For random ops in an eval pp, if any: fixed, so evals repeat exactly.
+  parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  on_error = None
+  if isinstance(source, sources_lib.ArraySource):  # Padded with any real example, masked below.
+    first = source.table_indices(parts)[:1]
+    padded = np.concatenate([source.table_indices(chunk), np.repeat(first, len(mask) - n)])
+  if isinstance(source, sources_lib.ArraySource) and chain.batched:  # Whole batches by index.
+    def batch_fn(i, m, k):
+      ex = source.load(i)
+      u = tf.random.stateless_uniform([b, chain.num_random], _seed(key, k))
+      return chain.batch(ex["image"], u), ex["label"], m
+    ds = tf.data.Dataset.from_tensor_slices(
+        (padded.reshape(num_batches, b), mask.reshape(num_batches, b), np.arange(num_batches)))
+    ds = ds.map(batch_fn, **parallel)
+  else:  # Example by example (per-example stage), then batches (batch stage).
+    if isinstance(source, sources_lib.ArraySource):
+      def example_fn(i, m, j):
+        ex = source.load(i)
+        return chain.example(ex["image"], _seed(key, j)), ex["label"], m
+      ds = tf.data.Dataset.from_tensor_slices((padded, mask, np.arange(len(padded))))
+      ds = ds.map(example_fn, **parallel)
+      chain.check_fixed(ds.element_spec[0], pp)
+      on_error = _diagnose(source, lambda k: padded[k * b:(k + 1) * b])
+    else:  # Streamed: this host's examples, then zero padding.
+      host = source.host_dataset(chunk) if n else source.host_dataset(parts).take(0)
+
+      def stream_fn(ex, j):
+        return chain.example(ex["image"], _seed(key, j)), ex["label"], tf.constant(1.0)
+      ds = tf.data.Dataset.zip(host, tf.data.Dataset.counter()).map(stream_fn, **parallel)
+      image_spec, label_spec, _ = ds.element_spec
+      chain.check_fixed(image_spec, pp)
+      pad = tf.data.Dataset.from_tensors((tf.zeros(image_spec.shape, image_spec.dtype),
+                                          tf.zeros([], label_spec.dtype), tf.constant(0.0)))
+      ds = ds.concatenate(pad.repeat(len(mask) - n))
+
+    def batch_stage(k, batch):
+      u = tf.random.stateless_uniform([b, chain.num_random], _seed(key, k))
+      return chain.batch(batch[0], u), batch[1], batch[2]
+    ds = ds.batch(b, drop_remainder=True).enumerate().map(batch_stage, **parallel)
+
+  def finish(images, labels, m):
+    out = _finish(images * m[:, None, None, None], labels, source.num_classes)
+    out["label"] = out["label"] * m[:, None]
+    out["mask"] = m
+    return out
+  ds = ds.map(finish)
+  if prefetch:
+    ds = ds.prefetch(prefetch)
+  return _numpy_batches(_options(ds), on_error)
+
+
+def steps_per_epoch(source: sources_lib.Source, split: str, batch_size: int) -> int:
+  """ceil(examples / global batch): that many steps see every example of `split` at least once."""
+  return math.ceil(source.num_examples(split) / batch_size)

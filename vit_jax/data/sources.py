@@ -1,0 +1,317 @@
+"""Data sources: TFDS by name, Debian's Fashion-MNIST files, and folders of images.
+
+`get_source(cfg)` picks one from `cfg.name`:
+  "fashion_mnist"  /usr/share/datasets/fashion-mnist (or cfg.data_dir), read into memory as uint8;
+                   if the files are missing, TFDS `fashion_mnist` (cfg.tfds_data_dir), unless
+                   cfg.tfds_fallback is False; if both fail, an error naming the directory and the
+                   apt command.
+  "tfds:<name>"    any TFDS data set ("tfds:cifar10", "tfds:imagenet2012:5.1.0"); cfg.data_dir is
+                   TFDS's data_dir, cfg.manual_dir its manual_dir; cfg.image_key / cfg.label_key
+                   ("image", "label") and cfg.shuffle_buffer (50_000 encoded records per host).
+  "image_folder"   cfg.data_dir/<split>/<class>/*.{jpg,jpeg,png}; classes are the sorted union of
+                   the class folders of all splits; cfg.channels (3) is what images decode to.
+
+A source answers `num_examples(split)` after split arithmetic (`vit_jax.data.splits`). In-memory
+sources (`ArraySource`) give random access by index, so the pipeline can shuffle globally; TFDS
+sources (`TfdsSource`) give each host a stream of its own contiguous part of the split.
+"""
+import functools
+import gzip
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax.data import splits as splits_lib
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+KNOWN_NAMES = ("fashion_mnist", "tfds:<name>", "image_folder")
+
+
+def hide_accelerators():
+  """Keeps TensorFlow (used here for input pipelines only) off the GPUs that JAX uses."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialised its devices (then it was hidden before).
+    pass
+
+
+class Source:
+  """What the pipeline needs to know about a data set."""
+  name: str
+  num_classes: int
+  image_shape: Tuple[Optional[int], Optional[int], int]  # (H, W, C); None where sizes vary.
+  class_names: Tuple[str, ...]
+  encoded: bool  # True: images come as encoded bytes, False: as uint8 arrays.
+
+  def split_size(self, base: str) -> int:
+    """Examples in base split `base`; ValueError listing the splits for an unknown one."""
+    raise NotImplementedError
+
+  def resolve(self, split: str) -> splits_lib.Parts:
+    """[(base split, sorted indices into it), ...] selected by `split` (see splits.py)."""
+    bases = {spec.base for spec in splits_lib.parse(split)}
+    return splits_lib.resolve(split, {base: self.split_size(base) for base in bases})
+
+  def num_examples(self, split: str) -> int:
+    """Examples `split` selects, over all hosts."""
+    return splits_lib.num_examples(self.resolve(split))
+
+  def __repr__(self):
+    return (f"{type(self).__name__}({self.name!r}, num_classes={self.num_classes}, "
+            f"image_shape={self.image_shape})")
+
+
+class ArraySource(Source):
+  """Examples in memory, per base split: uint8 images (N, H, W, C), or file paths (N,) as bytes
+  when `encoded`; int labels (N,). Random access by index into the concatenation of the base
+  splits in sorted order (`table_indices` turns resolved parts into such indices)."""
+
+  def __init__(self, name: str, data: Dict[str, Tuple[np.ndarray, np.ndarray]], *,
+               class_names: Sequence[str], image_shape, encoded: bool):
+    self.name, self._data, self.encoded = name, data, encoded
+    self.class_names = tuple(class_names)
+    self.num_classes = len(self.class_names)
+    self.image_shape = tuple(image_shape)
+    self._offsets, offset = {}, 0
+    for base in sorted(data):
+      self._offsets[base] = offset
+      offset += len(data[base][1])
+    self._table = None
+
+  def split_size(self, base):
+    if base not in self._data:
+      raise ValueError(f"Unknown split {base!r} for {self.name}; known: {sorted(self._data)}.")
+    return len(self._data[base][1])
+
+  def table_indices(self, parts: splits_lib.Parts) -> np.ndarray:
+    """Indices into the concatenated table of the examples of `parts`, in order."""
+    return np.concatenate([self._offsets[base] + indices for base, indices in parts] +
+                          [np.zeros(0, np.int64)])
+
+  def load(self, index: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """Examples at table `index` (scalar or vector of int64), inside tf.data. Encoded sources
+    give the file's bytes (the decode op turns them into pixels)."""
+    if self._table is None:  # Built once, eagerly; tf.data functions capture the tensors.
+      bases = sorted(self._data)
+      images = np.concatenate([self._data[b][0] for b in bases])
+      labels = np.concatenate([self._data[b][1] for b in bases]).astype(np.int32)
+      with tf.init_scope():
+        self._table = (tf.constant(images), tf.constant(labels))
+    images, labels = self._table
+    image = tf.gather(images, index)
+    if self.encoded:  # The pipeline loads encoded images one at a time.
+      image = tf.io.read_file(image)
+    return {"image": image, "label": tf.gather(labels, index)}
+
+  def check_examples(self, indices: np.ndarray):
+    """Raises ValueError naming the first file among table `indices` that cannot be decoded."""
+    if not self.encoded:
+      return
+    paths = np.concatenate([self._data[b][0] for b in sorted(self._data)])
+    for i in indices:
+      path = paths[i].decode()
+      try:
+        tf.io.decode_image(tf.io.read_file(path), channels=self.image_shape[-1],
+                           expand_animations=False)
+      except (tf.errors.OpError, ValueError) as e:
+        raise ValueError(f"Cannot read image file {path}: {getattr(e, 'message', e)}") from None
+
+
+class TfdsSource(Source):
+  """A TFDS data set; each host streams its own contiguous part of a split."""
+
+  def __init__(self, name: str, *, data_dir: Optional[str] = None,
+               manual_dir: Optional[str] = None, image_key: str = "image",
+               label_key: str = "label", shuffle_buffer: int = 50_000):
+    self.name, self.image_key, self.label_key = name, image_key, label_key
+    self.shuffle_buffer = shuffle_buffer
+    try:
+      self.builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f"TFDS has no data set {name!r}: {e}") from None
+    if not self.builder.is_prepared():
+      try:
+        self.builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      except Exception as e:  # pylint: disable=broad-except
+        raise RuntimeError(
+            f"TFDS data set {name!r} is not prepared in {self.builder.data_dir!r} and preparing it "
+            f"failed ({type(e).__name__}: {e}). Prepare it where there is network access "
+            "(`tfds build`), then point cfg.data_dir at that TFDS data_dir; data sets that need "
+            "manual downloads want cfg.manual_dir.") from e
+    features = self.builder.info.features
+    for key in (image_key, label_key):
+      if key not in features:
+        raise ValueError(f"TFDS {name!r} has no feature {key!r}; features: {list(features)}. "
+                         "Set cfg.image_key / cfg.label_key.")
+    if not isinstance(features[label_key], tfds.features.ClassLabel):
+      raise ValueError(f"TFDS {name!r} feature {label_key!r} is not a class label; set "
+                       "cfg.label_key to one.")
+    self.num_classes = features[label_key].num_classes
+    self.class_names = tuple(features[label_key].names)
+    self.image_shape = tuple(features[image_key].shape)
+    self.encoded = isinstance(features[image_key], tfds.features.Image)
+    self._sizes = {}
+
+  def split_size(self, base):
+    if base not in self._sizes:
+      known = self.builder.info.splits
+      if known:  # A prepared data set knows its splits.
+        if base not in known:
+          raise ValueError(f"Unknown split {base!r} for TFDS {self.name!r}; known: "
+                           f"{sorted(known)}.")
+        self._sizes[base] = known[base].num_examples
+      else:  # Builders without split metadata (tfds.testing.mock_data): ask the reader.
+        n = int(self.builder.as_dataset(split=base).cardinality())
+        if n < 0:
+          raise ValueError(f"TFDS {self.name!r} does not know the size of split {base!r}.")
+        self._sizes[base] = n
+    return self._sizes[base]
+
+  def host_dataset(self, parts: splits_lib.Parts) -> tf.data.Dataset:
+    """{"image", "label"} of the examples of `parts` (a host's chunk), in order.
+
+    Reads `base[lo:hi]` per part (one file at a time, so that stream order is index order); a part
+    with holes (seeded subsets) is filtered by position.
+    """
+    datasets = []
+    for base, indices in parts:
+      lo, hi = int(indices[0]), int(indices[-1]) + 1
+      split = base if (lo, hi) == (0, self.split_size(base)) else f"{base}[{lo}:{hi}]"
+      decoders = {self.image_key: tfds.decode.SkipDecoding()} if self.encoded else None
+      ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                                   read_config=tfds.ReadConfig(interleave_cycle_length=1))
+      # take(): exact counts even from readers that ignore slices (tfds.testing.mock_data).
+      ds = ds.take(hi - lo).map(
+          lambda ex: {"image": ex[self.image_key], "label": ex[self.label_key]})
+      if len(indices) != hi - lo:
+        mask = np.zeros(hi - lo, bool)
+        mask[indices - lo] = True
+        ds = ds.enumerate().filter(_selected(tf.constant(mask))).map(_drop_position)
+      datasets.append(ds)
+    return functools.reduce(lambda a, b: a.concatenate(b), datasets)
+
+
+def _selected(keep: tf.Tensor):
+  def fn(i, ex):
+    del ex
+    return tf.gather(keep, i)
+  return fn
+
+
+def _drop_position(i, ex):
+  del i
+  return ex
+
+
+def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
+  """An IDX file (the MNIST format): big-endian magic, `ndim` sizes, then uint8 data."""
+  try:
+    with gzip.open(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise ValueError(f"Cannot read {path}: {e}. Reinstall it with "
+                     "`sudo apt-get install --reinstall dataset-fashion-mnist`.") from None
+  header = np.frombuffer(raw, ">i4", count=1 + ndim) if len(raw) >= 4 + 4 * ndim else None
+  if header is None or header[0] != magic or len(raw) != 4 + 4 * ndim + int(np.prod(header[1:])):
+    raise ValueError(f"{path} is not a valid IDX file (magic {magic}, {ndim} dimensions); "
+                     "reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`.")
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(header[1:])
+
+
+@functools.lru_cache(maxsize=2)
+def _load_fashion_mnist(directory: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+  data = {}
+  for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
+    images = _read_idx(os.path.join(directory, images_file), 2051, 3)[..., None]  # (N, 28, 28, 1)
+    labels = _read_idx(os.path.join(directory, labels_file), 2049, 1)
+    if len(images) != len(labels):
+      raise ValueError(f"{images_file} has {len(images)} images but {labels_file} has "
+                       f"{len(labels)} labels in {directory}.")
+    data[split] = (images, labels)
+  return data
+
+
+def fashion_mnist(data_dir: Optional[str] = None, *, tfds_fallback: bool = True,
+                  tfds_data_dir: Optional[str] = None) -> Source:
+  """Debian's Fashion-MNIST (train 60000, test 10000) in memory; TFDS if the files are missing."""
+  directory = data_dir or FASHION_MNIST_DIR
+  files = [f for pair in FASHION_MNIST_FILES.values() for f in pair]
+  missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+  if not missing:
+    return ArraySource("fashion_mnist", _load_fashion_mnist(directory),
+                       class_names=FASHION_MNIST_CLASSES, image_shape=(28, 28, 1), encoded=False)
+  reason = ""
+  if tfds_fallback:
+    logging.warning("Fashion-MNIST files missing in %s (%s); trying TFDS fashion_mnist.",
+                    directory, ", ".join(missing))
+    try:
+      return TfdsSource("fashion_mnist", data_dir=tfds_data_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f" The TFDS fallback failed too: {type(e).__name__}: {e}"
+  raise FileNotFoundError(
+      f"Fashion-MNIST not found in {directory}: missing {', '.join(missing)}. Install Debian's "
+      "package with `sudo apt-get install dataset-fashion-mnist` (or `make data`), or set "
+      f"data_dir to a directory holding {', '.join(files)}.{reason}")
+
+
+def image_folder(data_dir: Optional[str], *, channels: int = 3) -> Source:
+  """Images in `data_dir/<split>/<class>/*.{jpg,jpeg,png}`; labels index the sorted class names."""
+  layout = "<data_dir>/<split>/<class>/*.jpg|*.png"
+  if not data_dir:
+    raise ValueError(f"image_folder needs cfg.data_dir (layout {layout}).")
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"Image folder {data_dir} does not exist (expected layout {layout}); "
+                            "set cfg.data_dir to the folder's root.")
+  split_names = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+  classes = sorted({c for s in split_names for c in os.listdir(os.path.join(data_dir, s))
+                    if os.path.isdir(os.path.join(data_dir, s, c))})
+  if not classes:
+    raise ValueError(f"No class folders in {data_dir} (expected layout {layout}).")
+  data = {}
+  for split in split_names:
+    paths: List[str] = []
+    labels: List[int] = []
+    for label, c in enumerate(classes):
+      folder = os.path.join(data_dir, split, c)
+      if not os.path.isdir(folder):
+        continue
+      names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+      paths += [os.path.join(folder, f) for f in names]
+      labels += [label] * len(names)
+    if paths:
+      data[split] = (np.array([p.encode() for p in paths]), np.array(labels, np.int32))
+  if not data:
+    raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {data_dir} "
+                     f"(expected layout {layout}).")
+  return ArraySource(f"image_folder:{data_dir}", data, class_names=classes,
+                     image_shape=(None, None, channels), encoded=True)
+
+
+def get_source(cfg) -> Source:
+  """The source named by `cfg.name` (see the module docstring for the fields it reads)."""
+  hide_accelerators()
+  name = cfg.get("name")
+  if name == "fashion_mnist":
+    return fashion_mnist(cfg.get("data_dir"), tfds_fallback=cfg.get("tfds_fallback", True),
+                         tfds_data_dir=cfg.get("tfds_data_dir"))
+  if isinstance(name, str) and name.startswith("tfds:") and len(name) > len("tfds:"):
+    return TfdsSource(name[len("tfds:"):], data_dir=cfg.get("data_dir"),
+                      manual_dir=cfg.get("manual_dir"), image_key=cfg.get("image_key", "image"),
+                      label_key=cfg.get("label_key", "label"),
+                      shuffle_buffer=cfg.get("shuffle_buffer", 50_000))
+  if name == "image_folder":
+    return image_folder(cfg.get("data_dir"), channels=cfg.get("channels", 3))
+  raise ValueError(f"Unknown data source {name!r}; known: {', '.join(KNOWN_NAMES)} "
+                   "(e.g. 'tfds:cifar10').")

@@ -1,0 +1,1 @@
+"""Evaluators: each takes the functions it needs (no model or trainer imports) and returns metrics."""

@@ -1,0 +1,28 @@
+"""Top-1 accuracy and mean loss over every example of a split (padded, masked last batch)."""
+from typing import Callable, Dict
+
+from vit_jax import data as data_lib
+
+
+class ClassificationEvaluator:
+  """`step_fn(params, local_batch) -> {correct, loss, count}` sums (device values); `fetch` turns
+  them into Python floats. Every example of the split counts exactly once."""
+
+  def __init__(self, step_fn: Callable, source, *, split: str, pp: str, batch_size: int,
+               fetch: Callable):
+    self.step_fn, self.source, self.split, self.pp = step_fn, source, split, pp
+    self.batch_size, self.fetch = batch_size, fetch
+
+  def run(self, params) -> Dict[str, float]:
+    totals = None
+    for batch in data_lib.eval_iterator(self.source, split=self.split, pp=self.pp,
+                                        batch_size=self.batch_size):
+      out = self.step_fn(params, batch)
+      totals = out if totals is None else {k: totals[k] + out[k] for k in out}
+    totals = self.fetch(totals)
+    n = totals["count"]
+    expected = self.source.num_examples(self.split)
+    if int(round(n)) != expected:
+      raise RuntimeError(f"evaluated {n} examples of {self.split!r}, expected {expected}")
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n,
+            "num_examples": int(round(n))}

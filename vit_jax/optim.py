@@ -1,0 +1,122 @@
+"""The optax chain built from a config: schedule, clipping, optimizer, weight decay, frozen groups.
+
+Parameter groups are chosen by regexes over '/'-joined parameter names such as
+`Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel`, matched with `re.fullmatch`.
+
+Config keys read here (all under the top-level config):
+  optax.name           sgd | momentum | adam | adamw
+  optax.momentum       SGD momentum (sgd/momentum)          optax.b1, optax.b2, optax.eps (adam*)
+  lr.base              peak learning rate
+  lr.warmup_{steps,epochs,examples}   linear warm-up length (one of them, or none)
+  lr.decay             cosine | linear | constant           lr.end   final learning rate
+  wd                   decoupled weight decay: p <- p - lr(t) * wd * p   (0 disables)
+  wd_mask              regex of the parameters that decay (default: kernels only)
+  grad_clip_norm       global-norm clipping (0 disables)
+  freeze               regex of frozen parameters ('' freezes nothing)
+"""
+import re
+from typing import Callable
+
+import jax
+import optax
+
+KERNELS_ONLY = r".*/kernel"
+
+
+def param_names(tree) -> list:
+  """'/'-joined names of every leaf of a params tree, in tree order."""
+  paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return ["/".join(_key_str(k) for k in path) for path, _ in paths]
+
+
+def _key_str(k):
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def regex_mask(regex: str, params, *, what: str):
+  """Bool tree: True where the leaf's name fully matches `regex`. A regex that matches nothing is
+  an error (a misspelt pattern must not silently do nothing)."""
+  pattern = re.compile(regex)
+  names = param_names(params)
+  flags = [bool(pattern.fullmatch(n)) for n in names]
+  if not any(flags):
+    raise ValueError(f"{what} regex {regex!r} matches no parameter; names look like "
+                     f"{names[:3]} ... {names[-2:]} (matched with re.fullmatch).")
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
+
+
+def make_schedule(lr_cfg, *, total_steps: int, warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to lr.base, then cosine / linear decay to lr.end, or constant."""
+  base, end = float(lr_cfg.base), float(lr_cfg.get("end", 0.0))
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if lr_cfg.decay == "cosine":
+    decay = optax.cosine_decay_schedule(base, decay_steps, alpha=end / base if base else 0.0)
+  elif lr_cfg.decay == "linear":
+    decay = optax.linear_schedule(base, end, decay_steps)
+  elif lr_cfg.decay == "constant":
+    decay = optax.constant_schedule(base)
+  else:
+    raise ValueError(f"Unknown lr.decay {lr_cfg.decay!r}: use cosine, linear or constant.")
+  if not warmup_steps:
+    return decay
+  warmup = optax.linear_schedule(0.0, base, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def _base_optimizer(cfg) -> optax.GradientTransformation:
+  name = cfg.optax.name
+  if name in ("sgd", "momentum"):
+    m = cfg.optax.get("momentum", 0.9 if name == "momentum" else 0.0)
+    return optax.trace(decay=m, nesterov=False) if m else optax.identity()
+  if name in ("adam", "adamw"):
+    return optax.scale_by_adam(b1=cfg.optax.get("b1", 0.9), b2=cfg.optax.get("b2", 0.999),
+                               eps=cfg.optax.get("eps", 1e-8))
+  raise ValueError(f"Unknown optax.name {name!r}: use sgd, momentum, adam or adamw.")
+
+
+def make_optimizer(cfg, params, *, total_steps: int, warmup_steps: int):
+  """Returns (tx, schedule). `params` may be abstract (shapes only): only names are used."""
+  schedule = make_schedule(cfg.lr, total_steps=total_steps, warmup_steps=warmup_steps)
+  parts = []
+  if cfg.get("grad_clip_norm"):
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  parts.append(_base_optimizer(cfg))
+  if cfg.get("wd"):
+    mask = regex_mask(cfg.get("wd_mask") or KERNELS_ONLY, params, what="wd_mask")
+    parts.append(optax.add_decayed_weights(cfg.wd, mask=mask))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(*parts)
+  if cfg.get("freeze"):
+    frozen = regex_mask(cfg.freeze, params, what="freeze")
+    labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "train", frozen)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule
+
+
+def durations(cfg, prefix: str, *, steps_per_epoch: float, batch_size: int,
+              required: bool = False, default: int = 0) -> int:
+  """A duration given as `{prefix}_steps`, `{prefix}_epochs` or `{prefix}_examples`, in steps.
+
+  Exactly one may be set (None/absent means unset); none gives `default`, or an error if required.
+  """
+  def get(key):
+    node, *rest = key.split(".")
+    sub = cfg.get(node) if rest else cfg
+    return None if sub is None else sub.get(rest[0] if rest else node)
+  given = {u: get(f"{prefix}_{u}") for u in ("steps", "epochs", "examples")}
+  given = {u: v for u, v in given.items() if v is not None}
+  if len(given) > 1:
+    raise ValueError(f"Set only one of {', '.join(f'{prefix}_{u}' for u in given)}.")
+  if not given:
+    if required:
+      raise ValueError(f"Set one of {prefix}_steps, {prefix}_epochs or {prefix}_examples.")
+    return default
+  (unit, value), = given.items()
+  if unit == "steps":
+    return int(value)
+  if unit == "epochs":
+    return int(round(value * steps_per_epoch))
+  return int(round(value / batch_size))
