@@ -7,9 +7,17 @@ Results: TO BE MEASURED.
 """
 from configs import common
 
+# A ResNet root on 28x28x1 without down-sampling (3x3 stride-1 conv, 16 channels).
+SMALL_ROOT = dict(num_layers=(), base_width=16, root="small", gn_groups=4)
+
 MODELS = {
     # arg: (model_name, overrides, epochs, lr)
-    "vit": ("ViT-Mu/7", dict(classifier="gap"), 5, 2e-3),
+    "vit": ("ViT-Mu/7", dict(classifier="gap", scan=True), 5, 2e-3),
+    "hybrid": ("ViT-Mu/7", dict(classifier="gap", scan=True, resnet=SMALL_ROOT), 5, 2e-3),
+    "resnet": ("BiT-R26x1", dict(num_layers=(2, 2, 2), base_width=16, root="small",
+                                 gn_groups=8), 5, 2e-3),
+    "swin": ("Swin-T", dict(embed_dim=48, depths=(2, 4), num_heads=(3, 6), patch_size=2,
+                            window_size=7, img_size=28, droppath_rate=0.1), 5, 2e-3),
 }
 
 

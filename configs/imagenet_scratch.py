@@ -3,7 +3,7 @@ r"""ViT from scratch on ImageNet-21k or ImageNet-1k with the published recipe (s
   python -m vit_jax.main --config=configs/imagenet_scratch.py:imagenet21k,ViT-B/16 \
       --workdir=workdirs/i21k_b16 --config.dataset.data_dir=gs://your-bucket/tfds
 
-Arg: `<imagenet21k|imagenet1k>,<model>`. Adam (b1 0.9, b2 0.999), batch 4096, lr 1e-3 with 10k
+Arg: `<imagenet21k|imagenet1k>,<model>` (a ViT, a hybrid such as R50+ViT-B/16, or BiT-R50x1). Adam (b1 0.9, b2 0.999), batch 4096, lr 1e-3 with 10k
 linear warm-up steps then linear decay, weight decay 0.03 (decoupled, kernels only), dropout 0.1,
 a representation layer, head bias -10, 90 epochs (21k) / 300 epochs (1k), 224 px.
 Result: not run here (no accelerator, no data); the paper's ViT-B/16 from scratch on ImageNet-1k
@@ -21,11 +21,12 @@ def get_config(arg: str = "imagenet21k,ViT-B/16"):
   ds = common.DATASETS[dataset]
   c = common.base_config()
   c.model_name = model_name
-  c.model.dropout_rate = 0.1
   c.model.head_bias_init = -10.0
-  # The representation layer is as wide as the model (ViT-B: 768).
-  c.model.representation_size = WIDTHS[model_name.split("-")[1].split("/")[0]]
-  c.model.scan = True
+  if not model_name.startswith("BiT-"):  # ViTs and hybrids; BiT ResNets have none of these
+    c.model.dropout_rate = 0.1
+    # The representation layer is as wide as the model (ViT-B: 768).
+    c.model.representation_size = WIDTHS[model_name.split("-")[1].split("/")[0]]
+    c.model.scan = True
   c.dataset.name = ds["name"]
   c.train_split, c.eval_split = ds["train"], ds["test"]
   c.pp_train = "decode|inception_crop(224)|flip_lr|value_range(-1,1)"

@@ -112,7 +112,7 @@ def point_result(workdir: str, point: Optional[Dict[str, Any]] = None) -> Option
       "config": point.get("config"), "overrides": point.get("overrides", {}),
       "tags": point.get("tags", {}), "model_name": config.get("model_name"),
       "train_split": config.get("train_split"), "eval_split": eval_split,
-      "steps": step, "examples_seen": last_train.get("examples_seen"),
+      "seed": config.get("seed"), "steps": step, "examples_seen": last_train.get("examples_seen"),
       "core_hours": core_hours(rows), "train_loss": last_train.get("train_loss"),
       "num_params": count_params(os.path.join(workdir, "params.npz")),
       "final": final, "evals": evals,
@@ -159,12 +159,23 @@ def row_of(result: Dict[str, Any]) -> Dict[str, Any]:
   row.update(tags)
   row.setdefault("model", result.get("model_name"))
   row.setdefault("family", family_of(result.get("model_name")))
-  row["accuracy"] = final.get(f"{split}_accuracy") if split else None
+  row.setdefault("seed", result.get("seed"))
+  row["accuracy"] = _accuracy(final, split)
   row.update({k: v for k, v in sorted(final.items(), key=lambda kv: _shot(kv[0]))
               if k.startswith("fewshot_")})
   for k in TAIL_COLUMNS:
     row[k] = result.get(k)
   return row
+
+
+def _accuracy(final: Dict[str, float], split: str) -> Optional[float]:
+  """Top-1 on `split`: the trainer names it after the split ('test[:50]' -> 'test_accuracy')."""
+  if not split:
+    return None
+  for prefix in (split, re.split(r"[\[@+]", split, maxsplit=1)[0]):
+    if f"{prefix}_accuracy" in final:
+      return final[f"{prefix}_accuracy"]
+  return None
 
 
 def _shot(key: str) -> int:

@@ -134,6 +134,16 @@ def run_in_process(point: sweep_lib.Point, workdir: str) -> str:
   return _finish(point, workdir)
 
 
+def _status_of_exit(point, workdir, rc: int, signalled: bool) -> str:
+  """A child's exit: finished if its metrics show the final evaluation (even if a late signal
+  killed it), stopped if it exited cleanly or on our SIGTERM before that, else failed."""
+  if aggregate.write_result(workdir, dataclasses.asdict(point)) is not None:
+    return FINISHED
+  if rc == 0 or (signalled and rc == -signal.SIGTERM):
+    return STOPPED
+  return FAILED
+
+
 def _finish(point, workdir) -> str:
   if aggregate.write_result(workdir, dataclasses.asdict(point)) is None:
     with open(os.path.join(workdir, "log.txt"), "a") as f:
@@ -239,7 +249,7 @@ def _run_subprocesses(todo, out, parallel, python, main, status, stop, log):
         continue
       f.close()
       del running[name]
-      status[name] = _finish(point, point_workdir(out, point)) if rc == 0 else FAILED
+      status[name] = _status_of_exit(point, point_workdir(out, point), rc, signalled)
       log(_summary(point, status[name], time.time() - t0, out, rc))
     time.sleep(0.2)
 

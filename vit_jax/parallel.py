@@ -1,38 +1,84 @@
-"""Device mesh, sharding rules, global batches, and the pmap helpers.
+"""Device mesh, sharding rules, multi-host set-up, global batches, and the pmap helpers.
 
-The mesh has axes ('data', 'fsdp'): the batch is split over both; parameters and optimizer state
-are replicated, or sharded over 'fsdp' on their largest divisible dimension when they are at least
-`min_fsdp_size` elements. `config.mesh` = {data: -1, fsdp: 1} gives plain data parallelism.
+The mesh has axes ('data', 'fsdp', 'model') and spans every device of every process. Batches are
+split over 'data' x 'fsdp' and replicated over 'model'. Every leaf of the train state (parameters
+and optimizer state alike) is replicated, or sharded by a rule over its '/'-joined name; leaves
+no rule names are sharded over 'fsdp' on their largest divisible dimension when they have at least
+`min_fsdp_size` elements. In config terms:
+  mesh = {data: -1, fsdp: 1, model: 1}   plain data parallelism (the default);
+  mesh = {data: 1, fsdp: -1}             FSDP over all devices: each holds ~1/N of the state;
+  mesh = {data: -1, fsdp: 1, model: 2}   plus rules such as (r'MlpBlock_3/Dense_\\d/kernel',
+                                         'model') for tensor parallelism inside each process.
+Several processes (hosts) are JAX's own multi-controller runtime: `initialize_distributed` calls
+`jax.distributed.initialize`, each process feeds its own rows of the global batch
+(`global_batch`), and jit / pmap span all processes' devices.
 """
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+from absl import logging
 import jax
+from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
+PMAP_AXIS = "batch"
+
+
+# ------------------------------------------------------------------------------------- the mesh.
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple:
+  """(data, fsdp, model) sizes from `config.mesh`; one of them may be -1 (all that is left)."""
+  cfg = dict(mesh_cfg.items()) if mesh_cfg else {}
+  unknown = sorted(set(cfg) - set(AXES))
+  if unknown:
+    raise ValueError(f"Unknown mesh axis {unknown}: the mesh axes are {', '.join(AXES)}.")
+  defaults = dict(data=-1, fsdp=1, model=1)
+  sizes = {a: defaults[a] if cfg.get(a) is None else int(cfg[a]) for a in AXES}
+  bad = {a: s for a, s in sizes.items() if s < 1 and s != -1}
+  if bad:
+    raise ValueError(f"mesh sizes must be >= 1 or -1 (all that is left), got {bad}.")
+  free = [a for a in AXES if sizes[a] == -1]
+  if len(free) > 1:
+    raise ValueError(f"At most one mesh axis may be -1, got {', '.join(free)}; give the others "
+                     "explicit sizes.")
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"mesh {sizes}: {num_devices} devices are not divisible by the fixed axes' "
+                       f"product {fixed}.")
+    sizes[free[0]] = num_devices // fixed
+  if int(np.prod(list(sizes.values()))) != num_devices:
+    raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x model={sizes['model']} "
+                     f"does not use the {num_devices} devices; set one axis to -1 to take the "
+                     "rest.")
+  return tuple(sizes[a] for a in AXES)
 
 
 def make_mesh(mesh_cfg=None, devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """Mesh of all devices (all processes) with axes data x fsdp; -1 takes what is left."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  data = int(mesh_cfg.get("data", -1)) if mesh_cfg else -1
-  fsdp = int(mesh_cfg.get("fsdp", 1)) if mesh_cfg else 1
-  if data == -1 and fsdp == -1:
-    raise ValueError("At most one of mesh.data and mesh.fsdp may be -1.")
-  if data == -1:
-    data = n // fsdp
-  if fsdp == -1:
-    fsdp = n // data
-  if data * fsdp != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not use the {n} devices; "
-                     "set one of them to -1 to take the rest.")
-  return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+  """The ('data', 'fsdp', 'model') mesh over `devices` (default: all devices of all processes,
+  in the order `mesh_utils.create_device_mesh` finds fast for the hardware's topology).
+
+  Raises ValueError when the sizes do not multiply to the device count, or when a 'model' group
+  (devices holding the same batch rows) would span processes: each process feeds its own rows.
+  """
+  shape = mesh_shape(mesh_cfg, len(jax.devices() if devices is None else devices))
+  if devices is None:
+    grid = mesh_utils.create_device_mesh(shape, allow_split_physical_axes=True)
+  else:
+    grid = np.asarray(list(devices), dtype=object).reshape(shape)
+  groups = grid.reshape(-1, shape[-1])
+  if any(len({d.process_index for d in g}) > 1 for g in groups):
+    raise ValueError(f"mesh.model={shape[-1]} spans processes (each has "
+                     f"{len(grid.flat) // len({d.process_index for d in grid.flat})} devices); "
+                     "a model-parallel group must lie within one process: lower mesh.model.")
+  return Mesh(grid, AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Rows over 'data' x 'fsdp', replicated over 'model'."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
@@ -40,51 +86,135 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape, fsdp_size: int, min_size: int) -> P:
-  """Shards the largest dimension divisible by `fsdp_size` over 'fsdp'; small arrays replicate."""
+# ------------------------------------------------------------------------------ sharding rules.
+def fsdp_spec(shape, fsdp_size: int, min_size: int, axis: str = "fsdp") -> P:
+  """Shards the largest dimension divisible by `fsdp_size` over `axis`; arrays of fewer than
+  `min_size` elements, or with no divisible dimension, are replicated."""
   if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):  # stable: first of equals
     if shape[dim] % fsdp_size == 0:
       spec = [None] * len(shape)
-      spec[dim] = "fsdp"
+      spec[dim] = axis
       return P(*spec)
   return P()
+
+
+def leaf_name(path) -> str:
+  """A tree path as the '/'-joined name the sharding rules match, e.g.
+  'params/Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _check_rule(regex: str, kind, mesh: Mesh):
+  if kind == "replicate" or kind in mesh.axis_names:
+    return kind
+  if isinstance(kind, (tuple, list)):
+    for entry in kind:
+      names = entry if isinstance(entry, (tuple, list)) else (entry,)
+      unknown = [n for n in names if n is not None and n not in mesh.axis_names]
+      if unknown:
+        raise ValueError(f"Sharding rule {regex!r}: {unknown} are not mesh axes "
+                         f"({', '.join(mesh.axis_names)}).")
+    return P(*(tuple(e) if isinstance(e, list) else e for e in kind))
+  raise ValueError(f"Sharding rule {regex!r} has kind {kind!r}: use 'replicate', a mesh axis "
+                   f"({', '.join(mesh.axis_names)}), or a PartitionSpec-like tuple such as "
+                   "(None, 'model').")
+
+
+def _check_spec(name: str, shape, spec: P, mesh: Mesh) -> P:
+  if len(spec) != len(shape):
+    raise ValueError(f"Sharding rule spec {spec} has {len(spec)} entries but {name} has shape "
+                     f"{tuple(shape)}.")
+  for dim, entry in zip(shape, spec):
+    size = int(np.prod([mesh.shape[a] for a in (entry if isinstance(entry, tuple) else (entry,))
+                        if a is not None]))
+    if dim % size:
+      raise ValueError(f"Sharding rule spec {spec} splits a dimension of {dim} of {name} "
+                       f"{tuple(shape)} into {size} parts, which does not divide it.")
+  return spec
 
 
 def state_shardings(abstract_state, mesh: Mesh, *, min_fsdp_size: int = 2 ** 14,
                     rules: Sequence = ()):
   """NamedShardings for every leaf of a train state (params and optimizer state alike).
 
-  `rules` are (regex, 'replicate' | 'fsdp') pairs over '/'-joined leaf paths, first match wins;
-  unmatched leaves follow the size rule. Optimizer moments have their parameter's shape, so they
-  get their parameter's sharding.
+  `rules` are (regex, kind) pairs searched in '/'-joined leaf names (`leaf_name`), first match
+  wins. kind is 'replicate'; a mesh axis name ('fsdp', 'model'): the leaf's largest dimension
+  divisible by that axis is sharded over it, whatever its size; or a PartitionSpec-like tuple,
+  e.g. (None, 'model') or (('fsdp', 'model'), None), that must fit the leaf. Unmatched leaves
+  with at least `min_fsdp_size` elements are sharded over 'fsdp'. Optimizer moments carry their
+  parameter's name in their path (e.g. 'opt_state/.../mu/Transformer/...'), so a rule without
+  '^' gives them their parameter's sharding.
   """
-  fsdp_size = mesh.shape["fsdp"]
-  compiled = [(re.compile(r), kind) for r, kind in rules]
+  compiled = [(re.compile(r), _check_rule(r, kind, mesh)) for r, kind in rules]
 
   def one(path, leaf):
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
+    shape = tuple(getattr(leaf, "shape", ()))
+    name = leaf_name(path)
     kind = next((k for r, k in compiled if r.search(name)), None)
-    if kind == "replicate" or not getattr(leaf, "shape", ()):
-      return NamedSharding(mesh, P())
-    if kind not in (None, "fsdp"):
-      raise ValueError(f"Unknown sharding rule kind {kind!r}: use 'replicate' or 'fsdp'.")
-    min_size = 0 if kind == "fsdp" else min_fsdp_size
-    return NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size, min_size))
+    if kind == "replicate" or not shape:
+      spec = P()
+    elif isinstance(kind, P):
+      spec = _check_spec(name, shape, kind, mesh)
+    elif kind is not None:
+      spec = fsdp_spec(shape, mesh.shape[kind], 0, axis=kind)
+    else:
+      spec = fsdp_spec(shape, mesh.shape["fsdp"], min_fsdp_size)
+    return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
+def device_bytes(tree) -> Dict[Any, int]:
+  """Bytes of `tree`'s arrays held on each of this process's devices."""
+  out = {}
+  for x in jax.tree_util.tree_leaves(tree):
+    for shard in x.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
+
+
+# ---------------------------------------------------------------------------- global batches.
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """This process's numpy rows -> global jax.Arrays sharded over the batch axes."""
+  """This process's numpy rows -> global jax.Arrays sharded over the batch axes.
+
+  With several processes each passes its own rows (B / processes of them); the global batch is
+  their concatenation in process order (in the order of the mesh's devices).
+  """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  position = {d: i for i, d in np.ndenumerate(mesh.devices)}  # (data, fsdp, model) of a device
+  local_shards = len({position[d][:2] for d in mesh.local_devices})
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    if v.shape[0] % local_shards:
+      raise ValueError(f"This process's batch has {v.shape[0]} rows ({k!r}), not divisible by "
+                       f"its {local_shards} batch shards (mesh data x fsdp over its devices); "
+                       "make batch_size a multiple of data x fsdp.")
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out
 
 
-# ----------------------------------------------------------------------------- pmap mode.
+# --------------------------------------------------------------------- host copies of arrays.
+def to_host(tree):
+  """Every leaf as a numpy array; arrays sharded across processes are gathered first, so every
+  process must call this with the same tree."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+  return jax.tree_util.tree_map(one, tree)
+
+
+def from_host(tree, shardings):
+  """Numpy leaves, the same full value on every process -> global arrays with `shardings`."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x), np.shape(x)),
+      tree, shardings)
+
+
+# ------------------------------------------------------------------------------- pmap mode.
 def pmap_shard(local_batch: dict) -> dict:
   """(B_local, ...) -> (local_devices, B_local / local_devices, ...)."""
   n = jax.local_device_count()
@@ -96,16 +226,13 @@ def pmap_shard(local_batch: dict) -> dict:
   return {k: split(np.asarray(v)) for k, v in local_batch.items()}
 
 
-PMAP_AXIS = "batch"
-
-
 def replicate(tree):
-  """A tree on every local device, for pmap (leading axis = local devices)."""
+  """A copy of `tree` on every local device, for pmap (leading axis = local devices). Global
+  arrays sharded across processes are gathered first (every process must call this)."""
   devices = jax.local_devices()
   sharding = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
   return jax.tree_util.tree_map(
-      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding),
-      jax.device_get(tree))
+      lambda x: jax.device_put(np.stack([x] * len(devices)), sharding), to_host(tree))
 
 
 def unreplicate(tree):
@@ -114,12 +241,41 @@ def unreplicate(tree):
                                 if hasattr(x, "addressable_shards") else np.asarray(x)[0], tree)
 
 
-def initialize_distributed(cfg=None):
-  """`jax.distributed.initialize` from config keys (coordinator_address, num_processes,
-  process_id) or, when they are unset, from the cluster's environment (SLURM, TPU, ...)."""
-  kwargs = {}
-  if cfg is not None:
-    for key in ("coordinator_address", "num_processes", "process_id"):
-      if cfg.get(key) is not None:
-        kwargs[key] = cfg.get(key)
-  jax.distributed.initialize(**kwargs)
+# ---------------------------------------------------------------------------------- multi-host.
+def initialize_distributed(cfg=None) -> None:
+  """Joins this process to a multi-process run: `jax.distributed.initialize`, before any other
+  JAX call.
+
+  From `cfg` (config.distributed): coordinator_address ('host:port' of process 0),
+  num_processes, process_id, local_device_ids ('0,1,2,3'; 'all' for one process per node under
+  SLURM, where JAX would otherwise give each process only the GPU numbered SLURM_LOCALID). Unset
+  keys are detected from the cluster's environment (SLURM, Open MPI, Cloud TPU pods, ...).
+  Cross-process collectives on CPU devices use `cfg.cpu_collectives` (default 'gloo').
+  """
+  cfg = cfg or {}
+  kwargs = {k: cfg.get(k) for k in ("coordinator_address", "num_processes", "process_id")
+            if cfg.get(k) is not None}
+  ids = cfg.get("local_device_ids")
+  if isinstance(ids, str) and ids.strip():
+    # An empty list: no restriction, and JAX's cluster detection leaves it alone.
+    kwargs["local_device_ids"] = ([] if ids.strip() == "all" else
+                                  [int(i) for i in ids.replace(" ", "").split(",")])
+  elif isinstance(ids, (int, tuple, list)):
+    kwargs["local_device_ids"] = [ids] if isinstance(ids, int) else list(ids)
+  jax.config.update("jax_cpu_collectives_implementation", cfg.get("cpu_collectives") or "gloo")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:
+    raise ValueError(
+        f"jax.distributed.initialize failed: {e}. Outside SLURM, Open MPI and Cloud TPU set "
+        "config.distributed.coordinator_address ('host:port' of process 0), num_processes and "
+        "process_id (--config.distributed.KEY=VALUE).") from e
+  logging.info("Process %d of %d: %d local and %d global devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def reached_preemption_sync_point(step: int) -> bool:
+  """True on every process at the same step once any process got SIGTERM (JAX's preemption
+  service, started by `jax.distributed.initialize`). Every process must call it at every step;
+  with one process it is False."""
+  return jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)

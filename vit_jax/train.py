@@ -32,7 +32,8 @@ class NonFiniteLossError(FloatingPointError):
 
 # ------------------------------------------------------------------------------ building blocks.
 def build_model(config, num_classes: int):
-  overrides = dict(config.get("model") or {})
+  model_cfg = config.get("model")
+  overrides = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg or {})
   for key in ("dtype", "param_dtype"):
     if isinstance(overrides.get(key), str):
       overrides[key] = jnp.dtype(overrides[key])
@@ -148,10 +149,7 @@ class Runner:
   def to_global_state(self, state, state_shardings):
     """What the step returns -> global (checkpoint-layout) state."""
     if self.mode == "pmap":
-      host = parallel.unreplicate(state)
-      return jax.tree_util.tree_map(
-          lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
-          host, state_shardings)
+      return parallel.from_host(parallel.unreplicate(state), state_shardings)
     return state
 
   def params_for_eval(self, state):
@@ -279,20 +277,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state = jax.jit(init_state, out_shardings=shardings)(rng)
     if config.get("pretrained") and config.pretrained.get("path"):
       params = checkpoint.load_pretrained(
-          config.pretrained.path, jax.device_get(state["params"]),
+          config.pretrained.path, parallel.to_host(state["params"]),
           strict=bool(config.pretrained.get("strict", True)))
-      params = jax.device_put(params, shardings["params"])
-      state = jax.jit(lambda p: dict(step=state["step"], params=p, opt_state=tx.init(p)),
-                      out_shardings=shardings)(params)
+      params = parallel.from_host(params, shardings["params"])
+      state = jax.jit(lambda p: dict(step=jnp.zeros((), jnp.int32), params=p,
+                                     opt_state=tx.init(p)), out_shardings=shardings)(params)
   runner.compile(shardings)
   run_state = runner.to_run_state(state)
   del state
 
-  # ----- Stop cleanly on SIGTERM (preemption): save, then return.
+  # ----- Stop cleanly on SIGTERM (preemption): save, then return. With several processes, JAX's
+  # preemption service (started by jax.distributed) catches it and picks a step all stop at.
   stop = {"signal": None}
   def on_signal(signum, _):
     stop["signal"] = signum
-  previous_handler = signal.signal(signal.SIGTERM, on_signal) if _main_thread() else None
+  multiprocess = jax.process_count() > 1
+  previous_handler = (signal.signal(signal.SIGTERM, on_signal)
+                      if _main_thread() and not multiprocess else None)
 
   def save(step, rs, last_metrics):
     if last_metrics is not None:
@@ -333,6 +334,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       if (ckpt_every and step % ckpt_every == 0) or last:
         save(step, run_state, runner.fetch(pending) if pending is not None else None)
 
+      if multiprocess and parallel.reached_preemption_sync_point(step):
+        stop["signal"] = signal.SIGTERM
       if stop["signal"] is not None:
         save(step, run_state, runner.fetch(step_metrics))
         ckpt.wait()

@@ -5,9 +5,10 @@ import csv
 import json
 import os
 import shlex
-import sys
 import textwrap
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 import pytest
 import tensorflow_datasets as tfds
 
@@ -44,8 +45,55 @@ def mock_tfds():
     yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_once(tmp_path_factory):
+  """Every point compiles the same tiny programs: a persistent compilation cache for this module
+  lets later points load them (a few seconds per point instead of ~15 on two CPU cores)."""
+  keys = ("jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+  before = {k: getattr(jax.config, k) for k in keys}
+  compilation_cache.reset_cache()
+  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
+  for k in keys:
+    jax.config.update(k, 0)
+  yield
+  for k, v in before.items():
+    jax.config.update(k, v)
+  compilation_cache.set_cache_dir(None)
+  compilation_cache.reset_cache()
+
+
 def _train_steps(workdir):
   return [r["step"] for r in aggregate.read_metrics(workdir) if "train_loss" in r]
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_interrupted_point_resumes(tmp_path, mock_tfds, monkeypatch):
+  out = str(tmp_path / "out")
+  s = tiny_sweep(sizes=(96,))
+  workdir = runner.point_workdir(out, s.points[0])
+  original = data_lib.train_iterator
+
+  def crashing(*args, **kwargs):  # The process "dies" once step 5's batch is fetched.
+    for i, batch in enumerate(original(*args, **kwargs)):
+      if i == 5:
+        raise _Crash()
+      yield batch
+  monkeypatch.setattr(data_lib, "train_iterator", crashing)
+  assert runner.run_sweep(s, out, in_process=True, log=lambda _: None) == {"vit_n96": "failed"}
+  assert "_Crash" in open(os.path.join(workdir, "log.txt")).read()
+  assert aggregate.load_result(workdir) is None
+  saved = checkpoint.TrainCheckpointer(workdir).latest_step()
+  assert saved == 4  # checkpoints every 2 steps; step 5 never finished
+
+  monkeypatch.setattr(data_lib, "train_iterator", original)
+  assert runner.run_sweep(s, out, in_process=True, log=lambda _: None) == {"vit_n96": "finished"}
+  steps = _train_steps(workdir)
+  assert steps[:4] == [1, 2, 3, 4] and steps[-2:] == [5, 6]  # resumed after step 4
+  assert steps.count(1) == 1  # not restarted from scratch
+  assert aggregate.load_result(workdir)["steps"] == 6
 
 
 def test_in_process_sweep_runs_skips_and_aggregates(tmp_path, mock_tfds):
@@ -91,36 +139,6 @@ def test_in_process_sweep_runs_skips_and_aggregates(tmp_path, mock_tfds):
       "vit_n48", CONFIG, dict(s.points[0].overrides, seed=1), s.points[0].tags)])
   with pytest.raises(ValueError, match="another definition"):
     runner.run_sweep(changed, out, in_process=True, log=lambda _: None)
-
-
-class _Crash(Exception):
-  pass
-
-
-def test_interrupted_point_resumes(tmp_path, mock_tfds, monkeypatch):
-  out = str(tmp_path / "out")
-  s = tiny_sweep(sizes=(96,))
-  workdir = runner.point_workdir(out, s.points[0])
-  original = data_lib.train_iterator
-
-  def crashing(*args, **kwargs):  # The process "dies" once step 5's batch is fetched.
-    for i, batch in enumerate(original(*args, **kwargs)):
-      if i == 5:
-        raise _Crash()
-      yield batch
-  monkeypatch.setattr(data_lib, "train_iterator", crashing)
-  assert runner.run_sweep(s, out, in_process=True, log=lambda _: None) == {"vit_n96": "failed"}
-  assert "_Crash" in open(os.path.join(workdir, "log.txt")).read()
-  assert aggregate.load_result(workdir) is None
-  saved = checkpoint.TrainCheckpointer(workdir).latest_step()
-  assert saved == 4  # checkpoints every 2 steps; step 5 never finished
-
-  monkeypatch.setattr(data_lib, "train_iterator", original)
-  assert runner.run_sweep(s, out, in_process=True, log=lambda _: None) == {"vit_n96": "finished"}
-  steps = _train_steps(workdir)
-  assert steps[:4] == [1, 2, 3, 4] and steps[-2:] == [5, 6]  # resumed after step 4
-  assert steps.count(1) == 1  # not restarted from scratch
-  assert aggregate.load_result(workdir)["steps"] == 6
 
 
 def test_print_commands(tmp_path, capsys):

@@ -204,3 +204,13 @@ def test_droppath_rate_zero_is_identity_and_scales_survivors():
   assert 400 < kept.sum() < 600
   np.testing.assert_allclose(np.asarray(y)[kept], 2.0)
   np.testing.assert_array_equal(layers.DropPath(0.0).apply({}, x, False), x)
+
+
+def test_patch_embed_equals_strided_conv():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 30, 29, 3))  # 30x29: VALID drops the rest
+  conv = flax.linen.Conv(8, (7, 7), strides=(7, 7), padding="VALID")
+  v = conv.init(jax.random.PRNGKey(1), x)
+  v = jax.tree_util.tree_map(lambda a: a + 0.1, v)  # non-zero bias
+  ours = layers.PatchEmbed(8, (7, 7)).apply(v, x)
+  assert ours.shape == (2, 4, 4, 8)
+  np.testing.assert_allclose(ours, conv.apply(v, x), atol=1e-5)

@@ -3,7 +3,7 @@
 Parameter names here are the published ones (shared/REFERENCE.md): attention has `query`, `key`,
 `value` kernels of shape (D, H, D/H) and `out` of shape (H, D/H, D); the MLP has `Dense_0`, `Dense_1`.
 """
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -103,6 +103,30 @@ class Attention(nn.Module):
     return nn.DenseGeneral(d_model, axis=(-2, -1), dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                            bias_init=self.bias_init, name="out")(y)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches -> linear projection; the same parameters as
+  `nn.Conv(features, patch, strides=patch, padding="VALID")` (kernel (P, P, C, D), bias (D,)),
+  computed as a reshape and one matmul, which is cheaper on CPU than a strided convolution and
+  its transpose (the gradient a hybrid's stem needs). Trailing rows/columns that do not fill a
+  patch are dropped, as VALID padding does."""
+  features: int
+  patch_size: Tuple[int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    ph, pw = self.patch_size
+    b, h, w, c = x.shape
+    gh, gw = h // ph, w // pw
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (ph, pw, c, self.features),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    x = x[:, :gh * ph, :gw * pw].reshape(b, gh, ph, gw, pw, c)
+    x = jnp.einsum("bhpwqc,pqcd->bhwd", x.astype(self.dtype), kernel.astype(self.dtype))
+    return x + bias.astype(self.dtype)  # (B, H/P, W/P, D)
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,

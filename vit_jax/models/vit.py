@@ -188,8 +188,7 @@ class VisionTransformer(nn.Module):
       from vit_jax.models import resnet  # the hybrid's stem; resnet.py never imports vit.py
       x = resnet.stem(x, **dict(self.resnet), **kw)
 
-    x = nn.Conv(self.hidden_size, self.patch_size, strides=self.patch_size, padding="VALID",
-                name="embedding", **kw)(x)
+    x = layers.PatchEmbed(self.hidden_size, tuple(self.patch_size), name="embedding", **kw)(x)
     b, h, w, d = x.shape
     x = jnp.reshape(x, (b, h * w, d))  # (B, N, D)
 

@@ -1,0 +1,104 @@
+"""Tests for configs/: every config loads, and every key a config has is read by the code."""
+import glob
+import importlib
+import os
+
+import ml_collections
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import common
+from configs import fashion_mnist
+from vit_jax import models
+from vit_jax import optim
+from vit_jax import parallel
+from vit_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_ARGS = {
+    "fashion_mnist": list(fashion_mnist.MODELS),
+    "finetune": ["cifar10,ViT-B/16", "pets,ViT-S/16", "imagenet1k,ViT-L/16"],
+    "imagenet_scratch": ["imagenet21k,ViT-B/16", "imagenet1k,ViT-Ti/16", "imagenet1k,BiT-R50x1",
+                         "imagenet21k,R50+ViT-B/16"],
+}
+
+
+def test_every_config_file_is_covered():
+  files = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
+  assert files - {"__init__", "common"} == set(CONFIG_ARGS)
+
+
+@pytest.mark.parametrize("module,arg", [(m, a) for m, args in CONFIG_ARGS.items() for a in args])
+def test_config_loads_with_base_keys_and_a_valid_model(module, arg):
+  cfg = importlib.import_module(f"configs.{module}").get_config(arg)
+  base = common.base_config()
+  # Configs set values; they never invent keys the trainer does not know.
+  flat = lambda c: set(_leaf_paths(c))
+  extra = flat(cfg) - flat(base)
+  assert not {k for k in extra if not k.startswith("model.")}, extra
+  # The docstring starts with the command that runs it.
+  doc = importlib.import_module(f"configs.{module}").__doc__
+  assert f"--config=configs/{module}.py" in doc
+  # The model name and its overrides are accepted by the registry.
+  models.get_model(cfg.model_name, num_classes=10, **cfg.model.to_dict())
+
+
+def test_config_args_errors_name_the_known_ones():
+  with pytest.raises(ValueError, match="Unknown fashion_mnist config arg 'vitt'.*vit, hybrid"):
+    fashion_mnist.get_config("vitt")
+
+
+def _leaf_paths(cfg, prefix=""):
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict) and k != "model":
+      yield from _leaf_paths(v, f"{prefix}{k}.")
+    else:
+      yield prefix + k
+
+
+def test_every_base_key_is_read(tmp_path, monkeypatch):
+  """Runs training (and the code paths that read the other keys) while recording every key
+  access; a key that nothing reads is dead configuration and fails this test."""
+  read = set()
+  original = ml_collections.ConfigDict.__getitem__
+  owner = {}
+
+  def recording(self, key):
+    value = original(self, key)
+    if isinstance(key, str) and "." not in key:
+      read.add(owner.get(id(self), "?") + key)
+    return value
+
+  cfg = common.base_config()
+  cfg.model_name = "ViT-Mu/7"
+  cfg.model.update(dict(hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1))
+  cfg.dataset.name = "tfds:mnist"
+  cfg.train_split, cfg.eval_split = "train[:32]", "test[:16]"
+  cfg.batch_size = cfg.eval_batch_size = 16
+  cfg.total_steps = 2
+  cfg.checkpoint_every_steps = 2
+  cfg.fewshot.shots = (1,)
+  cfg.fewshot.train_split = "train[:40]"
+  cfg.fewshot.test_split = "test[:16]"
+
+  def walk(c, prefix=""):
+    owner[id(c)] = prefix
+    for k, v in c.items():
+      if isinstance(v, ml_collections.ConfigDict):
+        walk(v, f"{prefix}{k}.")
+  walk(cfg)
+  monkeypatch.setattr(ml_collections.ConfigDict, "__getitem__", recording)
+  with tfds.testing.mock_data(num_examples=64):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  # Keys read only on other paths: the SGD optimizer, a pretrained checkpoint, multi-host init.
+  sgd = common.base_config()
+  sgd.optax.name = "momentum"
+  walk(sgd)
+  optim.make_optimizer(sgd, {"w": {"kernel": 0.0}}, total_steps=1, warmup_steps=0)
+  monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kw: None)
+  parallel.initialize_distributed(cfg.distributed)
+  read_paths = set(read)
+  unread = [k for k in _leaf_paths(common.base_config())
+            if k not in read_paths and not k.startswith("model")
+            and k != "pretrained.strict"]  # read when pretrained.path is set
+  assert not unread, f"config keys nothing reads: {unread}"
