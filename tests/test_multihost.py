@@ -267,7 +267,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no progress"
     time.sleep(0.5)
   os.kill(procs[1].pid, signal.SIGTERM)  # only process 1 is told
-  logs = wait_for(procs, timeout=300)
+  logs = wait_for(procs, timeout=150)
   stopped = int(logs[0].split("stopped at step ")[1].split(";")[0])
   assert 2 <= stopped < 100000
   assert checkpoint.TrainCheckpointer(workdir).latest_step() == stopped

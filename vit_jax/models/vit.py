@@ -80,7 +80,9 @@ class _ScanBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, layer_index, deterministic):
-    rate = self.droppath_rate * layer_index / max(self.num_layers - 1, 1)
+    # A Python 0.0 when there is no stochastic depth: a traced zero would still draw random masks.
+    rate = (self.droppath_rate * layer_index / max(self.num_layers - 1, 1)
+            if self.droppath_rate else 0.0)
     x = Encoder1DBlock(droppath_rate=rate, name="block", **self.block_kwargs)(x, deterministic)
     return x, None
 

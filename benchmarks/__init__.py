@@ -1,0 +1,1 @@
+"""Benchmark scripts (`python -m benchmarks.<script>`); each prints one JSON object per line."""
