@@ -71,29 +71,40 @@ def median(xs) -> float:
 
 
 class MatmulPeak:
-  """A large float32 `jnp.dot` (n x n by n x n, 2 n^3 FLOPs): the achievable matmul FLOP/s of this
-  device right now. Call it once per round of `interleave`; `gflops()` are the per-call rates."""
+  """Large float32 `jnp.dot`s (n x n by n x n, 2 n^3 FLOPs each): the achievable matmul FLOP/s of
+  this device right now. Call it once per round of `interleave`: each call runs, per size, enough
+  back-to-back products to take about `seconds` (a single short product is at the mercy of one
+  descheduled thread on a loaded machine). The peak is the best size's median rate."""
 
-  def __init__(self, n: int = 2048, dtype=jnp.float32):
-    self.n, self.dtype = n, jnp.dtype(dtype)
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), self.dtype)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), self.dtype)
-    self._args = (a, b)
+  def __init__(self, sizes=(1024, 2048), dtype=jnp.float32, seconds: float = 1.0):
+    self.dtype = jnp.dtype(dtype)
     self._fn = jax.jit(jnp.dot)
-    self._fn(a, b).block_until_ready()  # compile
-    self.seconds: List[float] = []
+    self._args, self._reps, self.seconds = {}, {}, {}
+    for i, n in enumerate(sizes):
+      a = jax.random.normal(jax.random.PRNGKey(2 * i), (n, n), self.dtype)
+      b = jax.random.normal(jax.random.PRNGKey(2 * i + 1), (n, n), self.dtype)
+      self._fn(a, b).block_until_ready()  # compile
+      once = min(time_call(lambda: self._fn(a, b).block_until_ready()) for _ in range(2))
+      self._args[n], self._reps[n], self.seconds[n] = (a, b), max(1, round(seconds / once)), []
 
   def __call__(self):
-    t = time_call(lambda: self._fn(*self._args).block_until_ready())
-    self.seconds.append(t)
+    for n, (a, b) in self._args.items():
+      def run(a=a, b=b, k=self._reps[n]):
+        outs = [self._fn(a, b) for _ in range(k)]
+        jax.block_until_ready(outs)
+      self.seconds[n].append(time_call(run) / self._reps[n])
 
-  def gflops(self) -> List[float]:
-    return [2 * self.n ** 3 / s / 1e9 for s in self.seconds]
+  def gflops(self, n: int) -> List[float]:
+    return [2 * n ** 3 / s / 1e9 for s in self.seconds[n]]
+
+  def peak_gflops(self) -> float:
+    return max(median(self.gflops(n)) for n in self._args)
 
   def summary(self) -> dict:
-    g = self.gflops()
-    return dict(n=self.n, dtype=self.dtype.name, median_gflops=round(median(g), 2),
-                max_gflops=round(max(g), 2), calls=len(g))
+    return dict(dtype=self.dtype.name, peak_gflops=round(self.peak_gflops(), 2),
+                median_gflops_by_size={n: round(median(self.gflops(n)), 2) for n in self._args},
+                products_per_call=dict(self._reps),
+                calls=len(next(iter(self.seconds.values()))))
 
 
 # ------------------------------------------------------------------------------------ memory.

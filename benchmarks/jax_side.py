@@ -40,10 +40,10 @@ class JaxStep:
 
   def __init__(self, config, *, mode: str = "train", image_size: int = 224,
                num_classes: int = 1000, compiler_options: Optional[dict] = None,
-               seed: int = 0):
+               donate: bool = True, seed: int = 0):
     if mode not in ("train", "inference"):
       raise ValueError(f"mode must be 'train' or 'inference', got {mode!r}.")
-    self.config, self.mode = config, mode
+    self.config, self.mode, self.donate = config, mode, donate
     self.compiler_options = dict(compiler_options or {})
     b = int(config.batch_size)
     self.model = train.build_model(config, num_classes)
@@ -69,7 +69,8 @@ class JaxStep:
     tx, schedule = optim.make_optimizer(config, abstract_params, total_steps=1000,
                                         warmup_steps=0)
     self._init_state = lambda rng: _state(init(rng), tx)
-    fn = jax.jit(train.make_update_fn(model, tx, schedule, config), donate_argnums=(0,))
+    fn = jax.jit(train.make_update_fn(model, tx, schedule, config),
+                 donate_argnums=(0,) if self.donate else ())
     return fn, (jax.eval_shape(self._init_state, jax.random.PRNGKey(0)), batch)
 
   def lower(self):

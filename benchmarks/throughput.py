@@ -8,7 +8,7 @@ Per (model, batch): our step is compiled (lower and compile timed separately, no
 once, then ours, torch's and the matmul probe take turns for `--rounds` rounds and ours closes
 (ours, torch, ..., ours); each reports the median of its own turns. MFU is our achieved FLOP/s
 (XLA's FLOP count of the unrolled step over the median step time) over the median FLOP/s of a
-float32 2048x2048 `jnp.dot` timed in the same turns. Memory: peak RSS while each side builds,
+float32 `jnp.dot` (1024 and 2048 square, the faster) timed in the same turns. Memory: peak RSS while each side builds,
 compiles and runs its first step, and XLA's planned buffer sizes.
 """
 import argparse
@@ -42,7 +42,8 @@ def run_one(name: str, batch: int, args) -> dict:
     ours.materialize()
   flops = ours.flops()
   fns = {"jax": ours}
-  peak = harness.MatmulPeak(2048)
+  peak = harness.MatmulPeak(harness.parse_ints(args.matmul_sizes, "--matmul_sizes"),
+                            seconds=args.matmul_seconds)
   if args.torch:
     from benchmarks import hf_torch  # pylint: disable=g-import-not-at-top
     threads = hf_torch.set_threads(harness.cpu_threads())
@@ -63,7 +64,7 @@ def run_one(name: str, batch: int, args) -> dict:
       compile_s=round(ours.compile_s, 3), first_run_s=round(ours.first_run_s, 3),
       flops_per_step=flops, flops_source="XLA cost_analysis of the unrolled step (lowered HLO)",
       achieved_gflops=round(achieved, 2) if achieved else None,
-      mfu=round(achieved / mm["median_gflops"], 4) if achieved else None,
+      mfu=round(achieved / mm["peak_gflops"], 4) if achieved else None,
       memory=dict(mem.summary(), **harness.xla_memory(ours.compiled)))
   rec["matmul_peak"] = mm
   if args.torch:
@@ -86,6 +87,9 @@ def main(argv=None):
   p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated model names")
   p.add_argument("--batch_sizes", default="8", help="comma-separated, e.g. 8,16")
   p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--matmul_seconds", type=float, default=1.0,
+                 help="how long each matmul-probe call runs per size")
+  p.add_argument("--matmul_sizes", default="1024,2048", help="square sizes of the matmul probe")
   p.add_argument("--rounds", type=int, default=3, help="timed turns per side")
   p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
                  help="also time Hugging Face transformers (PyTorch) side by side")

@@ -206,6 +206,23 @@ def test_droppath_rate_zero_is_identity_and_scales_survivors():
   np.testing.assert_array_equal(layers.DropPath(0.0).apply({}, x, False), x)
 
 
+def test_scanned_train_mode_without_droppath_draws_no_randomness(small):
+  """No stochastic depth and no dropout: a scanned train-mode pass needs no 'dropout' rng and
+  equals eval mode (a traced zero rate once drew masks in every layer, costing ~30% of a step)."""
+  model, params, x = small
+  scanned = model.clone(scan=True)
+  sparams = vit.unrolled_to_scan(params)
+  train = scanned.apply({"params": sparams}, x, train=True)  # raises if it asks for an rng
+  np.testing.assert_allclose(train, scanned.apply({"params": sparams}, x), atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(lambda p: scanned.apply(
+      {"params": p}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)}))(sparams))
+  assert "random_bits" not in jaxpr and "threefry" not in jaxpr
+  # With a rate, the scanned model does drop paths.
+  with_dp = model.clone(scan=True, droppath_rate=0.5).apply(
+      {"params": sparams}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+  assert float(jnp.abs(with_dp - train).max()) > 1e-4
+
+
 def test_patch_embed_equals_strided_conv():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 30, 29, 3))  # 30x29: VALID drops the rest
   conv = flax.linen.Conv(8, (7, 7), strides=(7, 7), padding="VALID")

@@ -1,0 +1,135 @@
+r"""What each speed choice is worth, measured side by side in one process; one JSON line per
+variant.
+
+  python -m benchmarks.ablations --model=ViT-B/16 --batch=8 --variants=scan,unrolled,bf16
+  python -m benchmarks.ablations --variants=attention,gelu        # kernels alone, ViT-B/16 shapes
+
+Train-step variants (the trainer's step, as in `throughput.py`; compiled one after the other,
+then timed in turns with the matmul probe):
+  scan            scanned layers (the reference the others are compared with)
+  unrolled        one module per layer (the published layout)
+  remat:<policy>  scanned + `remat_policy` (nothing_saveable, dots_saveable,
+                  dots_with_no_batch_dims_saveable, everything_saveable)
+  bf16            scanned, `dtype=bfloat16` (parameters and optimizer stay float32)
+  no_donation     scanned, state not donated
+  fast_compile    scanned, compiled with `xla_cpu_use_fusion_emitters=False` (CPU only)
+Kernel variants (forward + backward of one op at the model's shapes, alone):
+  attention       `jax.nn.dot_product_attention` against einsum-softmax-einsum
+  gelu            tanh approximation against the exact erf form
+"""
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import harness
+from benchmarks import jax_side
+from vit_jax import models
+
+FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
+STEP_VARIANTS = ("scan", "unrolled", "bf16", "no_donation", "fast_compile")
+KERNEL_VARIANTS = ("attention", "gelu")
+
+
+def step_variant(name: str, batch: int, variant: str):
+  """(JaxStep, description) for one train-step variant."""
+  overrides, options, donate = dict(scan=True), {}, True
+  if variant == "unrolled":
+    overrides["scan"] = False
+  elif variant.startswith("remat:"):
+    overrides["remat_policy"] = variant.split(":", 1)[1]
+  elif variant == "bf16":
+    overrides["dtype"] = "bfloat16"
+  elif variant == "no_donation":
+    donate = False
+  elif variant == "fast_compile":
+    options = dict(FAST_COMPILE)
+  elif variant != "scan":
+    raise ValueError(f"Unknown variant {variant!r}; known: {', '.join(STEP_VARIANTS)}, "
+                     f"remat:<policy>, {', '.join(KERNEL_VARIANTS)}.")
+  step = jax_side.JaxStep(jax_side.make_config(name, batch, overrides),
+                          compiler_options=options, donate=donate)
+  return step, dict(model_overrides=overrides, compiler_options=options, donate=donate)
+
+
+def kernel_fns(name: str, batch: int, variant: str, image_size: int) -> dict:
+  """{label: compiled fwd+bwd closure} for a kernel variant at the model's token shapes."""
+  m = models.get_model(name, num_classes=1000)
+  tokens = (image_size // m.patch_size[0]) * (image_size // m.patch_size[1]) + 1
+  heads, d = m.num_heads, m.hidden_size // m.num_heads
+  key = jax.random.PRNGKey(0)
+  if variant == "attention":
+    q, k, v = (jax.random.normal(kk, (batch, tokens, heads, d)) for kk in jax.random.split(key, 3))
+
+    def explicit(q, k, v):
+      w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d).astype(q.dtype), -1)
+      return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+    impls = {"fused": jax.nn.dot_product_attention, "explicit": explicit}
+    args = (q, k, v)
+  elif variant == "gelu":
+    x = jax.random.normal(key, (batch, tokens, m.mlp_dim))
+    impls = {"tanh": lambda x: jax.nn.gelu(x, approximate=True),
+             "erf": lambda x: jax.nn.gelu(x, approximate=False)}
+    args = (x,)
+  else:
+    raise ValueError(f"Unknown kernel variant {variant!r}; known: {', '.join(KERNEL_VARIANTS)}.")
+  fns = {}
+  for label, f in impls.items():
+    grad = jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args)))))
+    jax.block_until_ready(grad(*args))
+    fns[f"{variant}:{label}"] = lambda grad=grad: jax.block_until_ready(grad(*args))
+  return fns
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default="ViT-B/16")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--variants", default="scan,unrolled,bf16,fast_compile,attention,gelu")
+  p.add_argument("--matmul_seconds", type=float, default=1.0,
+                 help="how long each matmul-probe call runs per size")
+  p.add_argument("--matmul_sizes", default="1024,2048", help="square sizes of the matmul probe")
+  p.add_argument("--rounds", type=int, default=3)
+  args = p.parse_args(argv)
+  harness.disable_compilation_cache()
+  harness.emit(dict(benchmark="environment", **harness.environment()))
+  variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+  fns, info, steps = {}, {}, {}
+  for v in variants:
+    if v in KERNEL_VARIANTS:
+      fns.update(kernel_fns(args.model, args.batch, v, args.image_size))
+      continue
+    with harness.PeakMemory() as mem:
+      step, desc = step_variant(args.model, args.batch, v)
+      step.compile()
+      step.materialize()
+    fns[v], steps[v] = step, step
+    info[v] = dict(desc, lower_s=round(step.lower_s, 3), compile_s=round(step.compile_s, 3),
+                   memory=dict(mem.summary(), **harness.xla_memory(step.compiled)))
+  flops = next(iter(steps.values())).flops() if steps else None
+  peak = harness.MatmulPeak(harness.parse_ints(args.matmul_sizes, "--matmul_sizes"),
+                            seconds=args.matmul_seconds)
+  fns["matmul"] = peak
+  times = harness.interleave(fns, args.rounds)
+  ref = "scan" if "scan" in steps else None
+  for label, ts in times.items():
+    if label == "matmul":
+      continue
+    s = harness.median(ts)
+    rec = dict(benchmark="ablation", model=args.model, batch=args.batch, variant=label,
+               median_s=round(s, 4), times_s=[round(t, 4) for t in ts], **info.get(label, {}))
+    if label in steps:
+      rec["img_per_s"] = round(args.batch / s, 3)
+      if flops:
+        rec["mfu"] = round(flops / s / 1e9 / peak.peak_gflops(), 4)
+      if ref:
+        rec["speed_vs_scan"] = round(harness.median(times[ref]) / s, 3)
+    harness.emit(rec)
+  harness.emit(dict(benchmark="ablation_summary", matmul_peak=peak.summary(),
+                    flops_per_step=flops, load_average=harness.load_average()))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,148 @@
+"""Smoke tests of the benchmark scripts (tiny model, one round) and of the measuring helpers.
+
+No timing is asserted: only that each script runs and prints the JSON it documents.
+"""
+import json
+import os
+
+import pytest
+
+from benchmarks import ablations
+from benchmarks import compile_time
+from benchmarks import harness
+from benchmarks import input_pipeline
+from benchmarks import throughput
+
+TINY = ["--image_size=28"]
+
+
+def records(capsys):
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.strip()]
+  return [json.loads(l) for l in lines]
+
+
+# ----------------------------------------------------------------------------------- harness.
+def test_interleave_takes_turns_and_closes_with_the_first():
+  calls = []
+  times = harness.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                             2, close_with="a")
+  assert calls == ["a", "b", "a", "b", "a"]
+  assert [len(times["a"]), len(times["b"])] == [3, 2]
+  with pytest.raises(ValueError, match="rounds"):
+    harness.interleave({"a": lambda: None}, 0)
+
+
+def test_parse_ints_names_the_flag():
+  assert harness.parse_ints("8, 16", "--batch_sizes") == [8, 16]
+  with pytest.raises(ValueError, match="--batch_sizes"):
+    harness.parse_ints("8,x", "--batch_sizes")
+  with pytest.raises(ValueError, match="positive"):
+    harness.parse_ints("0", "--batch_sizes")
+
+
+def test_matmul_peak_rates_follow_from_the_timings():
+  peak = harness.MatmulPeak(sizes=(64, 128), seconds=0.0)
+  peak()
+  peak.seconds = {64: [2 * 64 ** 3 / 1e9], 128: [2 * 128 ** 3 / 2e9]}  # 1 and 2 GFLOP/s
+  assert peak.gflops(64) == pytest.approx([1.0])
+  assert peak.peak_gflops() == pytest.approx(2.0)
+  assert peak.summary()["median_gflops_by_size"] == {64: 1.0, 128: 2.0}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_peak_memory_sees_an_allocation():
+  import numpy as np
+  with harness.PeakMemory() as mem:
+    block = np.ones(64 * 2 ** 20 // 8)  # 64 MiB, touched
+    block[::512] += 1
+  del block
+  assert mem.summary()["delta_rss_mb"] >= 60
+
+
+# ----------------------------------------------------------------------------------- scripts.
+def test_throughput_train_prints_the_documented_fields(capsys):
+  throughput.main(["--models=ViT-Mu/7", "--batch_sizes=2", "--rounds=1", "--no-torch",
+                   "--matmul_seconds=0", "--matmul_sizes=128"] + TINY)
+  env, rec = records(capsys)
+  assert env["benchmark"] == "environment" and env["cpu_threads"] >= 1
+  assert rec["benchmark"] == "train_throughput" and rec["model"] == "ViT-Mu/7"
+  assert rec["model_overrides"] == {"scan": True}
+  jax_rec = rec["jax"]
+  assert len(jax_rec["step_s"]) == 2  # one round, then ours closes
+  for key in ("img_per_s", "lower_s", "compile_s", "first_run_s", "flops_per_step", "mfu",
+              "memory"):
+    assert jax_rec[key] is not None, key
+  assert jax_rec["img_per_s"] == pytest.approx(2 / jax_rec["step_s_median"], rel=1e-2)
+  assert rec["matmul_peak"]["peak_gflops"] > 0
+  assert "torch" not in rec
+
+
+def test_throughput_counts_unrolled_flops_for_a_scanned_model(capsys):
+  """XLA counts a scanned body once; the script must report the unrolled model's FLOPs."""
+  throughput.main(["--models=ViT-Mu/7", "--batch_sizes=2", "--rounds=1", "--no-torch",
+                   "--mode=inference", "--matmul_seconds=0", "--matmul_sizes=128"] + TINY)
+  scanned = records(capsys)[1]["jax"]["flops_per_step"]
+  throughput.main(["--models=ViT-Mu/7", "--batch_sizes=2", "--rounds=1", "--no-torch",
+                   "--mode=inference", "--no-scan", "--matmul_seconds=0", "--matmul_sizes=128"] + TINY)
+  unrolled = records(capsys)[1]["jax"]["flops_per_step"]
+  assert scanned == pytest.approx(unrolled, rel=1e-6)
+  # ViT-Mu/7 at 28 px: 17 tokens, 6 blocks of width 128 (MLP 512); the matmuls alone are
+  # 2 * (patches 16*49*128 + 6 * 17 * (4*128*128 + 2*128*512) + attention 6*2*17*17*128) per image.
+  matmuls = 2 * (16 * 49 * 128 + 6 * 17 * (4 * 128 ** 2 + 2 * 128 * 512) + 6 * 2 * 17 ** 2 * 128)
+  assert 2 * matmuls <= unrolled <= 2 * matmuls * 1.1
+
+
+@pytest.mark.slow  # imports torch and transformers: ~15 s here
+def test_throughput_with_torch_reports_a_ratio(capsys):
+  """The torch side builds the same network: same parameter count as ours."""
+  pytest.importorskip("transformers")
+  import jax
+  import jax.numpy as jnp
+  from vit_jax import models
+  throughput.main(["--models=ViT-Mu/7", "--batch_sizes=2", "--rounds=1",
+                   "--matmul_seconds=0", "--matmul_sizes=128"] + TINY)
+  rec = records(capsys)[1]
+  model = models.get_model("ViT-Mu/7", num_classes=1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3))))
+  assert rec["torch"]["params"] == sum(x.size for x in jax.tree_util.tree_leaves(shapes))
+  assert rec["torch"]["threads"] == harness.cpu_threads()
+  assert rec["speedup_jax_over_torch"] == pytest.approx(
+      rec["torch"]["step_s_median"] / rec["jax"]["step_s_median"], rel=1e-2)
+
+
+def test_compile_time_prints_each_layout_and_a_summary(capsys):
+  compile_time.main(["--models=ViT-Mu/7", "--layouts=scan,unrolled", "--batch=2"] + TINY)
+  recs = records(capsys)
+  layouts = {r["layout"]: r for r in recs if r["benchmark"] == "compile_time"}
+  assert set(layouts) == {"scan", "unrolled"}
+  for r in layouts.values():
+    assert r["total_s"] == pytest.approx(r["lower_s"] + r["compile_s"], abs=2e-3)
+    assert r["num_layers"] == 6
+  summary = recs[-1]
+  assert summary["benchmark"] == "compile_time_summary"
+  assert set(summary["unrolled_over_scan"]) == {"ViT-Mu/7"}
+  with pytest.raises(ValueError, match="layouts"):
+    compile_time.main(["--models=ViT-Mu/7", "--layouts=rolled"])
+
+
+@pytest.mark.slow  # compiles two train steps and four kernels: ~15 s here
+def test_ablations_step_and_kernel_variants(capsys):
+  ablations.main(["--model=ViT-Mu/7", "--batch=2", "--rounds=1", "--matmul_seconds=0", "--matmul_sizes=128",
+                  "--variants=scan,no_donation,attention,gelu"] + TINY)
+  recs = {r.get("variant"): r for r in records(capsys) if r["benchmark"] == "ablation"}
+  assert set(recs) == {"scan", "no_donation", "attention:fused", "attention:explicit",
+                       "gelu:tanh", "gelu:erf"}
+  assert recs["scan"]["speed_vs_scan"] == 1.0
+  assert recs["no_donation"]["donate"] is False
+  with pytest.raises(ValueError, match="Unknown variant"):
+    ablations.step_variant("ViT-Mu/7", 2, "turbo")
+
+
+def test_input_pipeline_compares_real_and_synthetic(capsys):
+  if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+    pytest.skip("needs Debian's dataset-fashion-mnist")
+  input_pipeline.main(["--steps=1", "--rounds=1", "--batch_size=8"])
+  rec = records(capsys)[-1]
+  assert rec["benchmark"] == "input_pipeline" and rec["batch"] == 8
+  assert rec["overhead"] == pytest.approx(rec["real_step_s"] / rec["synthetic_step_s"] - 1,
+                                          abs=1e-3)
