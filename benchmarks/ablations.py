@@ -91,15 +91,16 @@ def main(argv=None):
   p.add_argument("--matmul_seconds", type=float, default=1.0,
                  help="how long each matmul-probe call runs per size")
   p.add_argument("--matmul_sizes", default="1024,2048", help="square sizes of the matmul probe")
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=3, help="turns of the train-step variants")
+  p.add_argument("--kernel_rounds", type=int, default=15, help="turns of the kernel variants")
   args = p.parse_args(argv)
   harness.disable_compilation_cache()
   harness.emit(dict(benchmark="environment", **harness.environment()))
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-  fns, info, steps = {}, {}, {}
+  fns, kernels, info, steps = {}, {}, {}, {}
   for v in variants:
     if v in KERNEL_VARIANTS:
-      fns.update(kernel_fns(args.model, args.batch, v, args.image_size))
+      kernels.update(kernel_fns(args.model, args.batch, v, args.image_size))
       continue
     with harness.PeakMemory() as mem:
       step, desc = step_variant(args.model, args.batch, v)
@@ -108,11 +109,16 @@ def main(argv=None):
     fns[v], steps[v] = step, step
     info[v] = dict(desc, lower_s=round(step.lower_s, 3), compile_s=round(step.compile_s, 3),
                    memory=dict(mem.summary(), **harness.xla_memory(step.compiled)))
-  flops = next(iter(steps.values())).flops() if steps else None
-  peak = harness.MatmulPeak(harness.parse_ints(args.matmul_sizes, "--matmul_sizes"),
-                            seconds=args.matmul_seconds)
-  fns["matmul"] = peak
-  times = harness.interleave(fns, args.rounds)
+  flops = peak = None
+  times = {}
+  if steps:
+    flops = next(iter(steps.values())).flops()
+    peak = harness.MatmulPeak(harness.parse_ints(args.matmul_sizes, "--matmul_sizes"),
+                              seconds=args.matmul_seconds)
+    fns["matmul"] = peak
+    times = harness.interleave(fns, args.rounds)
+  if kernels:  # Short calls: many more turns, among themselves.
+    times.update(harness.interleave(kernels, args.kernel_rounds))
   ref = "scan" if "scan" in steps else None
   for label, ts in times.items():
     if label == "matmul":
@@ -127,7 +133,8 @@ def main(argv=None):
       if ref:
         rec["speed_vs_scan"] = round(harness.median(times[ref]) / s, 3)
     harness.emit(rec)
-  harness.emit(dict(benchmark="ablation_summary", matmul_peak=peak.summary(),
+  harness.emit(dict(benchmark="ablation_summary",
+                    matmul_peak=peak.summary() if peak else None,
                     flops_per_step=flops, load_average=harness.load_average()))
 
 

@@ -108,12 +108,13 @@ class JaxStep:
     jax.block_until_ready(out)
 
   def flops(self) -> Optional[float]:
-    """FLOPs of one call: XLA's cost analysis of the same step lowered with unrolled layers
-    (a scanned body would be counted once)."""
-    cfg = self.config
-    if cfg.model.get("scan"):
-      cfg = ml_collections.ConfigDict(cfg.to_dict())
+    """Model FLOPs of one call: XLA's cost analysis of the same step lowered with unrolled layers
+    and no rematerialisation (a scanned body would be counted once, recomputation would count
+    twice)."""
+    if self.config.model.get("scan") or self.config.model.get("remat_policy"):
+      cfg = ml_collections.ConfigDict(self.config.to_dict())
       cfg.model.scan = False
+      cfg.model.remat_policy = None
       other = JaxStep(cfg, mode=self.mode, image_size=self.batch["image"].shape[1],
                       num_classes=self.batch["label"].shape[1])
       return harness.cost_flops(other.lower())

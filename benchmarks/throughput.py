@@ -21,13 +21,16 @@ from benchmarks import jax_side
 DEFAULT_MODELS = "ViT-Ti/16,ViT-B/16,R50+ViT-B/16,Swin-T"
 
 
-def scan_default(name: str) -> dict:
-  """Our fast defaults for a model: scanned layers for the ViTs (Swin has no scan option)."""
-  return dict(scan=True) if "ViT" in name else {}
+def fast_settings(name: str) -> dict:
+  """Our fast settings for a model: for the ViTs (and hybrids) scanned layers, which compile in a
+  time independent of depth, with `remat_policy="dots_saveable"`, which keeps only matmul outputs
+  for the backward pass (faster on CPU than keeping everything, and less memory; see
+  `ablations.py`). Swin has neither option."""
+  return dict(scan=True, remat_policy="dots_saveable") if "ViT" in name else {}
 
 
 def run_one(name: str, batch: int, args) -> dict:
-  overrides = scan_default(name) if args.scan else {}
+  overrides = fast_settings(name) if args.fast else {}
   overrides.update(json.loads(args.model_overrides))
   config = jax_side.make_config(name, batch, overrides)
   rec = dict(benchmark=f"{args.mode}_throughput", model=name, batch=batch,
@@ -93,8 +96,9 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=3, help="timed turns per side")
   p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
                  help="also time Hugging Face transformers (PyTorch) side by side")
-  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
-                 help="scanned encoder layers for the ViTs (our default here)")
+  p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                 help="our fast settings (scan + dots_saveable remat for ViTs); --no-fast: the "
+                      "model's plain defaults (unrolled layers)")
   p.add_argument("--model_overrides", default="{}",
                  help='JSON of model fields, e.g. \'{"remat_policy": "dots_saveable"}\'')
   p.add_argument("--compiler_options", default="{}",

@@ -151,3 +151,24 @@ def test_eval_only_mode_reads_the_checkpoint(tmp_path):
   assert evaluated["num_examples"] == 50
   with pytest.raises(FileNotFoundError, match="No checkpoint in"):
     train.evaluate_checkpoint(cfg, str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("arg", [
+    "hybrid",
+    # Their convolutions / windows compile and run slowly on XLA CPU: `make test-all` runs them.
+    pytest.param("resnet", marks=pytest.mark.slow),
+    pytest.param("swin", marks=pytest.mark.slow)])
+def test_every_family_trains_from_its_fashion_mnist_config(tmp_path, arg):
+  """ResNet, hybrid and Swin go through the same config file and trainer as ViT."""
+  if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+    pytest.skip("Fashion-MNIST files missing: apt-get install dataset-fashion-mnist")
+  from configs import fashion_mnist
+  cfg = fashion_mnist.get_config(arg)
+  cfg.train_split, cfg.eval_split = "train[:64]", "test[:40]"
+  cfg.batch_size = cfg.eval_batch_size = 16
+  cfg.total_epochs, cfg.total_steps = None, 2
+  cfg.lr.warmup_epochs = None
+  cfg.checkpoint_every_steps = 2
+  result = train.train_and_evaluate(cfg, str(tmp_path))
+  assert result["num_examples"] == 40 and np.isfinite(result["loss"])
+  assert checkpoint.TrainCheckpointer(str(tmp_path)).latest_step() == 2

@@ -66,7 +66,7 @@ def test_throughput_train_prints_the_documented_fields(capsys):
   env, rec = records(capsys)
   assert env["benchmark"] == "environment" and env["cpu_threads"] >= 1
   assert rec["benchmark"] == "train_throughput" and rec["model"] == "ViT-Mu/7"
-  assert rec["model_overrides"] == {"scan": True}
+  assert rec["model_overrides"] == {"scan": True, "remat_policy": "dots_saveable"}
   jax_rec = rec["jax"]
   assert len(jax_rec["step_s"]) == 2  # one round, then ours closes
   for key in ("img_per_s", "lower_s", "compile_s", "first_run_s", "flops_per_step", "mfu",
@@ -83,7 +83,7 @@ def test_throughput_counts_unrolled_flops_for_a_scanned_model(capsys):
                    "--mode=inference", "--matmul_seconds=0", "--matmul_sizes=128"] + TINY)
   scanned = records(capsys)[1]["jax"]["flops_per_step"]
   throughput.main(["--models=ViT-Mu/7", "--batch_sizes=2", "--rounds=1", "--no-torch",
-                   "--mode=inference", "--no-scan", "--matmul_seconds=0", "--matmul_sizes=128"] + TINY)
+                   "--mode=inference", "--no-fast", "--matmul_seconds=0", "--matmul_sizes=128"] + TINY)
   unrolled = records(capsys)[1]["jax"]["flops_per_step"]
   assert scanned == pytest.approx(unrolled, rel=1e-6)
   # ViT-Mu/7 at 28 px: 17 tokens, 6 blocks of width 128 (MLP 512); the matmuls alone are
