@@ -57,7 +57,8 @@ def build(name: str, *, num_classes: int = 1000, image_size: int = 224):
       hidden_size=ours.hidden_size, intermediate_size=ours.mlp_dim,
       num_attention_heads=ours.num_heads, num_hidden_layers=ours.num_layers,
       image_size=image_size, patch_size=ours.patch_size[0], num_labels=num_classes,
-      hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+      hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+      attn_implementation="sdpa")  # what ViTForImageClassification picks; stated for the hybrid
   if ours.resnet is None:
     return transformers.ViTForImageClassification(vit_cfg)
   return _hybrid(torch, transformers, vit_cfg, tuple(ours.resnet["num_layers"]), image_size)

@@ -132,7 +132,7 @@ def test_ablations_step_and_kernel_variants(capsys):
   recs = {r.get("variant"): r for r in records(capsys) if r["benchmark"] == "ablation"}
   assert set(recs) == {"scan", "no_donation", "attention:fused", "attention:explicit",
                        "gelu:tanh", "gelu:erf"}
-  assert recs["scan"]["speed_vs_scan"] == 1.0
+  assert recs["scan"]["speed_vs_first"] == 1.0
   assert recs["no_donation"]["donate"] is False
   with pytest.raises(ValueError, match="Unknown variant"):
     ablations.step_variant("ViT-Mu/7", 2, "turbo")
