@@ -5,8 +5,9 @@ Each of our model names maps to the same architecture in transformers: ViT-*/p -
 `BitBackbone` (post-activation bottlenecks with weight standardisation and GroupNorm, stages
 (3, 4, 9)) + a 1x1 patch projection + transformers' `ViTLayer` blocks, because transformers 5 no
 longer ships a ViT-hybrid class. Shapes come from our own model definition, so the two sides
-always build the same network. Activation: tanh-approximate GELU for ViT (as the published ViT and
-ours), exact GELU for Swin (as both implementations).
+always build the same network (the parameter counts agree). Activation: tanh-approximate GELU for
+ViT (as the published ViT and ours), exact GELU for Swin (as both implementations); attention is
+torch's `scaled_dot_product_attention` ("sdpa", transformers' default).
 
 torch and transformers are benchmark-only dependencies (`pip install -e .[torch]`).
 """

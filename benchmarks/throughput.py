@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+import jax
+
 from benchmarks import harness
 from benchmarks import jax_side
 
@@ -47,7 +49,10 @@ def run_one(name: str, batch: int, args) -> dict:
   fns = {"jax": ours}
   peak = harness.MatmulPeak(harness.parse_ints(args.matmul_sizes, "--matmul_sizes"),
                             seconds=args.matmul_seconds)
-  if args.torch:
+  use_torch = args.torch and jax.default_backend() == "cpu"
+  if args.torch and not use_torch:  # torch here is a CPU build: no fair comparison on a GPU.
+    rec["torch_skipped"] = f"ours runs on {jax.default_backend()}; torch compares on CPU only"
+  if use_torch:
     from benchmarks import hf_torch  # pylint: disable=g-import-not-at-top
     threads = hf_torch.set_threads(harness.cpu_threads())
     with harness.PeakMemory() as tmem:
@@ -70,7 +75,7 @@ def run_one(name: str, batch: int, args) -> dict:
       mfu=round(achieved / mm["peak_gflops"], 4) if achieved else None,
       memory=dict(mem.summary(), **harness.xla_memory(ours.compiled)))
   rec["matmul_peak"] = mm
-  if args.torch:
+  if use_torch:
     t_s = harness.median(times["torch"])
     rec["torch"] = dict(
         img_per_s=round(batch / t_s, 3), step_s_median=round(t_s, 4),
