@@ -61,10 +61,12 @@ def test_train_runs_logs_checkpoints_and_exports(tmp_path, mode):
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   train_rows = [r for r in rows if "train_loss" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
-  for key in ("lr", "grad_norm", "img_per_sec", "examples_seen", "core_hours", "eta_sec",
-              "train_accuracy"):
+  for key in ("lr", "grad_norm", "img_per_sec", "examples_seen", "train_sec", "core_hours",
+              "eta_sec", "train_accuracy"):
     assert key in train_rows[-1], key
   assert train_rows[-1]["examples_seen"] == 6 * 16
+  assert (result["steps"], result["examples"]) == (6, 6 * 16)
+  assert 0 < result["train_seconds"] <= train_rows[-1]["train_sec"] + 60
   np.testing.assert_allclose(train_rows[0]["lr"], 0.0)  # warm-up starts at 0
   np.testing.assert_allclose(train_rows[1]["lr"], 5e-3)
   assert rows[-1]["test_num_examples"] == 50

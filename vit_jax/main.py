@@ -7,6 +7,7 @@ Modes: `train` (default; ends with a final evaluation and `params.npz` export) a
 """
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -26,6 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  t_start = time.monotonic()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   # Import after flags are parsed: jax reads XLA_FLAGS at import.
   import jax
@@ -48,6 +50,11 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
+    if "train_seconds" in result:
+      print(f"trained {result['steps']} steps ({result['examples']} images) in "
+            f"{result['train_seconds']:.0f} s, not counting evaluation and checkpoint saves "
+            f"({result['examples'] / max(result['train_seconds'], 1e-9):.0f} img/s); "
+            f"{time.monotonic() - t_start:.0f} s in all", flush=True)
     if "accuracy" in result:
       print(f"{result['split']} accuracy: {result['accuracy']:.4f} "
             f"on {result['num_examples']} images", flush=True)

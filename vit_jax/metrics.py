@@ -2,6 +2,7 @@
 
 Only process 0 writes files; other processes log to their own console.
 """
+import contextlib
 import json
 import os
 import time
@@ -70,30 +71,49 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
 
 
 class Progress:
-  """Throughput, examples seen, core-hours and ETA since the (re)start of a run.
+  """Throughput, examples seen, training time, core-hours and ETA since the (re)start of a run.
 
-  core-hours = wall-clock hours x cores in use: accelerator devices, or the CPU cores of this
-  process's machine on the CPU platform (fake CPU devices share those cores), summed over hosts.
+  Time spent in `excluded()` blocks (evaluation, checkpoint saves) counts toward the wall clock
+  and core-hours but not toward the training time, img/s and ETA. core-hours = wall-clock hours x
+  cores in use: accelerator devices, or the CPU cores of this process's machine on the CPU
+  platform (fake CPU devices share those cores), summed over hosts.
   """
 
   def __init__(self, *, first_step: int, total_steps: int, batch_size: int):
     self.first_step, self.total_steps, self.batch_size = first_step, total_steps, batch_size
     self.t0 = time.monotonic()
-    self._last = (first_step, self.t0)
+    self.excluded_s = 0.0
+    self._last = (first_step, self.t0, 0.0)
     if jax.devices()[0].platform == "cpu":
       self.cores = (os.cpu_count() or 1) * jax.process_count()
     else:
       self.cores = jax.device_count()
 
+  @contextlib.contextmanager
+  def excluded(self):
+    """A block whose time is not training time (evaluation, saving)."""
+    t = time.monotonic()
+    try:
+      yield
+    finally:
+      self.excluded_s += time.monotonic() - t
+
+  def train_seconds(self) -> float:
+    """Wall-clock seconds since the (re)start, less the excluded blocks."""
+    return time.monotonic() - self.t0 - self.excluded_s
+
   def measure(self, step: int) -> dict:
     now = time.monotonic()
-    last_step, last_t = self._last
-    self._last = (step, now)
-    rate = (step - last_step) / max(now - last_t, 1e-9)  # steps/s since the last call
-    overall = (step - self.first_step) / max(now - self.t0, 1e-9)
+    last_step, last_t, last_excluded = self._last
+    self._last = (step, now, self.excluded_s)
+    busy = now - last_t - (self.excluded_s - last_excluded)
+    rate = (step - last_step) / max(busy, 1e-9)  # steps/s of training since the last call
+    train_s = now - self.t0 - self.excluded_s
+    overall = (step - self.first_step) / max(train_s, 1e-9)
     return {
         "img_per_sec": rate * self.batch_size,
         "examples_seen": step * self.batch_size,
+        "train_sec": train_s,
         "core_hours": (now - self.t0) / 3600 * self.cores,
         "eta_sec": (self.total_steps - step) / max(overall, 1e-9),
     }

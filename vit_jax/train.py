@@ -328,11 +328,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         pending = step_metrics
 
       if eval_every and step % eval_every == 0 and not last:
-        writer.write_scalars(step, evaluate_all(
-            runner, model, runner.params_for_eval(run_state), source, config))
+        with progress.excluded():
+          writer.write_scalars(step, evaluate_all(
+              runner, model, runner.params_for_eval(run_state), source, config))
 
       if (ckpt_every and step % ckpt_every == 0) or last:
-        save(step, run_state, runner.fetch(pending) if pending is not None else None)
+        with progress.excluded():
+          save(step, run_state, runner.fetch(pending) if pending is not None else None)
 
       if multiprocess and parallel.reached_preemption_sync_point(step):
         stop["signal"] = signal.SIGTERM
@@ -345,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
     # ----- Final evaluation and export.
     ckpt.wait()
+    train_seconds = progress.train_seconds()
     params = runner.params_for_eval(run_state)
     final = evaluate_all(runner, model, params, source, config)
     writer.write_scalars(step, final)
@@ -353,6 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       result = {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)}
       result["split"] = split_name(eval_split)
     result["metrics"] = final
+    result.update(steps=step - start_step, examples=(step - start_step) * batch_size,
+                  train_seconds=train_seconds)
     if config.get("export_npz", True):
       export(runner.to_global_state(run_state, shardings)["params"],
              os.path.join(workdir, "params.npz"))

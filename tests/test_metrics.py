@@ -1,0 +1,44 @@
+"""Progress: training time leaves out evaluation and saving; img/s and ETA follow from it."""
+import pytest
+
+from vit_jax import metrics
+
+
+class FakeClock:
+  def __init__(self):
+    self.t = 100.0
+
+  def __call__(self):
+    return self.t
+
+
+def test_progress_excludes_evaluation_time(monkeypatch):
+  clock = FakeClock()
+  monkeypatch.setattr(metrics.time, "monotonic", clock)
+  p = metrics.Progress(first_step=0, total_steps=40, batch_size=8)
+  clock.t += 10.0  # 10 steps of training, 1 s each
+  m = p.measure(10)
+  assert m["img_per_sec"] == pytest.approx(8.0)
+  assert m["train_sec"] == pytest.approx(10.0)
+  assert m["eta_sec"] == pytest.approx(30.0)
+  with p.excluded():  # a 50 s evaluation
+    clock.t += 50.0
+  clock.t += 5.0  # 10 more steps at 2 steps/s
+  m = p.measure(20)
+  assert m["img_per_sec"] == pytest.approx(16.0)
+  assert m["train_sec"] == pytest.approx(15.0)
+  assert m["eta_sec"] == pytest.approx(20 / (20 / 15.0))
+  assert m["examples_seen"] == 160
+  assert p.train_seconds() == pytest.approx(15.0)
+  assert m["core_hours"] == pytest.approx(65.0 / 3600 * p.cores)  # wall clock, evaluation included
+
+
+def test_progress_after_resume_counts_from_the_resumed_step(monkeypatch):
+  clock = FakeClock()
+  monkeypatch.setattr(metrics.time, "monotonic", clock)
+  p = metrics.Progress(first_step=30, total_steps=40, batch_size=4)
+  clock.t += 2.0
+  m = p.measure(35)
+  assert m["img_per_sec"] == pytest.approx(5 * 4 / 2.0)
+  assert m["examples_seen"] == 35 * 4
+  assert m["eta_sec"] == pytest.approx(2.0)
