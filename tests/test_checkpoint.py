@@ -436,3 +436,11 @@ def test_restore_without_checkpoint(tmp_path):
 def test_max_to_keep_must_be_positive(tmp_path):
   with pytest.raises(ValueError, match="max_to_keep"):
     checkpoint.TrainCheckpointer(tmp_path, max_to_keep=0)
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # `--workdir=workdirs/demo`, as the Makefile's demo passes it
+  with checkpoint.TrainCheckpointer("workdirs/demo") as ckpt:
+    ckpt.save(7, train_state(7))
+    assert int(ckpt.restore(jax.eval_shape(train_state))["step"]) == 7
+  assert os.listdir(tmp_path / "workdirs" / "demo" / "checkpoints") == ["7"]

@@ -322,6 +322,9 @@ class TrainCheckpointer:
                async_save: bool = False):
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep}: must be >= 1, or None to keep all steps.")
+    workdir = os.fspath(workdir)
+    if "://" not in workdir:  # orbax needs absolute paths; `--workdir=workdirs/demo` is relative
+      workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / "checkpoints"
     # An explicit registry so that a fresh manager can read a step's metadata before any
     # save/restore (without it `metadata(step).item_metadata` is None).
