@@ -146,3 +146,27 @@ def test_input_pipeline_compares_real_and_synthetic(capsys):
   assert rec["benchmark"] == "input_pipeline" and rec["batch"] == 8
   assert rec["overhead"] == pytest.approx(rec["real_step_s"] / rec["synthetic_step_s"] - 1,
                                           abs=1e-3)
+
+
+def test_report_tables_from_records(tmp_path, capsys):
+  from benchmarks import report
+  path = tmp_path / "r.jsonl"
+  recs = [
+      dict(benchmark="environment", backend="cpu"),
+      dict(benchmark="train_throughput", model="ViT-B/16", batch=8,
+           jax=dict(img_per_s=3.0, mfu=0.7, compile_s=1.25, memory=dict(peak_rss_mb=900.0)),
+           torch=dict(img_per_s=2.0, memory=dict(peak_rss_mb=1200.0)),
+           speedup_jax_over_torch=1.5, matmul_peak=dict(peak_gflops=150.0)),
+      dict(benchmark="compile_time", model="ViT-H/14", layout="scan", num_layers=32, total_s=2.0),
+      dict(benchmark="compile_time", model="ViT-H/14", layout="unrolled", num_layers=32,
+           total_s=9.0),
+      dict(benchmark="input_pipeline", config="fashion_mnist.py:hybrid", batch=128,
+           synthetic_step_s=0.2, real_step_s=0.21, overhead=0.05),
+  ]
+  path.write_text("not json\n" + "\n".join(json.dumps(r) for r in recs) + "\n")
+  report.main([str(path)])
+  out = capsys.readouterr().out
+  assert "| train | ViT-B/16 | 8 | 3.00 | 2.00 | 1.50x | 70% | 150 | 1.2 | 900 | 1200 |" in out
+  assert "| ViT-H/14 | 32 | 2.00 | 9.00 | 4.5x |" in out
+  assert "| fashion_mnist.py:hybrid | 128 | 200.0 | 210.0 | +5.0% |" in out
+  assert "Ablations" not in out  # no records, no table
