@@ -87,7 +87,8 @@ def test_parse_arg_types_and_errors():
 
 
 def test_fmnist_data_scaling_points():
-  s = sweep.load_experiment("experiments/fmnist_data_scaling.py:models=vit,seeds=0/1")
+  s = sweep.load_experiment(
+      "experiments/fmnist_data_scaling.py:models=vit,seeds=0/1,evals=1")
   assert len(s.points) == 10
   p = {q.name: q for q in s.points}["vit_n3000_s1"]
   assert p.tags == {"family": "ViT", "model": "ViT-Mu/7", "train_size": 3000, "seed": 1,
@@ -97,7 +98,8 @@ def test_fmnist_data_scaling_points():
                                                       (1, 5, 10, 25))
   spe = math.ceil(3000 / c.batch_size)
   d = lambda k: optim.durations(c, k, steps_per_epoch=spe, batch_size=c.batch_size)
-  assert (d("total"), d("lr.warmup"), d("eval_every")) == (80, 8, 40)
+  assert c.batch_size == 128  # 20480 examples = 160 steps; warm-up 10%; one mid-run eval
+  assert (d("total"), d("lr.warmup"), d("eval_every")) == (160, 16, 80)
 
 
 def test_fmnist_data_scaling_default_has_three_families():
@@ -105,7 +107,8 @@ def test_fmnist_data_scaling_default_has_three_families():
   assert len(s.points) == 15
   assert {p.tags["family"] for p in s.points} == {"ResNet", "ViT", "Hybrid"}
   for p in s.points:
-    sweep.build_config(p)  # every command parses
+    c = sweep.build_config(p)  # every command parses
+    assert (c.eval_every_steps, c.eval_every_epochs, c.eval_every_examples) == (None,) * 3
 
 
 def test_paper_scale_points_build():
