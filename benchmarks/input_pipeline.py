@@ -38,9 +38,7 @@ def build(config):
   tx, schedule = optim.make_optimizer(config, abstract, total_steps=10_000, warmup_steps=0)
   runner = train.Runner(config, model, tx, schedule)
 
-  def init_state(rng):
-    params = init_params(rng)
-    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  init_state = lambda rng: train.new_state(init_params(rng), tx)
   shardings = runner.shardings(jax.eval_shape(init_state, jax.random.PRNGKey(0)))
   state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
   runner.compile(shardings)

@@ -68,7 +68,7 @@ class JaxStep:
       return fn, (abstract_params, batch["image"])
     tx, schedule = optim.make_optimizer(config, abstract_params, total_steps=1000,
                                         warmup_steps=0)
-    self._init_state = lambda rng: _state(init(rng), tx)
+    self._init_state = lambda rng: train.new_state(init(rng), tx)
     fn = jax.jit(train.make_update_fn(model, tx, schedule, config),
                  donate_argnums=(0,) if self.donate else ())
     return fn, (jax.eval_shape(self._init_state, jax.random.PRNGKey(0)), batch)
@@ -121,7 +121,3 @@ class JaxStep:
     if self.lower_s is None:
       self.lower()
     return harness.cost_flops(self.lowered)
-
-
-def _state(params, tx):
-  return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))

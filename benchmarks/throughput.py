@@ -8,8 +8,8 @@ Per (model, batch): our step is compiled (lower and compile timed separately, no
 once, then ours, torch's and the matmul probe take turns for `--rounds` rounds and ours closes
 (ours, torch, ..., ours); each reports the median of its own turns. MFU is our achieved FLOP/s
 (XLA's FLOP count of the unrolled step over the median step time) over the median FLOP/s of a
-float32 `jnp.dot` (1024 and 2048 square, the faster) timed in the same turns. Memory: peak RSS while each side builds,
-compiles and runs its first step, and XLA's planned buffer sizes.
+float32 `jnp.dot` (1024 and 2048 square, the faster) timed in the same turns. Memory: peak RSS
+while each side builds, compiles and runs its first step, and XLA's planned buffer sizes.
 """
 import argparse
 import json

@@ -98,9 +98,9 @@ class Progress:
     finally:
       self.excluded_s += time.monotonic() - t
 
-  def train_seconds(self) -> float:
-    """Wall-clock seconds since the (re)start, less the excluded blocks."""
-    return time.monotonic() - self.t0 - self.excluded_s
+  def train_seconds(self, now: Optional[float] = None) -> float:
+    """Wall-clock seconds since the (re)start (or until `now`), less the excluded blocks."""
+    return (time.monotonic() if now is None else now) - self.t0 - self.excluded_s
 
   def measure(self, step: int) -> dict:
     now = time.monotonic()
@@ -108,7 +108,7 @@ class Progress:
     self._last = (step, now, self.excluded_s)
     busy = now - last_t - (self.excluded_s - last_excluded)
     rate = (step - last_step) / max(busy, 1e-9)  # steps/s of training since the last call
-    train_s = now - self.t0 - self.excluded_s
+    train_s = self.train_seconds(now)
     overall = (step - self.first_step) / max(train_s, 1e-9)
     return {
         "img_per_sec": rate * self.batch_size,

@@ -104,6 +104,11 @@ def make_eval_fn(model, *, axis_name: Optional[str] = None) -> Callable:
   return eval_step
 
 
+def new_state(params, tx):
+  """The train state the update function takes: step 0, `params`, fresh optimizer state."""
+  return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
 class Runner:
   """Puts batches and state where the chosen parallel mode wants them and runs the steps."""
 
@@ -261,10 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   runner = Runner(config, model, tx, schedule)
 
   # ----- State: resumed, pretrained, or fresh; created directly with its sharding.
-  def init_state(rng):
-    params = init_params(rng)
-    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
+  init_state = lambda rng: new_state(init_params(rng), tx)
   abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
   shardings = runner.shardings(abstract_state)
   if start_step:
@@ -280,8 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           config.pretrained.path, parallel.to_host(state["params"]),
           strict=bool(config.pretrained.get("strict", True)))
       params = parallel.from_host(params, shardings["params"])
-      state = jax.jit(lambda p: dict(step=jnp.zeros((), jnp.int32), params=p,
-                                     opt_state=tx.init(p)), out_shardings=shardings)(params)
+      state = jax.jit(lambda p: new_state(p, tx), out_shardings=shardings)(params)
   runner.compile(shardings)
   run_state = runner.to_run_state(state)
   del state
@@ -393,9 +394,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   ckpt = checkpoint.TrainCheckpointer(workdir)
   step = ckpt.latest_step()
   if step is not None:
-    abstract_state = jax.eval_shape(
-        lambda r: dict(step=jnp.zeros((), jnp.int32), params=init_params(r),
-                       opt_state=tx.init(init_params(r))), jax.random.PRNGKey(0))
+    abstract_state = jax.eval_shape(lambda r: new_state(init_params(r), tx),
+                                    jax.random.PRNGKey(0))
     shardings = runner.shardings(abstract_state)
     state = ckpt.restore(jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
