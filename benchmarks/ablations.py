@@ -14,6 +14,7 @@ A variant is '+'-joined tokens, e.g. `scan+remat:dots_saveable+fast_compile`:
   bf16            `dtype=bfloat16` (parameters and optimizer state stay float32)
   no_donation     the state is not donated
   fast_compile    compiled with `xla_cpu_use_fusion_emitters=False` (XLA:CPU's older emitters)
+  opt0            compiled with `xla_backend_optimization_level=0` (no LLVM optimisation)
 Kernel variants (forward + backward of one op at the model's shapes, alone):
   attention       `jax.nn.dot_product_attention` against einsum-softmax-einsum
   gelu            tanh approximation against the exact erf form
@@ -29,7 +30,8 @@ from benchmarks import jax_side
 from vit_jax import models
 
 FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
-STEP_VARIANTS = ("scan", "unrolled", "bf16", "no_donation", "fast_compile")
+OPT0 = {"xla_backend_optimization_level": 0}
+STEP_VARIANTS = ("scan", "unrolled", "bf16", "no_donation", "fast_compile", "opt0")
 KERNEL_VARIANTS = ("attention", "gelu")
 
 
@@ -48,6 +50,8 @@ def step_variant(name: str, batch: int, variant: str):
       donate = False
     elif token == "fast_compile":
       options.update(FAST_COMPILE)
+    elif token == "opt0":
+      options.update(OPT0)
     elif token != "scan":
       raise ValueError(f"Unknown variant {token!r} in {variant!r}; known: "
                        f"{', '.join(STEP_VARIANTS)}, remat:<policy> (joined with '+'), or the "

@@ -15,34 +15,26 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import harness
 from configs import fashion_mnist
 from vit_jax import data as data_lib
-from vit_jax import optim
 from vit_jax import train
 
 
 def build(config):
-  """(runner, state, train iterator, first host batch) exactly as the trainer sets them up."""
+  """(runner, state, train iterator, first host batch), set up by the trainer's own
+  `train.build_trainer`."""
   source = data_lib.get_source(config.dataset)
   it = data_lib.train_iterator(source, split=config.train_split, pp=config.pp_train,
                                batch_size=int(config.batch_size), seed=int(config.seed),
                                mixup=float(config.get("mixup", 0.0)))
   first = next(it)
-  model = train.build_model(config, source.num_classes)
-  init_images = jnp.zeros((1,) + first["image"].shape[1:], jnp.float32)
-  init_params = lambda rng: model.init(rng, init_images, train=False)["params"]
-  abstract = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-  tx, schedule = optim.make_optimizer(config, abstract, total_steps=10_000, warmup_steps=0)
-  runner = train.Runner(config, model, tx, schedule)
-
-  init_state = lambda rng: train.new_state(init_params(rng), tx)
-  shardings = runner.shardings(jax.eval_shape(init_state, jax.random.PRNGKey(0)))
-  state = jax.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
-  runner.compile(shardings)
-  return runner, runner.to_run_state(state), it, first
+  trainer = train.build_trainer(config, source.num_classes, first["image"].shape[1:],
+                                total_steps=10_000, warmup_steps=0)
+  state = jax.jit(trainer.init_state, out_shardings=trainer.shardings)(jax.random.PRNGKey(0))
+  trainer.runner.compile(trainer.shardings)
+  return trainer.runner, trainer.runner.to_run_state(state), it, first
 
 
 def main(argv=None):

@@ -1,9 +1,9 @@
 """The JAX side of the benchmarks: the trainer's own update function on synthetic batches.
 
-The train step is `vit_jax.train.make_update_fn` with the optimizer of `optim.make_optimizer`,
-from `configs.common.base_config()` (AdamW, global-norm clipping 1.0, constant schedule here), jitted
-with the state donated, as `train.Runner` does on one device. Inference is the model's `apply` with
-`train=False`.
+The train step is `vit_jax.train.make_update_fn`, set up by `train.build_trainer` (model,
+`optim.make_optimizer`'s chain, state) from `configs.common.base_config()` (AdamW, global-norm
+clipping 1.0, constant schedule here), jitted with the state donated, as `train.Runner` does on one
+device. Inference is the model's `apply` with `train=False`.
 """
 import time
 from typing import Optional
@@ -15,7 +15,6 @@ import numpy as np
 
 from benchmarks import harness
 from configs import common
-from vit_jax import optim
 from vit_jax import train
 
 
@@ -46,32 +45,30 @@ class JaxStep:
     self.config, self.mode, self.donate = config, mode, donate
     self.compiler_options = dict(compiler_options or {})
     b = int(config.batch_size)
-    self.model = train.build_model(config, num_classes)
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((b, image_size, image_size, 3), dtype=np.float32)
     labels = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, b)]
     self.batch = dict(image=jnp.asarray(images), label=jnp.asarray(labels))
-    self._fn, self._abstract_args = self._build(self.model, config, num_classes, image_size)
+    # The trainer's own set-up (model, optimizer, state); the step is jitted here on one device.
+    self._trainer = train.build_trainer(config, num_classes, (image_size, image_size, 3),
+                                        total_steps=1000, warmup_steps=0)
+    self.model = self._trainer.model
+    self._fn, self._abstract_args = self._build()
     self.args = None
     self.lower_s = self.compile_s = self.first_run_s = None
     self.compiled = None
     self._seed = seed
 
-  def _build(self, model, config, num_classes, image_size):
+  def _build(self):
     """(jitted function, abstract arguments) of the step, without touching real arrays."""
-    init = lambda rng: model.init(rng, jnp.zeros((1, image_size, image_size, 3)),
-                                  train=False)["params"]
-    abstract_params = jax.eval_shape(init, jax.random.PRNGKey(0))
+    t = self._trainer
     batch = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.batch)
     if self.mode == "inference":
-      fn = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
-      return fn, (abstract_params, batch["image"])
-    tx, schedule = optim.make_optimizer(config, abstract_params, total_steps=1000,
-                                        warmup_steps=0)
-    self._init_state = lambda rng: train.new_state(init(rng), tx)
-    fn = jax.jit(train.make_update_fn(model, tx, schedule, config),
+      fn = jax.jit(lambda p, x: t.model.apply({"params": p}, x, train=False))
+      return fn, (t.abstract_state["params"], batch["image"])
+    fn = jax.jit(train.make_update_fn(t.model, t.tx, t.schedule, self.config),
                  donate_argnums=(0,) if self.donate else ())
-    return fn, (jax.eval_shape(self._init_state, jax.random.PRNGKey(0)), batch)
+    return fn, (t.abstract_state, batch)
 
   def lower(self):
     t = time.perf_counter()
@@ -93,11 +90,9 @@ class JaxStep:
       self.compile()
     rng = jax.random.PRNGKey(self._seed)
     if self.mode == "inference":
-      params = jax.jit(lambda r: self.model.init(
-          r, self.batch["image"][:1], train=False)["params"])(rng)
-      self.args = [params, self.batch["image"]]
+      self.args = [jax.jit(self._trainer.init_params)(rng), self.batch["image"]]
     else:
-      self.args = [jax.jit(self._init_state)(rng), self.batch]
+      self.args = [jax.jit(self._trainer.init_state)(rng), self.batch]
     self.first_run_s = harness.time_call(self)
 
   def __call__(self):

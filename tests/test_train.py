@@ -174,3 +174,17 @@ def test_every_family_trains_from_its_fashion_mnist_config(tmp_path, arg):
   result = train.train_and_evaluate(cfg, str(tmp_path))
   assert result["num_examples"] == 40 and np.isfinite(result["loss"])
   assert checkpoint.TrainCheckpointer(str(tmp_path)).latest_step() == 2
+
+
+def test_build_trainer_shapes_and_shardings_match_a_fresh_state():
+  c = tiny_config(mesh__data=4, mesh__fsdp=2, sharding__min_fsdp_size=1)
+  t = train.build_trainer(c, 10, (28, 28, 1), total_steps=6, warmup_steps=2)
+  state = jax.jit(t.init_state, out_shardings=t.shardings)(jax.random.PRNGKey(0))
+  got = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), state)
+  want = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), t.abstract_state)
+  assert got == want
+  kernel = state["params"]["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
+  assert kernel.sharding == t.shardings["params"]["Transformer"]["encoderblock_0"]["MlpBlock_3"][
+      "Dense_0"]["kernel"]
+  assert "fsdp" in str(kernel.sharding.spec)  # sharded over the fsdp axis, as asked
+  assert float(t.schedule(2)) == pytest.approx(1e-2)  # warm-up ends at the peak

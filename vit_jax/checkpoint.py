@@ -358,10 +358,12 @@ class TrainCheckpointer:
       return False
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
-  def restore(self, abstract_state: PyTree, step: Optional[int] = None) -> PyTree:
+  def restore(self, abstract_state: PyTree, step: Optional[int] = None, *,
+              shardings: Optional[PyTree] = None) -> PyTree:
     """Restores step `step` (default: the latest) into the structure, dtypes and shardings of
     `abstract_state` (jax.ShapeDtypeStruct leaves with `.sharding`, e.g. from `jax.eval_shape`, or
-    arrays), possibly different from the shardings it was saved with.
+    arrays), possibly different from the shardings it was saved with. `shardings`, a tree of the
+    same structure, replaces the leaves' own.
 
     Raises FileNotFoundError when there is no such checkpoint and ValueError naming every key whose
     shape differs from the checkpoint's, or that only one of them has.
@@ -373,6 +375,10 @@ class TrainCheckpointer:
     elif step not in self._manager.all_steps():
       raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
                               f"available steps: {self.all_steps()}.")
+    if shardings is not None:
+      abstract_state = jax.tree_util.tree_map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+          shardings)
     self._check_shapes(abstract_state, step)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 

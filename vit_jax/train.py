@@ -7,7 +7,7 @@ final evaluation and export.
 import os
 import re
 import signal
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -107,6 +107,35 @@ def make_eval_fn(model, *, axis_name: Optional[str] = None) -> Callable:
 def new_state(params, tx):
   """The train state the update function takes: step 0, `params`, fresh optimizer state."""
   return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+class Trainer(NamedTuple):
+  """What `build_trainer` makes from a config; shapes only, nothing initialised yet."""
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  runner: "Runner"
+  init_params: Callable  # rng -> params
+  init_state: Callable  # rng -> fresh train state
+  abstract_state: Any  # jax.ShapeDtypeStruct leaves
+  shardings: Any  # the state's global (checkpoint-layout) shardings
+
+
+def build_trainer(config, num_classes: int, image_shape, *, total_steps: int,
+                  warmup_steps: int) -> Trainer:
+  """Model, optimizer, step functions and the state's shardings for images of `image_shape`
+  (H, W, C): the set-up the training loop, evaluation-only mode and the benchmarks share."""
+  model = build_model(config, num_classes)
+  init_images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  init_params = lambda rng: model.init(rng, init_images, train=False)["params"]
+  abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  tx, schedule = optim.make_optimizer(config, abstract_params, total_steps=total_steps,
+                                      warmup_steps=warmup_steps)
+  runner = Runner(config, model, tx, schedule)
+  init_state = lambda rng: new_state(init_params(rng), tx)
+  abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  return Trainer(model, tx, schedule, runner, init_params, init_state, abstract_state,
+                 runner.shardings(abstract_state))
 
 
 class Runner:
@@ -255,28 +284,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   first_batch = next(train_iter)
 
   # ----- Model and optimizer.
-  model = build_model(config, source.num_classes)
-  init_images = jnp.zeros((1,) + first_batch["image"].shape[1:], jnp.float32)
-  init_params = lambda rng: model.init(rng, init_images, train=False)["params"]
-  abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
   warmup = optim.durations(config, "lr.warmup", steps_per_epoch=steps_per_epoch,
                            batch_size=batch_size)
-  tx, schedule = optim.make_optimizer(config, abstract_params, total_steps=total_steps,
-                                      warmup_steps=warmup)
-  runner = Runner(config, model, tx, schedule)
+  trainer = build_trainer(config, source.num_classes, first_batch["image"].shape[1:],
+                          total_steps=total_steps, warmup_steps=warmup)
+  model, tx, runner, shardings = trainer.model, trainer.tx, trainer.runner, trainer.shardings
 
   # ----- State: resumed, pretrained, or fresh; created directly with its sharding.
-  init_state = lambda rng: new_state(init_params(rng), tx)
-  abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  shardings = runner.shardings(abstract_state)
   if start_step:
     logging.info("Resuming from the checkpoint of step %d in %s", start_step, workdir)
-    state = ckpt.restore(jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, shardings))
+    state = ckpt.restore(trainer.abstract_state, shardings=shardings)
   else:
     rng = jax.random.PRNGKey(int(config.seed))
-    state = jax.jit(init_state, out_shardings=shardings)(rng)
+    state = jax.jit(trainer.init_state, out_shardings=shardings)(rng)
     if config.get("pretrained") and config.pretrained.get("path"):
       params = checkpoint.load_pretrained(
           config.pretrained.path, parallel.to_host(state["params"]),
@@ -386,24 +406,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
                                      batch_size=int(config.get("eval_batch_size",
                                                                config.batch_size)))
   shape = next(iter(eval_iter))["image"].shape[1:]
-  model = build_model(config, source.num_classes)
-  init_params = lambda rng: model.init(rng, jnp.zeros((1,) + shape), train=False)["params"]
-  abstract = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-  tx, schedule = optim.make_optimizer(config, abstract, total_steps=1, warmup_steps=0)
-  runner = Runner(config, model, tx, schedule)
+  trainer = build_trainer(config, source.num_classes, shape, total_steps=1, warmup_steps=0)
+  runner = trainer.runner
   ckpt = checkpoint.TrainCheckpointer(workdir)
   step = ckpt.latest_step()
   if step is not None:
-    abstract_state = jax.eval_shape(lambda r: new_state(init_params(r), tx),
-                                    jax.random.PRNGKey(0))
-    shardings = runner.shardings(abstract_state)
-    state = ckpt.restore(jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, shardings))
-    params = state["params"]
+    params = ckpt.restore(trainer.abstract_state, shardings=trainer.shardings)["params"]
   elif config.get("pretrained") and config.pretrained.get("path"):
     params = checkpoint.load_pretrained(config.pretrained.path,
-                                        jax.device_get(init_params(jax.random.PRNGKey(0))),
+                                        jax.device_get(trainer.init_params(jax.random.PRNGKey(0))),
                                         strict=bool(config.pretrained.get("strict", True)))
   else:
     raise FileNotFoundError(f"No checkpoint in {workdir} and no config.pretrained.path to "
