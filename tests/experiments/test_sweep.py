@@ -109,6 +109,9 @@ def test_fmnist_data_scaling_default_has_three_families():
   for p in s.points:
     c = sweep.build_config(p)  # every command parses
     assert (c.eval_every_steps, c.eval_every_epochs, c.eval_every_examples) == (None,) * 3
+    # The recipe of the committed results, whatever configs/fashion_mnist.py now says.
+    assert c.pp_train == "decode|flip_lr|value_range(-1,1)"
+    assert c.model.get("posemb", "learn") == "learn"
 
 
 def test_paper_scale_points_build():
