@@ -188,3 +188,27 @@ def test_build_trainer_shapes_and_shardings_match_a_fresh_state():
       "Dense_0"]["kernel"]
   assert "fsdp" in str(kernel.sharding.spec)  # sharded over the fsdp axis, as asked
   assert float(t.schedule(2)) == pytest.approx(1e-2)  # warm-up ends at the peak
+
+
+def test_evaluations_during_training_compile_nothing_new():
+  import jax.monitoring
+  c = tiny_config(fewshot__shots=(1, 2), fewshot__train_split="train",
+                  fewshot__test_split="test[:20]")
+  source = data_lib.get_source(c.dataset)
+  t = train.build_trainer(c, source.num_classes, (28, 28, 1), total_steps=6, warmup_steps=2)
+  params = jax.jit(t.init_state)(jax.random.PRNGKey(0))["params"]
+  compiles = []
+  listener = lambda event, _, **kw: (
+      compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    first = train.evaluate_all(t.runner, params, source, c)
+    n_first = len(compiles)
+    second = train.evaluate_all(t.runner, params, source, c)
+    assert len(compiles) == n_first  # the second evaluation reuses every compiled function
+    assert first == second and {"test_accuracy", "fewshot_1shot_accuracy"} <= set(first)
+    t.runner._features = None  # the listener does see a fresh feature function compile
+    train.evaluate_all(t.runner, params, source, c)
+    assert len(compiles) > n_first
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

@@ -146,7 +146,8 @@ class Runner:
     if self.mode not in ("jit", "pmap"):
       raise ValueError(f"Unknown parallel mode {self.mode!r}: use 'jit' or 'pmap'.")
     self.mesh = parallel.make_mesh(config.get("mesh"))
-    self.config = config
+    self.config, self.model = config, model
+    self._features = None
     if self.mode == "pmap":
       ax = parallel.PMAP_AXIS
       self.update = jax.pmap(make_update_fn(model, tx, schedule, config, axis_name=ax),
@@ -189,6 +190,20 @@ class Runner:
   def params_for_eval(self, state):
     return state["params"]
 
+  def features(self):
+    """(params, host batch) -> the model's pooled (pre-head) features; compiled once per runner,
+    so evaluations during training reuse it."""
+    if self._features is None:
+      pooled = self.model.clone(num_classes=0)
+      fn = lambda p, images: pooled.apply({"params": p}, images, train=False)
+      if self.mode == "pmap":
+        pfn = jax.pmap(fn, axis_name=parallel.PMAP_AXIS)
+        self._features = lambda p, b: pfn(p, parallel.pmap_shard(b)["image"])
+      else:
+        jfn = jax.jit(fn)
+        self._features = lambda p, b: jfn(p, self.to_device_batch(b)["image"])
+    return self._features
+
   def gather_features(self, x):
     """Features from a step -> this host's numpy rows ((devices, b, D) -> (devices*b, D) in
     pmap mode; the process-local rows of a global array under jit)."""
@@ -224,7 +239,7 @@ def split_name(split: str) -> str:
   return re.split(r"[\[@+]", split, maxsplit=1)[0]
 
 
-def evaluate_all(runner: Runner, model, params, source, config) -> Dict[str, float]:
+def evaluate_all(runner: Runner, params, source, config) -> Dict[str, float]:
   """Every evaluator the config declares: top-1 on `eval_split`, few-shot when `fewshot.shots`."""
   out = {}
   if config.get("eval_split"):
@@ -232,20 +247,13 @@ def evaluate_all(runner: Runner, model, params, source, config) -> Dict[str, flo
     out.update({f"{split_name(config.eval_split)}_{k}": v for k, v in ev.items()})
   fs = config.get("fewshot")
   if fs and fs.get("shots"):
-    out.update(fewshot_evaluator(runner, model, source, config).run(params))
+    out.update(fewshot_evaluator(runner, source, config).run(params))
   return out
 
 
-def fewshot_evaluator(runner: Runner, model, source, config):
+def fewshot_evaluator(runner: Runner, source, config):
   """Few-shot linear probes on the model's pooled representation (the head is ignored)."""
-  features = model.clone(num_classes=0)
-  fn = lambda p, images: features.apply({"params": p}, images, train=False)
-  if runner.mode == "pmap":
-    fn = jax.pmap(fn, axis_name=parallel.PMAP_AXIS)
-    run_fn = lambda p, b: fn(p, parallel.pmap_shard(b)["image"])
-  else:
-    jfn = jax.jit(fn)
-    run_fn = lambda p, b: jfn(p, runner.to_device_batch(b)["image"])
+  run_fn = runner.features()
   fs = config.fewshot
   return fewshot.FewShotEvaluator(
       run_fn, source, train_split=fs.train_split, test_split=fs.test_split, pp=config.pp_eval,
@@ -288,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                            batch_size=batch_size)
   trainer = build_trainer(config, source.num_classes, first_batch["image"].shape[1:],
                           total_steps=total_steps, warmup_steps=warmup)
-  model, tx, runner, shardings = trainer.model, trainer.tx, trainer.runner, trainer.shardings
+  tx, runner, shardings = trainer.tx, trainer.runner, trainer.shardings
 
   # ----- State: resumed, pretrained, or fresh; created directly with its sharding.
   if start_step:
@@ -351,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       if eval_every and step % eval_every == 0 and not last:
         with progress.excluded():
           writer.write_scalars(step, evaluate_all(
-              runner, model, runner.params_for_eval(run_state), source, config))
+              runner, runner.params_for_eval(run_state), source, config))
 
       if (ckpt_every and step % ckpt_every == 0) or last:
         with progress.excluded():
@@ -370,7 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     ckpt.wait()
     train_seconds = progress.train_seconds()
     params = runner.params_for_eval(run_state)
-    final = evaluate_all(runner, model, params, source, config)
+    final = evaluate_all(runner, params, source, config)
     writer.write_scalars(step, final)
     if eval_split:
       prefix = split_name(eval_split) + "_"
