@@ -4,9 +4,9 @@ Fashion-MNIST images at one fixed compute budget (the shape of the ViT paper's f
   python -m experiments.runner experiments/fmnist_data_scaling.py --out=workdirs/fmnist_scaling
   python -m experiments.runner experiments/fmnist_data_scaling.py:examples=81920,seeds=0/1 ...
 
-Points: configs/fashion_mnist.py with args `resnet`, `vit`, `hybrid`, with flips and learned
-position embeddings as measured (STUDY_OVERRIDES) (similar compute per image:
-52.0, 39.5 and 42.8 MFLOPs forward, by XLA's cost analysis; 0.22M, 1.20M and 1.29M parameters)
+Points: configs/fashion_mnist.py with args `resnet`, `vit`, `hybrid` (similar compute per image:
+52.0, 39.5 and 42.8 MFLOPs forward, by XLA's cost analysis; 0.22M, 1.20M and 1.29M parameters),
+with the flips and learned position embeddings the results were measured with (STUDY_OVERRIDES),
 x training sets "train@seeded(N, seed=S)" for N in 1000, 3000, 10000, 30000, 60000 (nested: the
 1k images are among the 3k ones, ...) x seeds S (the seed of the subset, the initialisation and the
 augmentation). Named `{model}_n{N}_s{S}`.
@@ -58,8 +58,8 @@ def get_sweep(arg=None) -> sweep.Sweep:
         over = dict(STUDY_OVERRIDES)
         over.update({f"model.{k}": v for k, v in STUDY_MODEL_OVERRIDES.items() if k in base.model})
         over.update({"seed": seed, "train_split": f"train@seeded({n}, seed={seed})",
-                "fewshot.shots": tuple(a["shots"]), "fewshot.train_split": "train[:1000]",
-                "fewshot.test_split": "test[:2000]", "fewshot.num_trials": 5})
+                     "fewshot.shots": tuple(a["shots"]), "fewshot.train_split": "train[:1000]",
+                     "fewshot.test_split": "test[:2000]", "fewshot.num_trials": 5})
         over.update(sweep.examples_budget(base, "total", budget, n))
         over.update(sweep.examples_budget(base, "lr.warmup", budget // 10, n))
         over.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, n))

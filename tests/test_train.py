@@ -190,13 +190,14 @@ def test_build_trainer_shapes_and_shardings_match_a_fresh_state():
   assert float(t.schedule(2)) == pytest.approx(1e-2)  # warm-up ends at the peak
 
 
-def test_evaluations_during_training_compile_nothing_new():
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_evaluations_during_training_compile_nothing_new(mode):
   import jax.monitoring
   c = tiny_config(fewshot__shots=(1, 2), fewshot__train_split="train",
-                  fewshot__test_split="test[:20]")
+                  fewshot__test_split="test[:20]", parallel=mode)
   source = data_lib.get_source(c.dataset)
   t = train.build_trainer(c, source.num_classes, (28, 28, 1), total_steps=6, warmup_steps=2)
-  params = jax.jit(t.init_state)(jax.random.PRNGKey(0))["params"]
+  params = t.runner.to_run_state(jax.jit(t.init_state)(jax.random.PRNGKey(0)))["params"]
   compiles = []
   listener = lambda event, _, **kw: (
       compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)

@@ -196,12 +196,8 @@ class Runner:
     if self._features is None:
       pooled = self.model.clone(num_classes=0)
       fn = lambda p, images: pooled.apply({"params": p}, images, train=False)
-      if self.mode == "pmap":
-        pfn = jax.pmap(fn, axis_name=parallel.PMAP_AXIS)
-        self._features = lambda p, b: pfn(p, parallel.pmap_shard(b)["image"])
-      else:
-        jfn = jax.jit(fn)
-        self._features = lambda p, b: jfn(p, self.to_device_batch(b)["image"])
+      fn = jax.pmap(fn, axis_name=parallel.PMAP_AXIS) if self.mode == "pmap" else jax.jit(fn)
+      self._features = lambda p, b: fn(p, self.to_device_batch(b)["image"])
     return self._features
 
   def gather_features(self, x):
