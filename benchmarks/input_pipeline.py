@@ -54,8 +54,8 @@ def main(argv=None):
   load_start = harness.load_average()
   with harness.PeakMemory() as mem:
     runner, state, it, first = build(config)
-    synthetic = runner.to_device_batch(first)
-    holder = dict(state=state, batch=runner.to_device_batch(next(it)))
+    synthetic = runner.train_batch(first)
+    holder = dict(state=state, batch=runner.train_batch(next(it)))
     state, _ = runner.update(holder["state"], synthetic)  # compile
     jax.block_until_ready(state)
     holder["state"] = state
@@ -64,7 +64,7 @@ def main(argv=None):
     state, batch = holder["state"], holder["batch"]
     for _ in range(args.steps):
       state, metrics = runner.update(state, batch)
-      batch = runner.to_device_batch(next(it))  # overlaps with the step in flight
+      batch = runner.train_batch(next(it))  # overlaps with the step in flight
     jax.block_until_ready(metrics)
     holder["state"], holder["batch"] = state, batch
 

@@ -48,7 +48,8 @@ class JaxStep:
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((b, image_size, image_size, 3), dtype=np.float32)
     labels = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, b)]
-    self.batch = dict(image=jnp.asarray(images), label=jnp.asarray(labels))
+    self.batch = dict(image=jnp.asarray(images), label=jnp.asarray(labels),
+                      row=jnp.arange(b, dtype=jnp.int32))
     # The trainer's own set-up (model, optimizer, state); the step is jitted here on one device.
     self._trainer = train.build_trainer(config, num_classes, (image_size, image_size, 3),
                                         total_steps=1000, warmup_steps=0)

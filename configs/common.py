@@ -35,7 +35,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "fashion_mnist"
   c.dataset.data_dir = config_dict.placeholder(str)
-  c.dataset.manual_dir = config_dict.placeholder(str)
+  c.dataset.manual_dir = config_dict.placeholder(str)  # TFDS data sets downloaded by hand
+  c.dataset.channels = 3  # image_folder: what images decode to (1 grey, 3 RGB)
+  c.dataset.image_key = "image"  # TFDS feature names
+  c.dataset.label_key = "label"
+  c.dataset.shuffle_buffer = 50_000  # TFDS: records in the per-host shuffle buffer
+  c.dataset.tfds_fallback = True  # fashion_mnist: TFDS when Debian's files are missing
+  c.dataset.tfds_data_dir = config_dict.placeholder(str)  # ... and its TFDS data_dir
   c.train_split = "train"
   c.eval_split = "test"
   c.pp_train = "decode|value_range(-1,1)"
@@ -49,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   _durations(c, "eval_every")
   _durations(c, "checkpoint_every")
   c.keep_checkpoints = 2
+  # Saves are written by a background thread while training goes on (orbax's async
+  # checkpointing; still atomic). False: the step waits for each save to be on disk.
+  c.checkpoint_async = True
 
   c.optax = ml_collections.ConfigDict(dict(name="adamw", momentum=0.9, b1=0.9, b2=0.999))
   c.lr = ml_collections.ConfigDict(dict(base=1e-3, decay="cosine", end=0.0))
@@ -84,5 +93,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrained = ml_collections.ConfigDict()
   c.pretrained.path = config_dict.placeholder(str)
   c.pretrained.strict = True
+  c.pretrained.required = False  # True: a run without pretrained.path is an error (fine-tuning)
   c.export_npz = True
   return c

@@ -1,4 +1,4 @@
-r"""Fine-tuning a pretrained ViT (the paper's recipe, shared/REFERENCE.md) on a TFDS data set.
+r"""Fine-tuning a pretrained ViT (the paper's recipe, docs/reference.md) on a TFDS data set.
 
   python -m vit_jax.main --config=configs/finetune.py:cifar10,ViT-B/16 --workdir=workdirs/ft \
       --config.pretrained.path=/path/to/ViT-B_16.npz
@@ -36,5 +36,5 @@ def get_config(arg: str = "cifar10,ViT-B/16"):
   c.lr.warmup_steps = 500
   c.lr.decay = "cosine"
   c.grad_clip_norm = 1.0
-  c.pretrained.path = ""  # required: --config.pretrained.path=...
+  c.pretrained.required = True  # --config.pretrained.path=... or an error before any data
   return c

@@ -1,4 +1,4 @@
-r"""ViT from scratch on ImageNet-21k or ImageNet-1k with the published recipe (shared/REFERENCE.md).
+r"""ViT from scratch on ImageNet-21k or ImageNet-1k with the published recipe (docs/reference.md).
 
   python -m vit_jax.main --config=configs/imagenet_scratch.py:imagenet21k,ViT-B/16 \
       --workdir=workdirs/i21k_b16 --config.dataset.data_dir=gs://your-bucket/tfds

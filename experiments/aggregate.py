@@ -1,9 +1,11 @@
 """Results of a sweep: one row per finished point, a CSV/JSON table and the paper's plots.
 
-  python -m experiments.aggregate OUT
+  python -m experiments.aggregate OUT [--allow_fewer_rows]
 
 OUT is the runner's `--out`: `OUT/sweep.json` (the sweep's points and tags) and the workdirs
-`OUT/points/NAME/`. A point is finished when its workdir has `result.json`; the runner writes it
+`OUT/points/NAME/`. A folder with neither (a missing path, an empty folder, or a folder that only
+holds a results table such as experiments/results/fmnist_data_scaling) is an error, and nothing is
+written or created. A point is finished when its workdir has `result.json`; the runner writes it
 when a run completes, and `collect` writes it here for points that completed elsewhere (a cluster
 job running the printed command). Completion is read from `metrics.jsonl`: its last training row
 is the final step (`eta_sec` 0) and a row of the same step follows it (the final evaluation).
@@ -16,20 +18,32 @@ min-max over seeds) and OUT/accuracy_vs_compute.png (figure 5: accuracy against 
 
 core_hours adds up the runs of a point: the trainer's count restarts when a run resumes, so each
 run's last value is summed (time after a run's last log row is not counted).
+
+The table is never silently shrunk: if OUT/results.csv or OUT/results.json already holds more rows
+than there are finished points now (workdirs deleted or moved, a copied results folder), nothing is
+written and the command fails; `--allow_fewer_rows` replaces the table (and plots) anyway. Files
+are replaced atomically. Exit status: 0 on success, 2 on an error (one or two lines on stderr).
 """
 import argparse
 import csv
 import json
 import os
 import re
+import sys
 import zipfile
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 RESULT = "result.json"
+TABLES = ("results.csv", "results.json")
+EXPECTED = "expected the --out folder of `python -m experiments.runner EXPERIMENT --out=DIR`"
 CORE_COLUMNS = ("name", "family", "model", "train_size", "seed", "accuracy")
 TAIL_COLUMNS = ("core_hours", "num_params", "examples_seen", "steps", "eval_split", "config")
+
+
+class AggregateError(ValueError):
+  """A user error (wrong folder, a table that would lose rows): the message says what to do."""
 
 
 # --------------------------------------------------------------------------- one point's result.
@@ -187,11 +201,16 @@ def collect(out: str) -> List[Dict[str, Any]]:
   """Rows of every finished point under `out` (points of OUT/sweep.json first, in order, then any
   other OUT/points/* with a result), writing result.json for runs completed elsewhere."""
   points_dir = os.path.join(out, "points")
-  declared = []
-  if os.path.exists(os.path.join(out, "sweep.json")):
-    with open(os.path.join(out, "sweep.json")) as f:
-      declared = json.load(f)["points"]
-  names = [p["name"] for p in declared]
+  declared, names = [], []
+  sweep_json = os.path.join(out, "sweep.json")
+  if os.path.exists(sweep_json):
+    try:
+      with open(sweep_json) as f:
+        declared = json.load(f)["points"]
+      names = [p["name"] for p in declared]
+    except (ValueError, KeyError, TypeError) as e:
+      raise AggregateError(f"{sweep_json} is not a sweep the runner wrote (a JSON object with "
+                           f"'points', each with a 'name'): {type(e).__name__}: {e}") from None
   if os.path.isdir(points_dir):
     names += sorted(n for n in os.listdir(points_dir) if n not in set(names))
   by_name = {p["name"]: p for p in declared}
@@ -206,19 +225,69 @@ def collect(out: str) -> List[Dict[str, Any]]:
   return rows
 
 
+def check_out(out: str) -> None:
+  """Raises AggregateError unless `out` is a runner's --out folder (sweep.json or points/)."""
+  if not os.path.exists(out):
+    raise AggregateError(f"{out} does not exist: {EXPECTED}.")
+  if not os.path.isdir(out):
+    raise AggregateError(f"{out} is not a directory: {EXPECTED}.")
+  if not (os.path.isfile(os.path.join(out, "sweep.json"))
+          or os.path.isdir(os.path.join(out, "points"))):
+    raise AggregateError(f"{out} has no sweep.json or points/: {EXPECTED}. Nothing was written.")
+
+
+def table_rows(path: str) -> Optional[int]:
+  """Rows of an existing results.csv / results.json (0 if absent or empty; None if unreadable)."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return 0
+  try:
+    with open(path, newline="") as f:
+      if path.endswith(".csv"):
+        return max(sum(1 for r in csv.reader(f) if r) - 1, 0)  # Less the header.
+      table = json.load(f)
+  except (OSError, ValueError, csv.Error):
+    return None
+  return len(table) if isinstance(table, list) else None
+
+
+def check_not_fewer(rows: List[Dict[str, Any]], out: str) -> None:
+  """Raises AggregateError if writing `rows` would replace a table holding more rows."""
+  for name in TABLES:
+    path = os.path.join(out, name)
+    before = table_rows(path)
+    if before is None:
+      raise AggregateError(f"{path} exists but cannot be read as a table, so it is not replaced."
+                           "\nPass --allow_fewer_rows to replace it anyway.")
+    if before > len(rows):
+      raise AggregateError(f"{path} has {before} row(s) but {out} has only {len(rows)} finished "
+                           "point(s), so it is not replaced.\nPass --allow_fewer_rows to replace "
+                           "it anyway.")
+
+
+def _replace(path: str, write, newline=None) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline=newline) as f:
+    write(f)
+  os.replace(tmp, path)
+
+
 def write_table(rows: List[Dict[str, Any]], out: str) -> None:
-  """OUT/results.csv and OUT/results.json; columns in a fixed order, then the rest."""
+  """OUT/results.csv and OUT/results.json (each replaced atomically); columns in a fixed order,
+  then the rest."""
   columns = [c for c in CORE_COLUMNS]
   for r in rows:
     columns += [k for k in r if k not in columns and k not in TAIL_COLUMNS]
   columns += list(TAIL_COLUMNS)
-  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+
+  def write_csv(f):
     w = csv.DictWriter(f, fieldnames=columns)
     w.writeheader()
     for r in rows:
       w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump([{k: r.get(k) for k in columns} for r in rows], f, indent=1)
+
+  _replace(os.path.join(out, "results.csv"), write_csv, newline="")
+  _replace(os.path.join(out, "results.json"),
+           lambda f: json.dump([{k: r.get(k) for k in columns} for r in rows], f, indent=1))
 
 
 # ------------------------------------------------------------------------------------- plots.
@@ -285,12 +354,18 @@ def plot_accuracy_vs_compute(rows, path: str) -> bool:
   return _plot(rows, path, "core_hours", "training compute (core-hours)", lines=False)
 
 
-def aggregate(out: str, *, log=print) -> List[Dict[str, Any]]:
-  """collect + write_table + both plots; returns the rows."""
+def aggregate(out: str, *, allow_fewer_rows: bool = False, log=print) -> List[Dict[str, Any]]:
+  """collect + write_table + both plots; returns the rows.
+
+  Raises AggregateError (and writes nothing) if `out` is not a runner's --out folder, or if an
+  existing results table has more rows than the finished points unless `allow_fewer_rows`.
+  """
+  check_out(out)
   rows = collect(out)
-  os.makedirs(out, exist_ok=True)
+  if not allow_fewer_rows:
+    check_not_fewer(rows, out)
   write_table(rows, out)
-  written = [os.path.join(out, n) for n in ("results.csv", "results.json")]
+  written = [os.path.join(out, n) for n in TABLES]
   for fn, name in ((plot_accuracy_vs_data, "accuracy_vs_data.png"),
                    (plot_accuracy_vs_compute, "accuracy_vs_compute.png")):
     if fn(rows, os.path.join(out, name)):
@@ -299,11 +374,21 @@ def aggregate(out: str, *, log=print) -> List[Dict[str, Any]]:
   return rows
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("out", help="the runner's --out directory")
-  aggregate(parser.parse_args(argv).out)
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.aggregate", description=__doc__.split("\n\n")[0])
+  parser.add_argument("out", help="the runner's --out directory (with sweep.json and/or points/)")
+  parser.add_argument("--allow_fewer_rows", "--allow-fewer-rows", action="store_true",
+                      help="replace an existing results.csv/results.json even if it has more rows "
+                      "than there are finished points now (by default that is refused)")
+  args = parser.parse_args(argv)
+  try:
+    aggregate(args.out, allow_fewer_rows=args.allow_fewer_rows)
+  except AggregateError as e:
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

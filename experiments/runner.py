@@ -217,7 +217,10 @@ def run_sweep(sweep: sweep_lib.Sweep, out: str, *, parallel: int = 1, only: Opti
   for point in points:
     status.setdefault(point.name, STOPPED)  # Not started because the runner was stopped.
   if aggregate_results:
-    aggregate.aggregate(out, log=log)
+    try:
+      aggregate.aggregate(out, log=log)
+    except aggregate.AggregateError as e:  # e.g. a table that would lose rows: left as it was
+      log(f"results table not updated: {e}")
   return status
 
 

@@ -1,6 +1,6 @@
 """Tests for vit_jax/checkpoint.py: published .npz import/export and orbax training checkpoints.
 
-The .npz files are built here with numpy from the key list in shared/REFERENCE.md (not from our
+The .npz files are built here with numpy from the key list in docs/reference.md (not from our
 model), and the loaded model is checked against a numpy re-implementation of the ViT forward pass.
 """
 import os

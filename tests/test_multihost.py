@@ -35,8 +35,12 @@ MODEL_RULES = ((r"MlpBlock_3/Dense_\d/kernel", "model"),
 
 
 def get_config(arg: str = "dp,jit"):
-  """A tiny ViT on 256 Fashion-MNIST images; arg = '{dp|fsdp|tp},{jit|pmap}'."""
-  kind, mode = (arg or "dp,jit").split(",")
+  """A tiny ViT on 256 Fashion-MNIST images; arg = '{dp|fsdp|tp},{jit|pmap}[,ids]'. With `ids`
+  every process logs the example ids of each batch it takes (`log_example_ids`; this module is
+  the config file the subprocesses load)."""
+  kind, mode, *extra = (arg or "dp,jit").split(",")
+  if "ids" in extra:
+    log_example_ids()
   c = common.base_config()
   c.model_name = "ViT-Mu/7"
   c.model.update(hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1)
@@ -44,6 +48,7 @@ def get_config(arg: str = "dp,jit"):
   c.train_split, c.eval_split = "train[:256]", "test[:40]"
   c.pp_train = "decode|random_crop(28, pad=2)|flip_lr|value_range(-1,1)"
   c.pp_eval = "decode|value_range(-1,1)"
+  c.mixup = 0.2  # partners across the global batch: the same pairs whatever the process count
   c.batch_size = 32
   c.eval_batch_size = 32  # 2 processes: 20 test images each, in 2 batches of 16 (one padded)
   c.total_steps = 4
@@ -64,6 +69,51 @@ def get_config(arg: str = "dp,jit"):
   elif kind != "dp":
     raise ValueError(f"Unknown kind {kind!r}: use dp, fsdp or tp.")
   return c
+
+
+def log_example_ids(set_attr=setattr):
+  """Wraps data.train_iterator so that each batch taken appends {"step", "ids"} (the step it is
+  for, 0-based) to WORKDIR/ids.{process count}x.process{P}.jsonl, WORKDIR being
+  train_and_evaluate's. In-process,
+  pass a MonkeyPatch's setattr so that the wrapping ends with the test."""
+  from vit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  if getattr(data_lib.train_iterator, "logs_ids", False):
+    return
+  original = data_lib.train_iterator
+
+  def wrapped(source, *, start_step=0, **kwargs):
+    path = os.path.join(_current_workdir["dir"],
+                        f"ids.{jax.process_count()}x.process{jax.process_index()}.jsonl")
+    for i, batch in enumerate(original(source, start_step=start_step, **kwargs)):
+      with open(path, "a") as f:
+        f.write(json.dumps({"step": start_step + i, "ids": batch["id"].tolist()}) + "\n")
+      yield batch
+  wrapped.logs_ids = True
+  set_attr(data_lib, "train_iterator", wrapped)
+  # The workdir: train_and_evaluate's argument, remembered by wrapping it too.
+  original_train = train.train_and_evaluate
+
+  def train_and_remember(config, workdir, **kw):
+    _current_workdir["dir"] = workdir
+    return original_train(config, workdir, **kw)
+  set_attr(train, "train_and_evaluate", train_and_remember)
+
+
+_current_workdir = {}
+
+
+def example_ids(workdir, num_processes):
+  """{step: ids of the global batch (process 0's rows, then process 1's ...)}, the last record
+  of each step winning (a resumed run takes the batches after its checkpoint again)."""
+  per_process = []
+  for p in range(num_processes):
+    steps = {}
+    with open(os.path.join(workdir, f"ids.{num_processes}x.process{p}.jsonl")) as f:
+      for line in f:
+        r = json.loads(line)
+        steps[r["step"]] = r["ids"]
+    per_process.append(steps)
+  return {s: sum((pp[s] for pp in per_process), []) for s in per_process[0]}
 
 
 pytestmark = pytest.mark.skipif(
@@ -108,8 +158,16 @@ def reference(tmp_path_factory):
   one_device = functools.partial(parallel.make_mesh, devices=jax.devices()[:1])
   with pytest.MonkeyPatch.context() as m:
     m.setattr(parallel, "make_mesh", one_device)
+    log_example_ids(m.setattr)
     train.train_and_evaluate(get_config("dp,jit"), workdir)
   return workdir
+
+
+def run_in_process(config, workdir):
+  """train_and_evaluate here (8 devices, 1 process), logging the example ids."""
+  with pytest.MonkeyPatch.context() as m:
+    log_example_ids(m.setattr)
+    return train.train_and_evaluate(config, workdir)
 
 
 # ----------------------------------------------------------------------- 8 devices, 1 process.
@@ -214,7 +272,7 @@ def test_two_processes_fsdp_checkpoint_resumes_in_one_process(tmp_path, referenc
   """2 processes train 2 steps with FSDP over all 8 devices; 1 process restores their sharded
   checkpoint (on its own data-parallel mesh) and trains on to step 4: the 1-device result."""
   workdir = str(tmp_path / "run")
-  procs, logs = run_processes("fsdp,jit", workdir, "--config.total_steps=2")
+  procs, logs = run_processes("fsdp,jit,ids", workdir, "--config.total_steps=2")
   assert "test accuracy" in logs[0] and "test accuracy" not in logs[1]  # printed by process 0
   assert_params_close(npz_params(workdir), checkpoint_params(reference, 2))
   assert_only_process_0_wrote(workdir, procs, [1, 2])
@@ -227,9 +285,14 @@ def test_two_processes_fsdp_checkpoint_resumes_in_one_process(tmp_path, referenc
   np.testing.assert_allclose(evaluated["accuracy"], final_eval["test_accuracy"])
   np.testing.assert_allclose(evaluated["loss"], final_eval["test_loss"], atol=1e-5)
 
-  train.train_and_evaluate(get_config("dp,jit"), workdir)
+  run_in_process(get_config("dp,jit"), workdir)
   assert_params_close(npz_params(workdir), npz_params(reference))
   assert [r["step"] for r in metrics(workdir) if "train_loss" in r] == [1, 2, 3, 4]
+  # Every step took exactly the examples of the uninterrupted 1-process run, mixup partners
+  # included (the parameters above would differ otherwise).
+  want, two, one = example_ids(reference, 1), example_ids(workdir, 2), example_ids(workdir, 1)
+  assert [two[s] for s in (0, 1)] == [want[s] for s in (0, 1)]
+  assert [one[s] for s in (2, 3)] == [want[s] for s in (2, 3)]
 
 
 @pytest.mark.slow
@@ -238,9 +301,11 @@ def test_one_process_checkpoint_resumes_in_two_pmap_processes(tmp_path, referenc
   workdir = str(tmp_path / "run")
   shutil.copytree(os.path.join(reference, "checkpoints", "2"),
                   os.path.join(workdir, "checkpoints", "2"))
-  procs, _ = run_processes("dp,pmap", workdir)
+  procs, _ = run_processes("dp,pmap,ids", workdir)
   assert_params_close(npz_params(workdir), npz_params(reference))
   assert [r["step"] for r in metrics(workdir) if "train_loss" in r] == [3, 4]
+  want, two = example_ids(reference, 1), example_ids(workdir, 2)
+  assert [two[s] for s in (2, 3)] == [want[s] for s in (2, 3)]
   np.testing.assert_allclose(metrics(workdir)[-1]["test_loss"], metrics(reference)[-1]["test_loss"],
                              atol=1e-5)
 

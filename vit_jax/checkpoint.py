@@ -1,6 +1,6 @@
 """Checkpoints: published ViT `.npz` parameters, and orbax training-state checkpoints.
 
-Published `.npz` files (shared/REFERENCE.md) hold one array per '/'-joined parameter name:
+Published `.npz` files (docs/reference.md) hold one array per '/'-joined parameter name:
   `load_npz`        file -> nested params in our model's numbering, GroupNorm params squeezed.
   `load_pretrained` adapts such params to a freshly initialised model (head, pre_logits, position
                     embedding resolution, scanned layout) and reports every mismatch by name.

@@ -102,6 +102,12 @@ class Progress:
     """Wall-clock seconds since the (re)start (or until `now`), less the excluded blocks."""
     return (time.monotonic() if now is None else now) - self.t0 - self.excluded_s
 
+  def overall(self, step: int) -> dict:
+    """img/s and ETA over the training time since the (re)start."""
+    rate = (step - self.first_step) / max(self.train_seconds(), 1e-9)
+    return {"img_per_sec": rate * self.batch_size,
+            "eta_sec": (self.total_steps - step) / max(rate, 1e-9)}
+
   def measure(self, step: int) -> dict:
     now = time.monotonic()
     last_step, last_t, last_excluded = self._last

@@ -4,12 +4,15 @@ Reads top to bottom: set-up, data, model and optimizer, state (fresh, pretrained
 step functions (jit over a mesh, or pmap), the loop (log, evaluate, checkpoint, stop cleanly),
 final evaluation and export.
 """
+import json
 import os
 import re
 import signal
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from absl import logging
+from clu import periodic_actions
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,17 +20,20 @@ import numpy as np
 import optax
 
 from vit_jax import checkpoint
+from vit_jax import config_checks
 from vit_jax import data as data_lib
 from vit_jax import metrics as metrics_lib
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax import evaluators
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import fewshot
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or gradient norm became NaN/inf; the last good checkpoint was kept."""
+  """The loss, the gradient norm, a parameter or the optimizer state became NaN/inf; the last
+  good checkpoint was kept."""
 
 
 # ------------------------------------------------------------------------------ building blocks.
@@ -42,13 +48,31 @@ def build_model(config, num_classes: int):
 
 def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = None) -> Callable:
   """The pure update: (state, batch) -> (state, metrics). With `axis_name` (pmap) the gradients
-  and metrics are averaged over that axis; under jit the batch is global and nothing is needed."""
-  smoothing = float(config.get("label_smoothing", 0.0))
-  accum = int(config.get("grad_accum_steps", 1))
+  and metrics are averaged over that axis; under jit the batch is global and nothing is needed.
+
+  Random layers (dropout, stochastic depth) draw from a key per example,
+  fold_in(fold_in(PRNGKey(seed), step), row), where `row` (batch["row"]) is the example's row in
+  the logical global batch (host p's rows come after host p-1's). So the masks depend on
+  (seed, step, example) only: jit, pmap and any number of devices or hosts draw the same ones.
+
+  Gradient accumulation splits the batch strided: micro-batch i holds rows i, i + accum,
+  i + 2 * accum, ... With each device holding a contiguous block of rows whose size is a
+  multiple of accum, every micro-batch is spread over all devices and no example moves between
+  devices (contiguous micro-batches would sit on 1/accum of the devices, and XLA would gather
+  the images to compute each of them there).
+  """
+  smoothing = float(config.label_smoothing)
+  accum = int(config.grad_accum_steps)
   seed = int(config.seed)
 
-  def loss_fn(params, images, labels, rng):
-    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+  def loss_fn(params, images, labels, rows, rng):
+    if _draws_random(model, params, images):
+      def one(image, row):  # one example, its own key
+        key = jax.random.fold_in(rng, row)
+        return model.apply({"params": params}, image[None], train=True, rngs={"dropout": key})[0]
+      logits = jax.vmap(one)(images, rows)
+    else:  # Nothing random: the batch in one call (the vmap above costs 6-16% on CPU).
+      logits = model.apply({"params": params}, images, train=True)
     if smoothing:
       labels = labels * (1.0 - smoothing) + smoothing / labels.shape[-1]
     loss = optax.softmax_cross_entropy(logits, labels).mean()
@@ -60,25 +84,24 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
   def update(state, batch):
     step, params = state["step"], state["params"]
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-    if axis_name:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    images, labels = batch["image"], batch["label"]
+    images, labels, rows = batch["image"], batch["label"], batch["row"]
     if accum == 1:
-      (loss, acc), grads = grad_fn(params, images, labels, rng)
+      (loss, acc), grads = grad_fn(params, images, labels, rows, rng)
     else:
       if images.shape[0] % accum:
         raise ValueError(f"batch {images.shape[0]} per device is not divisible by "
                          f"grad_accum_steps={accum}")
-      split = lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:])
+      # (B, ...) -> (accum, B / accum, ...), micro-batch i = rows i::accum (see the docstring).
+      split = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
 
       def micro(carry, xs):
-        i, im, lb = xs
-        (l, a), g = grad_fn(params, im, lb, jax.random.fold_in(rng, i))
+        im, lb, rw = xs
+        (l, a), g = grad_fn(params, im, lb, rw, rng)
         return jax.tree_util.tree_map(jnp.add, carry, (l, a, g)), None
 
       zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
-      (loss, acc, grads), _ = jax.lax.scan(
-          micro, zeros, (jnp.arange(accum), split(images), split(labels)))
+      (loss, acc, grads), _ = jax.lax.scan(micro, zeros,
+                                           (split(images), split(labels), split(rows)))
       loss, acc, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, acc, grads))
     if axis_name:
       loss, acc, grads = jax.lax.pmean((loss, acc, grads), axis_name)
@@ -90,6 +113,16 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
     return new_state, metrics
 
   return update
+
+
+def _draws_random(model, params, images) -> bool:
+  """Whether the model's training forward takes a 'dropout' rng (dropout or stochastic depth
+  with a rate > 0); checked on shapes only, when the update is traced."""
+  try:
+    jax.eval_shape(lambda p, x: model.apply({"params": p}, x, train=True), params, images[:1])
+  except flax.errors.InvalidRngError:
+    return True
+  return False
 
 
 def make_eval_fn(model, *, axis_name: Optional[str] = None) -> Callable:
@@ -171,9 +204,19 @@ class Runner:
                             out_shardings=(state_shardings, parallel.replicated(self.mesh)))
 
   def to_device_batch(self, local_batch):
+    """This host's numpy rows -> what the (eval/feature) step takes."""
     if self.mode == "pmap":
       return parallel.pmap_shard(local_batch)
     return parallel.global_batch(local_batch, self.mesh)
+
+  def train_batch(self, local_batch):
+    """A training batch from `data.train_iterator` -> what the update takes: images, labels and
+    `row`, each example's row in the logical global batch (host p's rows follow host p-1's),
+    which keys its dropout and stochastic-depth draws (make_update_fn)."""
+    b = len(local_batch["image"])
+    rows = jax.process_index() * b + np.arange(b, dtype=np.int32)
+    return self.to_device_batch(dict(image=local_batch["image"], label=local_batch["label"],
+                                     row=rows))
 
   def to_run_state(self, state):
     """Global (checkpoint-layout) state -> what the step takes."""
@@ -221,12 +264,13 @@ class Runner:
     return jax.tree_util.tree_map(float, tree)
 
 
-def evaluate(runner: Runner, params, source, config, split: str) -> Dict[str, float]:
+def evaluate(runner: Runner, params, source, config, split: str,
+             should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
   """Top-1 accuracy and loss over every example of `split` (the last batch padded and masked)."""
   ev = classification.ClassificationEvaluator(
       lambda p, b: runner.eval_step(p, runner.to_device_batch(b)), source, split=split,
-      pp=config.pp_eval, batch_size=config.get("eval_batch_size", config.batch_size),
-      fetch=runner.fetch)
+      pp=config.pp_eval, batch_size=config.eval_batch_size, fetch=runner.fetch,
+      should_stop=should_stop)
   return ev.run(params)
 
 
@@ -235,61 +279,189 @@ def split_name(split: str) -> str:
   return re.split(r"[\[@+]", split, maxsplit=1)[0]
 
 
-def evaluate_all(runner: Runner, params, source, config) -> Dict[str, float]:
-  """Every evaluator the config declares: top-1 on `eval_split`, few-shot when `fewshot.shots`."""
+def evaluate_all(runner: Runner, params, source, config,
+                 should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
+  """Every evaluator the config declares: top-1 on `eval_split`, few-shot when `fewshot.shots`.
+  Raises evaluators.Stopped when `should_stop()` turns true between two batches."""
   out = {}
-  if config.get("eval_split"):
-    ev = evaluate(runner, params, source, config, config.eval_split)
+  if config.eval_split:
+    ev = evaluate(runner, params, source, config, config.eval_split, should_stop)
     out.update({f"{split_name(config.eval_split)}_{k}": v for k, v in ev.items()})
-  fs = config.get("fewshot")
-  if fs and fs.get("shots"):
-    out.update(fewshot_evaluator(runner, source, config).run(params))
+  if config.fewshot.shots:
+    out.update(fewshot_evaluator(runner, source, config, should_stop).run(params))
   return out
 
 
-def fewshot_evaluator(runner: Runner, source, config):
+def fewshot_evaluator(runner: Runner, source, config, should_stop=None):
   """Few-shot linear probes on the model's pooled representation (the head is ignored)."""
   run_fn = runner.features()
   fs = config.fewshot
   return fewshot.FewShotEvaluator(
       run_fn, source, train_split=fs.train_split, test_split=fs.test_split, pp=config.pp_eval,
       shots=tuple(fs.shots), l2_reg=float(fs.l2_reg), num_trials=int(fs.num_trials),
-      seed=int(config.seed), batch_size=int(config.get("eval_batch_size", config.batch_size)),
-      gather=runner.gather_features)
+      seed=int(config.seed), batch_size=int(config.eval_batch_size),
+      gather=runner.gather_features, should_stop=should_stop)
+
+
+class StopSignals:
+  """SIGTERM (a preemption) and SIGINT (Ctrl-C) set a flag instead of killing the process; the
+  loop checks it after every step and the evaluators between batches, then the run saves and
+  returns. A second SIGINT interrupts at once (KeyboardInterrupt). Installed only in the main
+  thread of a single-process run: with several processes JAX's preemption service (started by
+  jax.distributed) takes SIGTERM and picks a step at which all processes stop."""
+
+  def __init__(self, install: bool):
+    self.signal = None
+    self._previous = {}
+    if install:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    if signum == signal.SIGINT and self.signal == signal.SIGINT:
+      raise KeyboardInterrupt()
+    self.signal = signum
+    logging.warning("Signal %d: stopping at the next step or evaluation batch and saving.",
+                    signum)
+
+  def __call__(self) -> bool:
+    return self.signal is not None
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------- training.
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Trains (or resumes) in `workdir` and returns the final evaluation metrics."""
-  # ----- Set-up.
+COMPLETE = "complete.json"  # written last: the run trained to its end, evaluated and exported
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def _resolve_durations(config, steps_per_epoch: int):
+  """(total, warmup, log_every, eval_every, checkpoint_every) in steps."""
+  batch_size = int(config.batch_size)
+  every = lambda name, default=0, required=False: optim.durations(
+      config, name, steps_per_epoch=steps_per_epoch, batch_size=batch_size, default=default,
+      required=required)
+  total = every("total", required=True)
+  return (total, every("lr.warmup"), every("log_every", max(1, min(100, total // 20))),
+          every("eval_every"), every("checkpoint_every"))
+
+
+def check_resume(workdir: str, config, *, start_step: int, total_steps: int,
+                 steps_per_epoch: int, allow_config_change: bool) -> None:
+  """A resumed run's config against the workdir's config.json: a change that alters the data
+  order, the schedule or the model is an error listing the keys (config_checks.RESUME_FREE lists
+  what may change); a longer total duration is allowed. `allow_config_change` turns the error
+  into a warning."""
+  path = os.path.join(workdir, "config.json")
+  if not start_step or not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = ml_collections.ConfigDict(json.load(f))
+  lines = config_checks.resume_changes(saved, config)
+  try:
+    old_total = _resolve_durations(saved, steps_per_epoch)[0]
+  except (ValueError, KeyError, AttributeError):
+    old_total = None
+  if old_total is not None and total_steps < old_total:
+    lines.append(f"total duration: {old_total} -> {total_steps} steps (only a longer run may "
+                 "resume: a shorter one changes the schedule of the steps already taken)")
+  if not lines:
+    return
+  msg = (f"{workdir} holds a run at step {start_step} started with another config; these keys "
+         "changed: " + "; ".join(lines))
+  if not allow_config_change:
+    raise config_checks.ConfigError(
+        msg + ". Use another --workdir, or pass --allow_config_change to resume anyway.")
+  logging.warning("%s. Resuming anyway (--allow_config_change).", msg)
+
+
+def _check_data_order(workdir: str, source, start_step: int, allow_change: bool) -> None:
+  """In-memory sources give every step the same global batch whatever the process count; TFDS
+  sources stream a part of the split per host, so their order depends on it. The count a
+  streamed run started with is kept in data_order.json; resuming with another is an error."""
+  if isinstance(source, data_lib.ArraySource):
+    return
+  path, count = os.path.join(workdir, "data_order.json"), jax.process_count()
+  if start_step and os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)["process_count"]
+    if before != count and not allow_change:
+      raise config_checks.ConfigError(
+          f"{workdir} was trained with {before} processes and {source.name} is streamed per "
+          f"process, so with {count} the examples of every later step would change. Resume with "
+          f"{before} processes, or pass --allow_config_change to accept the new order.")
+  if jax.process_index() == 0 and (not start_step or not os.path.exists(path)):
+    _write_json(path, {"process_count": count})
+
+
+def _save_config(workdir: str, config, start_step: int) -> None:
+  """config.json: the config the run was started with; a changed config that was allowed to
+  resume is written too, and the previous one kept as config.step{N}.json."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    if start_step:
+      os.replace(path, os.path.join(workdir, f"config.step{start_step}.json"))
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False,
+                       progress_every_secs: float = 10.0) -> Dict[str, Any]:
+  """Trains (or resumes) in `workdir` and returns the final evaluation metrics.
+
+  A workdir whose run is complete (complete.json) is left as it is: the result says
+  `already_complete` (with the step and the metrics it ended with) and nothing is written.
+  """
+  # ----- Checks: everything the config can get wrong, before any data is read.
+  config_checks.validate(config, device_count=jax.device_count(),
+                         process_count=jax.process_count(),
+                         model_fields=models.fields(config.model_name))
   os.makedirs(workdir, exist_ok=True)
-  writer = metrics_lib.create_writer(workdir)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  complete_path = os.path.join(workdir, COMPLETE)
+  ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=int(config.keep_checkpoints),
+                                      async_save=bool(config.checkpoint_async))
+  start_step = ckpt.latest_step() or 0
 
   # ----- Data.
   source = data_lib.get_source(config.dataset)
   batch_size = int(config.batch_size)
   steps_per_epoch = data_lib.steps_per_epoch(source, config.train_split, batch_size)
-  total_steps = optim.durations(config, "total", steps_per_epoch=steps_per_epoch,
-                                batch_size=batch_size, required=True)
-  every = lambda name, default: optim.durations(
-      config, name, steps_per_epoch=steps_per_epoch, batch_size=batch_size, default=default)
-  log_every = every("log_every", max(1, min(100, total_steps // 20)))
-  eval_every = every("eval_every", 0)
-  ckpt_every = every("checkpoint_every", 0)
+  total_steps, warmup, log_every, eval_every, ckpt_every = _resolve_durations(config,
+                                                                               steps_per_epoch)
+  check_resume(workdir, config, start_step=start_step, total_steps=total_steps,
+               steps_per_epoch=steps_per_epoch, allow_config_change=allow_config_change)
+  _check_data_order(workdir, source, start_step, allow_config_change)
+  if os.path.exists(complete_path) and start_step >= total_steps:
+    ckpt.close()
+    with open(complete_path) as f:
+      done = json.load(f)
+    return dict(done, already_complete=True, step=start_step)
+  _save_config(workdir, config, start_step)
+  writer = metrics_lib.create_writer(workdir)
 
-  ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=int(config.get("keep_checkpoints", 2)))
-  start_step = ckpt.latest_step() or 0
   train_iter = data_lib.train_iterator(
       source, split=config.train_split, pp=config.pp_train, batch_size=batch_size,
-      seed=int(config.seed), start_step=start_step, mixup=float(config.get("mixup", 0.0)))
+      seed=int(config.seed), start_step=start_step, mixup=float(config.mixup))
   first_batch = next(train_iter)
 
   # ----- Model and optimizer.
-  warmup = optim.durations(config, "lr.warmup", steps_per_epoch=steps_per_epoch,
-                           batch_size=batch_size)
   trainer = build_trainer(config, source.num_classes, first_batch["image"].shape[1:],
                           total_steps=total_steps, warmup_steps=warmup)
   tx, runner, shardings = trainer.tx, trainer.runner, trainer.shardings
@@ -301,36 +473,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   else:
     rng = jax.random.PRNGKey(int(config.seed))
     state = jax.jit(trainer.init_state, out_shardings=shardings)(rng)
-    if config.get("pretrained") and config.pretrained.get("path"):
+    if config.pretrained.path:
       params = checkpoint.load_pretrained(
           config.pretrained.path, parallel.to_host(state["params"]),
-          strict=bool(config.pretrained.get("strict", True)))
+          strict=bool(config.pretrained.strict))
       params = parallel.from_host(params, shardings["params"])
       state = jax.jit(lambda p: new_state(p, tx), out_shardings=shardings)(params)
   runner.compile(shardings)
   run_state = runner.to_run_state(state)
   del state
+  finite = jax.jit(_finite_leaves)
 
-  # ----- Stop cleanly on SIGTERM (preemption): save, then return. With several processes, JAX's
-  # preemption service (started by jax.distributed) catches it and picks a step all stop at.
-  stop = {"signal": None}
-  def on_signal(signum, _):
-    stop["signal"] = signum
+  # ----- Stop cleanly on SIGTERM / SIGINT: save, then return.
   multiprocess = jax.process_count() > 1
-  previous_handler = (signal.signal(signal.SIGTERM, on_signal)
-                      if _main_thread() and not multiprocess else None)
+  stop = StopSignals(install=_main_thread() and not multiprocess)
 
   def save(step, rs, last_metrics):
+    """Saves (asynchronously) after checking that the loss, the gradient norm, the parameters
+    and the optimizer state are all finite: no saved checkpoint is ever NaN/inf."""
     if last_metrics is not None:
       _check_finite(last_metrics, step, ckpt)
-    ckpt.save(step, runner.to_global_state(rs, shardings), force=True)
+    global_state = runner.to_global_state(rs, shardings)
+    bad = [name for name, ok in zip(_leaf_names(global_state),
+                                    jax.device_get(finite(global_state))) if not ok]
+    if bad:
+      _raise_nonfinite(f"non-finite values in {', '.join(bad[:5])}"
+                       f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}", step, ckpt)
+    ckpt.save(step, global_state, force=True)
+
+  def stopped(step, rs, last_metrics):
+    save(step, rs, last_metrics)
+    ckpt.wait()
+    logging.warning("Signal %d: saved the checkpoint of step %d in %s; run the same command "
+                    "again to resume.", stop.signal, step, workdir)
+    return {"stopped_at_step": step}
 
   # ----- The loop.
   progress = metrics_lib.Progress(first_step=start_step, total_steps=total_steps,
                                   batch_size=batch_size)
-  eval_split = config.get("eval_split")
+  # The console line: at the first and last step and every `progress_every_secs` (the metrics
+  # rows of metrics.jsonl and TensorBoard follow log_every).
+  console = periodic_actions.PeriodicCallback(
+      every_secs=progress_every_secs, on_steps=[start_step + 1, total_steps],
+      callback_fn=lambda step, t, metrics: logging.info(metrics_lib.format_progress(
+          step, total_steps, {**runner.fetch(metrics), **progress.overall(step)})))
+  eval_split = config.eval_split
   step, pending, result = start_step, None, {}
-  batch = runner.to_device_batch(first_batch)
+  step_metrics = None
+  batch = runner.train_batch(first_batch) if step < total_steps else None
   logging.info("Training %s for %d steps (%d per epoch) from step %d; batch %d, %s mode on %d "
                "devices.", config.model_name, total_steps, steps_per_epoch, start_step,
                batch_size, runner.mode, jax.device_count())
@@ -339,7 +529,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       run_state, step_metrics = runner.update(run_state, batch)
       step += 1
       if step < total_steps:
-        batch = runner.to_device_batch(next(train_iter))  # overlaps with the step in flight
+        batch = runner.train_batch(next(train_iter))  # overlaps with the step in flight
       last = step == total_steps
 
       if step % log_every == 0 or last:
@@ -347,34 +537,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         _check_finite(m, step, ckpt)
         m.update(progress.measure(step))
         writer.write_scalars(step, m)
-        logging.info(metrics_lib.format_progress(step, total_steps, m))
         pending = None
       else:
         pending = step_metrics
+      console(step, metrics=step_metrics)
 
       if eval_every and step % eval_every == 0 and not last:
         with progress.excluded():
-          writer.write_scalars(step, evaluate_all(
-              runner, runner.params_for_eval(run_state), source, config))
+          try:
+            writer.write_scalars(step, evaluate_all(
+                runner, runner.params_for_eval(run_state), source, config, stop))
+          except evaluators.Stopped:
+            return stopped(step, run_state, runner.fetch(step_metrics))
 
       if (ckpt_every and step % ckpt_every == 0) or last:
         with progress.excluded():
           save(step, run_state, runner.fetch(pending) if pending is not None else None)
 
       if multiprocess and parallel.reached_preemption_sync_point(step):
-        stop["signal"] = signal.SIGTERM
-      if stop["signal"] is not None:
-        save(step, run_state, runner.fetch(step_metrics))
-        ckpt.wait()
-        logging.warning("Signal %d: saved the checkpoint of step %d in %s; run the same "
-                        "command again to resume.", stop["signal"], step, workdir)
-        return {"stopped_at_step": step}
+        stop.signal = signal.SIGTERM
+      if stop():
+        return stopped(step, run_state, runner.fetch(step_metrics))
 
     # ----- Final evaluation and export.
     ckpt.wait()
     train_seconds = progress.train_seconds()
     params = runner.params_for_eval(run_state)
-    final = evaluate_all(runner, params, source, config)
+    try:
+      final = evaluate_all(runner, params, source, config, stop)
+    except evaluators.Stopped:
+      return stopped(step, run_state, None)
     writer.write_scalars(step, final)
     if eval_split:
       prefix = split_name(eval_split) + "_"
@@ -383,15 +575,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     result["metrics"] = final
     result.update(steps=step - start_step, examples=(step - start_step) * batch_size,
                   train_seconds=train_seconds)
-    if config.get("export_npz", True):
+    if config.export_npz:
       export(runner.to_global_state(run_state, shardings)["params"],
              os.path.join(workdir, "params.npz"))
+    if jax.process_index() == 0:
+      _write_json(complete_path, dict(
+          {k: v for k, v in result.items() if k not in ("steps", "examples", "train_seconds")},
+          step=step))
     return result
   finally:
     writer.flush()
     ckpt.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+    stop.restore()
 
 
 def export(params, path: str):
@@ -431,14 +626,28 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   return result
 
 
+def _finite_leaves(tree):
+  """A bool per leaf of `tree` (jit it): True where every value is finite (non-float: True)."""
+  return [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+          for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _leaf_names(tree):
+  return [parallel.leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _raise_nonfinite(what: str, step: int, ckpt) -> None:
+  kept = ckpt.latest_step()
+  raise NonFiniteLossError(
+      f"{what} at step {step}: training stopped. The last good checkpoint "
+      f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept; lower lr.base, "
+      "add warm-up or gradient clipping, then rerun to resume from it.")
+
+
 def _check_finite(m: Dict[str, float], step: int, ckpt) -> None:
   bad = {k: v for k, v in m.items() if k in ("train_loss", "grad_norm") and not np.isfinite(v)}
   if bad:
-    kept = ckpt.latest_step()
-    raise NonFiniteLossError(
-        f"{bad} at step {step}: training stopped. The last good checkpoint "
-        f"({'step ' + str(kept) if kept is not None else 'none yet'}) is kept; lower lr.base, "
-        "add warm-up or gradient clipping, then rerun to resume from it.")
+    _raise_nonfinite(str(bad), step, ckpt)
 
 
 def _main_thread() -> bool:

@@ -103,3 +103,17 @@ def test_image_folder_missing_directory_is_named(tmp_path):
     data.get_source({"name": "image_folder", "data_dir": missing})
   with pytest.raises(ValueError, match="needs cfg.data_dir"):
     data.get_source({"name": "image_folder"})
+
+
+def test_tfds_preparation_failure_is_one_plain_message(tmp_path, monkeypatch):
+  """A data set that cannot be prepared (no network here) gives a short FileNotFoundError that
+  says what to do, not the download error's many lines."""
+  def fail(self, **kwargs):
+    raise ConnectionError("Failed to reach host\n" + "\n".join(f"  frame {i}" for i in range(70)))
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
+  with pytest.raises(FileNotFoundError) as e:
+    data.get_source({"name": "tfds:mnist", "data_dir": str(tmp_path)})
+  message = str(e.value)
+  assert "\n" not in message and len(message) < 600
+  assert "'mnist' is not prepared" in message and "Failed to reach host" in message
+  assert "tfds build" in message and "data_dir" in message

@@ -1,13 +1,21 @@
 """Tests for experiments/aggregate.py on hand-written metrics files: completion, core-hours over
-restarts, parameter counts, the table and the plots."""
+restarts, parameter counts, the table and the plots; and that it never destroys results (a folder
+that is not a runner's --out, a missing path, a table that would lose rows), in Python and on the
+command line."""
 import csv
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from experiments import aggregate
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FMNIST_RESULTS = os.path.join(REPO_ROOT, "experiments", "results", "fmnist_data_scaling")
 
 
 def _write(workdir, rows, config=None):
@@ -84,3 +92,180 @@ def test_result_row_and_table(tmp_path):
                                          ("BiT-R50x1", "ResNet"), ("Swin-T", "Swin")])
 def test_family_of(name, family):
   assert aggregate.family_of(name) == family
+
+
+# ---------------------------------------------------------------- results are never destroyed.
+def _snapshot(folder):
+  """{relative path: bytes} of every file under `folder`."""
+  files = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, folder)] = f.read()
+  return files
+
+
+def _copy_fmnist_results(tmp_path):
+  """A copy of the committed results folder: results.csv/json and plots, no sweep.json/points/."""
+  out = str(tmp_path / "fmnist_data_scaling")
+  shutil.copytree(FMNIST_RESULTS, out)
+  assert not os.path.exists(os.path.join(out, "sweep.json"))
+  assert not os.path.exists(os.path.join(out, "points"))
+  return out
+
+
+def _sweep_folder(out, names=("a", "b", "c")):
+  """A runner --out folder with a finished point per name; returns the sweep.json points."""
+  points = []
+  for i, name in enumerate(names):
+    _write(os.path.join(out, "points", name), RESUMED)
+    points.append({"name": name, "config": "c.py:x", "overrides": {"seed": i},
+                   "tags": {"family": "ViT", "model": "ViT-Mu/7", "train_size": 1000 * (i + 1),
+                            "seed": 0}})
+  with open(os.path.join(out, "sweep.json"), "w") as f:
+    json.dump({"name": "s", "points": points}, f)
+  return points
+
+
+def _csv_rows(out):
+  with open(os.path.join(out, "results.csv"), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _stderr_lines(text):
+  return [line for line in text.splitlines() if line.strip()]
+
+
+def test_results_folder_without_sweep_is_left_byte_identical(tmp_path, capsys):
+  out = _copy_fmnist_results(tmp_path)
+  before = _snapshot(out)
+  assert len(_csv_rows(out)) == 15
+  rc = aggregate.main([out])
+  err = capsys.readouterr().err
+  assert rc not in (0, None)
+  assert _snapshot(out) == before  # results.csv, results.json and the plots: byte-identical.
+  assert "no sweep.json or points/" in err and "python -m experiments.runner" in err
+  assert 1 <= len(_stderr_lines(err)) <= 2
+  with pytest.raises(aggregate.AggregateError, match="expected the --out folder"):
+    aggregate.aggregate(out, log=lambda _: None)
+  assert _snapshot(out) == before
+
+
+def test_missing_path_is_an_error_and_is_not_created(tmp_path, capsys):
+  out = str(tmp_path / "no" / "such" / "folder")
+  rc = aggregate.main([out])
+  err = capsys.readouterr().err
+  assert rc not in (0, None)
+  assert not os.path.exists(str(tmp_path / "no"))
+  assert "does not exist" in err and "python -m experiments.runner" in err
+  with pytest.raises(aggregate.AggregateError, match="does not exist"):
+    aggregate.aggregate(out, log=lambda _: None)
+  assert not os.path.exists(str(tmp_path / "no"))
+
+
+def test_empty_folder_is_an_error_and_nothing_is_written(tmp_path, capsys):
+  out = str(tmp_path / "empty")
+  os.mkdir(out)
+  assert aggregate.main([out]) not in (0, None)
+  assert "no sweep.json or points/" in capsys.readouterr().err
+  assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("lose", ["workdir", "json_only"])
+def test_fewer_rows_refused_without_the_flag(tmp_path, capsys, lose):
+  out = str(tmp_path)
+  _sweep_folder(out)
+  assert len(aggregate.aggregate(out, log=lambda _: None)) == 3
+  assert len(aggregate.aggregate(out, log=lambda _: None)) == 3  # Same rows: rewritten, fine.
+  if lose == "workdir":  # A point's workdir deleted (e.g. to restart it): 2 rows now, not 3.
+    shutil.rmtree(os.path.join(out, "points", "b"))
+    expect = 2
+  else:  # results.json alone holds more rows than the points (results.csv has as many).
+    with open(os.path.join(out, "results.json")) as f:
+      table = json.load(f)
+    with open(os.path.join(out, "results.json"), "w") as f:
+      json.dump(table + [dict(table[0], name="extra")], f)
+    expect = 3
+  before = _snapshot(out)
+  tables = {k: v for k, v in before.items() if k in ("results.csv", "results.json")}
+
+  rc = aggregate.main([out])
+  err = capsys.readouterr().err
+  assert rc not in (0, None)
+  assert "--allow_fewer_rows" in err and "row" in err
+  assert 1 <= len(_stderr_lines(err)) <= 2
+  assert {k: v for k, v in _snapshot(out).items() if k in tables} == tables
+  assert _snapshot(out) == before  # Plots and result.json files untouched too.
+  with pytest.raises(aggregate.AggregateError, match="allow_fewer_rows"):
+    aggregate.aggregate(out, log=lambda _: None)
+
+  assert aggregate.main([out, "--allow_fewer_rows"]) == 0
+  capsys.readouterr()
+  assert len(_csv_rows(out)) == expect
+  with open(os.path.join(out, "results.json")) as f:
+    assert len(json.load(f)) == expect
+  if lose == "workdir":
+    assert [r["name"] for r in _csv_rows(out)] == ["a", "c"]
+
+
+def test_unreadable_table_is_not_replaced_without_the_flag(tmp_path, capsys):
+  out = str(tmp_path)
+  _sweep_folder(out, names=("a",))
+  with open(os.path.join(out, "results.json"), "w") as f:
+    f.write("{not json")
+  assert aggregate.main([out]) not in (0, None)
+  assert "cannot be read" in capsys.readouterr().err
+  with open(os.path.join(out, "results.json")) as f:
+    assert f.read() == "{not json"
+  assert aggregate.main([out, "--allow_fewer_rows"]) == 0
+  with open(os.path.join(out, "results.json")) as f:
+    assert len(json.load(f)) == 1
+
+
+def test_bad_sweep_json_is_a_plain_error(tmp_path, capsys):
+  out = str(tmp_path)
+  with open(os.path.join(out, "sweep.json"), "w") as f:
+    f.write("[]")
+  assert aggregate.main([out]) not in (0, None)
+  err = capsys.readouterr().err
+  assert "sweep.json" in err and 1 <= len(_stderr_lines(err)) <= 2
+  assert sorted(os.listdir(out)) == ["sweep.json"]
+
+
+def _cli(*args):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(
+      os.pathsep) if p])
+  return subprocess.run([sys.executable, "-m", "experiments.aggregate", *args], cwd=REPO_ROOT,
+                        env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_errors_are_one_or_two_lines_and_non_zero(tmp_path):
+  results = _copy_fmnist_results(tmp_path)
+  missing = str(tmp_path / "missing")
+  fewer = str(tmp_path / "sweep")
+  os.mkdir(fewer)
+  _sweep_folder(fewer)
+  assert _cli(fewer).returncode == 0
+  shutil.rmtree(os.path.join(fewer, "points", "a"))
+  cases = {results: "no sweep.json or points/", missing: "does not exist",
+           fewer: "--allow_fewer_rows"}
+  before = {out: _snapshot(out) for out in (results, fewer)}
+  for out, message in cases.items():
+    proc = _cli(out)
+    lines = _stderr_lines(proc.stderr)
+    assert proc.returncode != 0, (out, proc.stdout, proc.stderr)
+    assert 1 <= len(lines) <= 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert lines[0].startswith("python -m experiments.aggregate: error: "), proc.stderr
+  assert not os.path.exists(missing)
+  assert {out: _snapshot(out) for out in (results, fewer)} == before
+
+  proc = _cli(fewer, "--allow_fewer_rows")
+  assert proc.returncode == 0, proc.stderr
+  assert len(_csv_rows(fewer)) == 2
+  help_text = _cli("--help")
+  assert help_text.returncode == 0 and "--allow_fewer_rows" in help_text.stdout
+  assert "--allow_fewer_rows" in aggregate.__doc__

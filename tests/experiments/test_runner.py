@@ -22,7 +22,10 @@ TINY = {"model.hidden_size": 16, "model.mlp_dim": 32, "model.num_heads": 2,
         "model.num_layers": 1, "dataset.name": "tfds:mnist", "eval_split": "test[:50]",
         "batch_size": 16, "eval_batch_size": 16, "log_every_steps": 1,
         "checkpoint_every_steps": 2, "eval_every_examples": 48, "lr.warmup_epochs": 0.0,
-        "fewshot.shots": (1, 2), "fewshot.train_split": "train", "fewshot.test_split": "test[:50]"}
+        "fewshot.shots": (1, 2), "fewshot.train_split": "train", "fewshot.test_split": "test[:50]",
+        # tfds.testing.mock_data redirects file writes under /tmp; orbax's background writer
+        # thread then misses the directories it made (a crashed run's save fails).
+        "checkpoint_async": False}
 CONFIG = "configs/fashion_mnist.py:vit"
 
 

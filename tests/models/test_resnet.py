@@ -11,9 +11,9 @@ import pytest
 from vit_jax import models
 from vit_jax.models import resnet
 
-# shared/REFERENCE.md, 224 px, 1000-class head. The published hybrid counts and BiT-M-R50x1's
-# were re-derived by hand (`_arithmetic_count` below: conv kernels + 2 * GN channels + head, ViT
-# as in test_vit.py) before being asserted.
+# docs/reference.md, "ViT configurations and parameter counts": 224 px, 1000-class head. The
+# published hybrid counts and BiT-M-R50x1's were re-derived by hand (`_arithmetic_count` below:
+# conv kernels + 2 * GN channels + head, ViT as in test_vit.py) before being asserted.
 PUBLISHED_COUNTS = {
     "R+ViT-Ti/16": 6_337_704, "R26+ViT-S/32": 36_431_912, "R26+ViT-B/32": 101_383_976,
     "R50+ViT-B/16": 98_659_112, "R50+ViT-L/32": 328_994_856, "BiT-R50x1": 25_549_352,

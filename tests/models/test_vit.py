@@ -8,7 +8,7 @@ import pytest
 from vit_jax import models
 from vit_jax.models import layers, vit
 
-# shared/REFERENCE.md, 224 px, 1000-class head.
+# docs/reference.md, "ViT configurations and parameter counts": 224 px, 1000-class head.
 PUBLISHED_COUNTS = {
     "ViT-Ti/16": 5_717_416, "ViT-S/16": 22_050_664, "ViT-B/16": 86_567_656,
     "ViT-B/32": 88_224_232, "ViT-L/16": 304_326_632, "ViT-L/32": 306_535_400,

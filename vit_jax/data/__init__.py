@@ -3,5 +3,6 @@ preprocessing strings and deterministic, resumable per-host iterators. Never imp
 from vit_jax.data.pipeline import eval_iterator
 from vit_jax.data.pipeline import steps_per_epoch
 from vit_jax.data.pipeline import train_iterator
+from vit_jax.data.sources import ArraySource
 from vit_jax.data.sources import get_source
 from vit_jax.data.sources import Source

@@ -16,8 +16,10 @@ Training (`train_iterator`) is an infinite stream in which everything follows fr
 Random augmentations draw uniforms with stateless tf.random ops: for fixed-shape sources the whole
 global batch at once, `stateless_uniform((B, k), seed=(K_aug, s))`, row r belonging to position
 s*B + r (TFDS: host-local rows, key K_aug(p)); for variable-size sources each example its own
-`stateless_uniform((1, k), seed=(K_aug, position))`. Mixup (Beta(a, a), lambda = max(l, 1 - l),
-partner = the previous example of the host batch) takes its lambda from (K_mix, s).
+`stateless_uniform((1, k), seed=(K_aug, position))`. Mixup (Beta(a, a), lambda = max(l, 1 - l))
+takes its lambda from (K_mix, s); each row's partner is the row before it in the global batch
+(row 0's: the last row), so in-memory sources mix the same pairs whatever the host count (each
+host also loads the row before its first). TFDS streams mix within the host's rows.
 The K's are derived from `seed` (and the host for TFDS) with numpy's SeedSequence.
 
 Evaluation (`eval_iterator`) gives host p the contiguous part p of the split, pads it with masked
@@ -92,14 +94,23 @@ class _Chain:
                        "it with a fixed size (resize, central_crop, random_crop, inception_crop).")
 
 
-def _finish(images, labels, num_classes: int, mixup: float = 0.0, seed=None):
+def _finish(images, labels, num_classes: int, mixup: float = 0.0, seed=None,
+            partner_row: bool = False):
+  """One-hot labels, and mixup: each row mixed with the row before it (row 0 with the last one),
+  lambda ~ Beta(mixup, mixup) folded to >= 0.5, one per batch. With `partner_row` the first row is
+  only the partner of the second (the global batch's row before this host's first) and is
+  dropped: then every host mixes with the same partners as one host holding the global batch."""
   labels = tf.one_hot(labels, num_classes, dtype=tf.float32)
   if mixup > 0:
     g = tf.random.stateless_gamma([2], seed, alpha=mixup)
     lam = tf.where(g[0] + g[1] > 0, g[0] / (g[0] + g[1]), 1.0)
     lam = tf.maximum(lam, 1.0 - lam)
-    images = lam * images + (1.0 - lam) * tf.roll(images, 1, axis=0)
-    labels = lam * labels + (1.0 - lam) * tf.roll(labels, 1, axis=0)
+    if partner_row:
+      images = lam * images[1:] + (1.0 - lam) * images[:-1]
+      labels = lam * labels[1:] + (1.0 - lam) * labels[:-1]
+    else:
+      images = lam * images + (1.0 - lam) * tf.roll(images, 1, axis=0)
+      labels = lam * labels + (1.0 - lam) * tf.roll(labels, 1, axis=0)
   return {"image": images, "label": labels}
 
 
@@ -144,8 +155,9 @@ def train_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_siz
                    prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
   """Infinite, deterministic training batches for this host, starting at step `start_step`.
 
-  Yields {"image": float32 (B/P, H, W, C), "label": float32 one-hot (B/P, K)}; `batch_size` is
-  global (B), P the process count. Batch k is the batch of step start_step + k, bitwise the same
+  Yields {"image": float32 (B/P, H, W, C), "label": float32 one-hot (B/P, K)} and, for in-memory
+  sources, "id": int64 (B/P,) the table index of each row's example; `batch_size` is global (B),
+  P the process count. Batch k is the batch of step start_step + k, bitwise the same
   as in an uninterrupted run. `mixup` > 0 mixes each host batch with Beta(mixup, mixup).
   """
   sources_lib.hide_accelerators()
@@ -167,37 +179,48 @@ def train_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_siz
 
 def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, pp):
   """Global permutation per epoch of `indices` (into the source's table), host p takes its rows
-  of each global batch."""
+  of each global batch (and, with mixup, the row before them: its first row's partner)."""
   n = len(indices)
   idx = tf.constant(indices)
   perm_key, aug_key, mix_key = _key(seed, _PERM), _key(seed, _AUG), _key(seed, _MIXUP)
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  extra = 1 if mixup > 0 else 0  # the partner row
+  rows = tf.constant((p * b - extra + np.arange(b + extra)) % B, tf.int64)  # rows of the global
+  # batch this host loads: its own, after the partner row (the last one's for host 0).
 
-  def lookup(step):  # (b,) global stream positions of this host's rows, and their indices.
-    pos = tf.cast(step, tf.int64) * B + p * b + tf.range(b, dtype=tf.int64)
+  def lookup(step):  # (b + extra,) global stream positions of those rows, and their indices.
+    pos = tf.cast(step, tf.int64) * B + rows
     epoch = pos // n
-    seeds = tf.stack([tf.fill([b], tf.constant(perm_key, tf.int64)), epoch, 0 * epoch], axis=1)
+    seeds = tf.stack([tf.fill([b + extra], tf.constant(perm_key, tf.int64)), epoch, 0 * epoch],
+                     axis=1)
     # The raw op: tf.random.experimental.index_shuffle mishandles a batch of seeds (TF 2.21).
-    order = tf.raw_ops.RandomIndexShuffle(index=pos % n, seed=seeds,  # seeds (b, 3)
+    order = tf.raw_ops.RandomIndexShuffle(index=pos % n, seed=seeds,  # seeds (b + extra, 3)
                                           max_index=tf.constant(n - 1, tf.int64), rounds=4)
     return pos, tf.gather(idx, order)
 
+  def finish(step, images, labels, ids):
+    out = _finish(images, labels, source.num_classes, mixup, _seed(mix_key, step),
+                  partner_row=bool(extra))
+    out["id"] = ids[extra:]  # the table index of each row (of its first example, with mixup)
+    return out
+
   if chain.batched:
     def step_fn(step):
-      ex = source.load(lookup(step)[1])
-      u = tf.random.stateless_uniform([B, chain.num_random], _seed(aug_key, step))[p * b:][:b]
-      return _finish(chain.batch(ex["image"], u), ex["label"], source.num_classes, mixup,
-                     _seed(mix_key, step))
+      ids = lookup(step)[1]
+      ex = source.load(ids)
+      u = tf.gather(tf.random.stateless_uniform([B, chain.num_random], _seed(aug_key, step)),
+                    rows)
+      return finish(step, chain.batch(ex["image"], u), ex["label"], ids)
     ds = tf.data.Dataset.counter(start_step).map(step_fn, **parallel)
   else:
     def example_fn(pos, i):
       ex = source.load(i)
-      return chain.example(ex["image"], _seed(aug_key, pos)), ex["label"]
+      return chain.example(ex["image"], _seed(aug_key, pos)), ex["label"], i
     ds = tf.data.Dataset.counter(start_step).map(lookup).unbatch().map(example_fn, **parallel)
     chain.check_fixed(ds.element_spec[0], pp)
-    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds.batch(b))
-    ds = ds.map(lambda step, ex: _finish(chain.batch(ex[0], None), ex[1], source.num_classes,
-                                         mixup, _seed(mix_key, step)), **parallel)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds.batch(b + extra))
+    ds = ds.map(lambda step, ex: finish(step, chain.batch(ex[0], None), ex[1], ex[2]),
+                **parallel)
   on_error = _diagnose(source, lambda j: lookup(start_step + j)[1].numpy())
   return ds, on_error
 

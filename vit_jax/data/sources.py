@@ -145,9 +145,10 @@ class TfdsSource(Source):
         self.builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
       except Exception as e:  # pylint: disable=broad-except
-        raise RuntimeError(
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise FileNotFoundError(
             f"TFDS data set {name!r} is not prepared in {self.builder.data_dir!r} and preparing it "
-            f"failed ({type(e).__name__}: {e}). Prepare it where there is network access "
+            f"failed ({type(e).__name__}: {first_line}). Prepare it where there is network access "
             "(`tfds build`), then point cfg.data_dir at that TFDS data_dir; data sets that need "
             "manual downloads want cfg.manual_dir.") from e
     features = self.builder.info.features

@@ -1,7 +1,8 @@
 """Top-1 accuracy and mean loss over every example of a split (padded, masked last batch)."""
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 from vit_jax import data as data_lib
+from vit_jax import evaluators
 
 
 class ClassificationEvaluator:
@@ -9,14 +10,15 @@ class ClassificationEvaluator:
   them into Python floats. Every example of the split counts exactly once."""
 
   def __init__(self, step_fn: Callable, source, *, split: str, pp: str, batch_size: int,
-               fetch: Callable):
+               fetch: Callable, should_stop: Optional[Callable[[], bool]] = None):
     self.step_fn, self.source, self.split, self.pp = step_fn, source, split, pp
-    self.batch_size, self.fetch = batch_size, fetch
+    self.batch_size, self.fetch, self.should_stop = batch_size, fetch, should_stop
 
   def run(self, params) -> Dict[str, float]:
     totals = None
     for batch in data_lib.eval_iterator(self.source, split=self.split, pp=self.pp,
                                         batch_size=self.batch_size):
+      evaluators.check(self.should_stop)
       out = self.step_fn(params, batch)
       totals = out if totals is None else {k: totals[k] + out[k] for k in out}
     totals = self.fetch(totals)

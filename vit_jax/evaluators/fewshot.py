@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from vit_jax import data as data_lib
+from vit_jax import evaluators
 
 
 def sample_shots(labels: np.ndarray, shots: Sequence[int], num_classes: int,
@@ -97,7 +98,8 @@ class FewShotEvaluator:
   def __init__(self, run_fn: Callable, source, *, train_split: str, test_split: str, pp: str,
                shots: Sequence[int], l2_reg: float, num_trials: int = 1, seed: int = 0,
                batch_size: int, gather: Callable,
-               allgather: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+               allgather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+               should_stop: Optional[Callable[[], bool]] = None):
     shots = tuple(int(k) for k in shots)
     if not shots or min(shots) < 1:
       raise ValueError(f"fewshot.shots must be positive integers, got {shots}.")
@@ -107,7 +109,7 @@ class FewShotEvaluator:
     self.run_fn, self.source, self.pp, self.gather = run_fn, source, pp, gather
     self.train_split, self.test_split = train_split, test_split
     self.shots, self.l2_reg, self.num_trials, self.seed = shots, float(l2_reg), num_trials, seed
-    self.batch_size = batch_size
+    self.batch_size, self.should_stop = batch_size, should_stop
     # (local_rows, ...) -> (P, local_rows, ...) across processes; identity with one process.
     self.allgather = allgather or _process_allgather
 
@@ -116,6 +118,7 @@ class FewShotEvaluator:
     feats, labels, masks = [], [], []
     for batch in data_lib.eval_iterator(self.source, split=split, pp=self.pp,
                                         batch_size=self.batch_size):
+      evaluators.check(self.should_stop)
       feats.append(np.asarray(self.gather(self.run_fn(params, batch)), np.float32))
       labels.append(np.argmax(batch["label"], axis=-1))
       masks.append(batch["mask"])

@@ -23,6 +23,15 @@ def known_names():
   return [n for family, _ in _FAMILIES for n in family.NAMES]
 
 
+def fields(name: str) -> set:
+  """The fields a model of this name takes as overrides (`get_model(name, **overrides)`), but
+  `num_classes`, which the trainer sets from the data set."""
+  for family, cls in _FAMILIES:
+    if family.config_from_name(name) is not None:
+      return {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes"}
+  raise ValueError(f"Unknown model name {name!r}. Known models: {', '.join(known_names())}.")
+
+
 def get_model(name: str, **overrides) -> nn.Module:
   """Returns the linen Module for `name` (e.g. "ViT-B/16"), with fields overridden by `overrides`.
 

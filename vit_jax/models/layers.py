@@ -1,7 +1,8 @@
 """Layers that more than one model family uses: attention, MLP block, stochastic depth, posembs.
 
-Parameter names here are the published ones (shared/REFERENCE.md): attention has `query`, `key`,
-`value` kernels of shape (D, H, D/H) and `out` of shape (H, D/H, D); the MLP has `Dense_0`, `Dense_1`.
+Parameter names here are the published ones (docs/reference.md, "ViT checkpoint layout"):
+attention has `query`, `key`, `value` kernels of shape (D, H, D/H) and `out` of shape (H, D/H, D);
+the MLP has `Dense_0`, `Dense_1`.
 """
 from typing import Any, Callable, Optional, Tuple
 

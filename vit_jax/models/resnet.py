@@ -4,9 +4,10 @@ All convolutions are `StdConv` (weight standardisation, no bias) and all norms G
 bottleneck flavours share that:
 
 - `BottleneckUnit`, post-activation (ResNet-v1 with GN+WS): the stem of the published hybrids
-  (R50+ViT-B/16, ...) and big_vision's `bit` ResNet. Parameter tree (shared/REFERENCE.md):
-  `conv_root`, `gn_root`, `block{s}/unit{u}/{conv1,gn1,conv2,gn2,conv3,gn3[,conv_proj,gn_proj]}`,
-  stages and units 1-based. GN eps 1e-6; kernel standardised as (w - mean) / (std + 1e-5).
+  (R50+ViT-B/16, ...) and big_vision's `bit` ResNet. Parameter tree (docs/reference.md, "Hybrid
+  and BiT ResNet"): `conv_root`, `gn_root`,
+  `block{s}/unit{u}/{conv1,gn1,conv2,gn2,conv3,gn3[,conv_proj,gn_proj]}`, stages and units 1-based.
+  GN eps 1e-6; kernel standardised as (w - mean) / (std + 1e-5).
 - `PreActBottleneckUnit`, pre-activation (ResNet-v2): the BiT paper's models (BiT-M-R50x1 has
   25,549,352 parameters with a 1000-class head). Same names minus `gn_root`/`gn_proj`, plus
   `norm-pre-head`; GN eps 1e-5 (two-pass variance), kernels (w - mean) / sqrt(var + 1e-10),

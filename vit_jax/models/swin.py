@@ -31,7 +31,7 @@ from vit_jax.models import layers
 
 Dtype = Any
 
-# name -> (embed_dim, depths, num_heads, drop path rate), shared/REFERENCE.md.
+# name -> (embed_dim, depths, num_heads, drop path rate): docs/reference.md, "Swin Transformer".
 VARIANTS = {
     "T": (96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2),
     "S": (96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3),

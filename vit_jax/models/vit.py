@@ -1,6 +1,7 @@
 """Vision Transformer (Dosovitskiy et al., 2021) with the published parameter tree.
 
-Names are those of the published `.npz` files (shared/REFERENCE.md), old global numbering:
+Names are those of the published `.npz` files (docs/reference.md, "ViT checkpoint layout"), old
+global numbering:
 `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3}`.
 With `scan=True` the blocks live stacked under `Transformer/encoderblock` (leading axis = layer);
 `scan_to_unrolled` / `unrolled_to_scan` convert between the two layouts.

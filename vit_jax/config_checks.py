@@ -1,0 +1,200 @@
+"""What can be checked about a config before any data is read or anything compiles.
+
+  `command_line`  applies the rules for `--config.KEY=VALUE` overrides: a duration given in one
+                  unit replaces the config's unit, an unknown key is named with the closest ones.
+  `validate`      values that cannot work (batch sizes the devices do not divide, negative
+                  durations, unknown model fields, pp strings, splits, ...), each naming its key.
+  `resume_changes` the keys of a resumed run whose change would alter its data order, schedule or
+                  model (compared with the config.json its workdir was started with).
+
+Every error is a `ConfigError` (a ValueError) whose message names the key and says what to do.
+"""
+import difflib
+import json
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import ml_collections
+
+DURATIONS = ("total", "lr.warmup", "log_every", "eval_every", "checkpoint_every")
+UNITS = ("steps", "epochs", "examples")
+
+# Keys that may change when a run resumes: where and how often it logs, evaluates and saves, how
+# it is laid out on the devices. Any other key alters the data order, the schedule or the model.
+# `total_*` may grow (checked separately) and `pretrained.*` is only read by a fresh start.
+RESUME_FREE = ("log_every_", "eval_every_", "checkpoint_every_", "keep_checkpoints",
+               "eval_split", "eval_batch_size", "pp_eval", "fewshot.", "parallel", "mesh.",
+               "sharding.", "distributed.", "export_npz", "pretrained.", "total_")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def flatten(cfg, prefix: str = "") -> Dict[str, Any]:
+  """{'lr.base': 0.001, 'model.resnet': {...}, ...}: dotted keys of every leaf; the fields under
+  `model` are leaves whatever their type (a dict-valued field is one value, as the model takes
+  it)."""
+  out = {}
+  for k, v in cfg.items():
+    key = prefix + k
+    if key == "model":
+      out.update({f"model.{mk}": _plain(mv) for mk, mv in v.items()})
+    elif isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = _plain(v)
+  return out
+
+
+def _plain(v):
+  if isinstance(v, ml_collections.ConfigDict):
+    v = v.to_dict()
+  return json.loads(json.dumps(v, default=str))  # tuples -> lists, dtypes -> str
+
+
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+  return f" Did you mean {', '.join(close)}?" if close else ""
+
+
+# ------------------------------------------------------------------------- command-line overrides.
+def command_line(config: ml_collections.ConfigDict, overrides: Iterable[str], *,
+                 schema: Mapping[str, Any], model_fields: Optional[Iterable[str]] = None) -> None:
+  """Checks and completes the `--config.KEY=VALUE` overrides (dotted KEYs) applied to `config`.
+
+  `schema` holds every key a config may have (the flattened base config). An override of a key
+  outside it is an error naming the closest known keys; under `model.` any field of the model
+  (`model_fields`) is allowed. A duration given in one unit on the command line
+  (`--config.total_steps=3`) sets the config's other units of it to None; two units of the same
+  duration on the command line are an error.
+  """
+  overrides = list(overrides)
+  fields = set(model_fields or ())
+  for key in overrides:
+    if key == "model" or key.startswith("model."):
+      names = list(config.model.keys()) if key == "model" else [key.split(".")[1]]
+      for name in names:
+        if model_fields is not None and name not in fields:
+          raise ConfigError(
+              f"--config.{key}: {config.model_name} has no field {name!r}."
+              f"{_did_you_mean(name, fields)} Its fields: {', '.join(sorted(fields))}.")
+      continue
+    if key not in schema and not any(k.startswith(key + ".") for k in schema):
+      raise ConfigError(f"--config.{key}: unknown config key.{_did_you_mean(key, schema)} "
+                        "The keys are listed in configs/common.py.")
+  for group in DURATIONS:
+    given = [u for u in UNITS if f"{group}_{u}" in overrides]
+    if len(given) > 1:
+      raise ConfigError(f"--config.{group}_{given[0]} and --config.{group}_{given[1]} both set "
+                        f"one duration: give only one of them.")
+    if given:
+      node, leaf = _node(config, f"{group}_{given[0]}")
+      for u in UNITS:
+        if u != given[0]:
+          node[leaf.rsplit("_", 1)[0] + "_" + u] = None
+
+
+def _node(config, key: str):
+  *path, leaf = key.split(".")
+  node = config
+  for p in path:
+    node = node[p]
+  return node, leaf
+
+
+# ------------------------------------------------------------------------------------ validate.
+def validate(config, *, device_count: int, process_count: int, model_fields=None) -> None:
+  """Everything about `config` that can be wrong before data, models or compilation: raises a
+  ConfigError naming the key. `model_fields` (names the chosen model takes) checks `model.*`."""
+  from vit_jax import parallel  # pylint: disable=g-import-not-at-top  (jax only when validating)
+
+  def need(ok: bool, msg: str):
+    if not ok:
+      raise ConfigError(msg)
+
+  for group in DURATIONS:
+    set_units = []
+    for u in UNITS:
+      try:
+        node, leaf = _node(config, f"{group}_{u}")
+        v = node.get(leaf)
+      except (KeyError, AttributeError):
+        v = None
+      if v is not None:
+        set_units.append(u)
+        need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+             f"{group}_{u}={v!r}: a duration must be a number >= 0.")
+    need(len(set_units) <= 1, f"Set only one of {', '.join(f'{group}_{u}' for u in set_units)} "
+         f"(on the command line, giving one replaces the config's).")
+  need(any(_node(config, f"total_{u}")[0].get(f"total_{u}") is not None for u in UNITS),
+       "Set one of total_steps, total_epochs or total_examples.")
+
+  need(config.parallel in ("jit", "pmap"), f"parallel={config.parallel!r}: use 'jit' or 'pmap'.")
+  try:
+    data, fsdp, _ = parallel.mesh_shape(config.mesh, device_count)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+  shards = data * fsdp if config.parallel == "jit" else device_count
+  what = "mesh.data x mesh.fsdp" if config.parallel == "jit" else "the device count"
+  for key in ("batch_size", "eval_batch_size"):
+    b = config[key]
+    need(isinstance(b, int) and b > 0, f"{key}={b!r}: must be a positive integer.")
+    need(b % process_count == 0, f"{key}={b} is not divisible by the {process_count} processes.")
+    need(b % shards == 0, f"{key}={b} is not divisible by {what} = {shards}: make it a multiple "
+         f"of {shards}.")
+  accum = config.grad_accum_steps
+  need(isinstance(accum, int) and accum >= 1, f"grad_accum_steps={accum!r}: must be an int >= 1.")
+  need((config.batch_size // shards) % accum == 0,
+       f"grad_accum_steps={accum}: the batch per device ({config.batch_size} / {shards} = "
+       f"{config.batch_size // shards}) must be a multiple of it, so that every micro-batch is "
+       "spread over all devices.")
+  need(config.seed >= 0, f"seed={config.seed}: must be >= 0.")
+  need(0 <= config.mixup, f"mixup={config.mixup}: must be >= 0 (0 disables it).")
+  need(0 <= config.label_smoothing < 1,
+       f"label_smoothing={config.label_smoothing}: must be in [0, 1).")
+  need(config.optax.name in ("sgd", "momentum", "adam", "adamw"),
+       f"optax.name={config.optax.name!r}: use sgd, momentum, adam or adamw.")
+  need(config.lr.decay in ("cosine", "linear", "constant"),
+       f"lr.decay={config.lr.decay!r}: use cosine, linear or constant.")
+
+  from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import splits  # pylint: disable=g-import-not-at-top
+  for key in ("pp_train", "pp_eval"):
+    try:
+      preprocess.parse(config[key])
+    except ValueError as e:
+      raise ConfigError(f"{key}: {e}") from None
+  split_keys = ["train_split", "eval_split"]
+  if config.fewshot.shots:
+    split_keys += ["fewshot.train_split", "fewshot.test_split"]
+  for key in split_keys:
+    node, leaf = _node(config, key)
+    if node[leaf]:
+      try:
+        splits.parse(node[leaf])
+      except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+  if model_fields is not None:
+    unknown = sorted(set(config.model.keys()) - set(model_fields))
+    need(not unknown, f"model.{unknown[0] if unknown else ''}: {config.model_name} has no such "
+         f"field.{_did_you_mean(unknown[0], model_fields) if unknown else ''} Its fields: "
+         f"{', '.join(sorted(model_fields))}.")
+  need(not (config.pretrained.required and not config.pretrained.path),
+       "This config fine-tunes pretrained weights and none were given: pass "
+       "--config.pretrained.path=/path/to/weights.npz (e.g. ViT-B_16.npz of the ViT release).")
+
+
+# ------------------------------------------------------------------------------------- resume.
+def resume_changes(saved: Mapping[str, Any], config) -> List[str]:
+  """`saved` (the workdir's config.json, as loaded) vs `config`: lines 'key: old -> new' for each
+  key that a resumed run may not change (RESUME_FREE lists the ones it may)."""
+  old, new = flatten(saved), flatten(config)
+  lines = []
+  for key in sorted(set(old) | set(new)):
+    if key.startswith(RESUME_FREE):
+      continue
+    a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+    if a != b:
+      lines.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
+  return lines
