@@ -17,6 +17,9 @@ setuptools.setup(
         "ml-collections>=1.1.0,<1.2",
         "tensorflow-cpu>=2.21,<2.22",
         "tensorflow-datasets>=4.9.10,<4.10",
+        # Imported by TFDS 4.9.10's builders (download_and_prepare) but not among its requirements
+        # on Python >= 3.9.
+        "importlib_resources>=7.1,<8",
         "clu>=0.0.12,<0.1",
         "tensorboard>=2.21,<2.22",
         "matplotlib>=3.9,<4",

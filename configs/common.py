@@ -6,17 +6,16 @@ others stay None) for X in total, lr.warmup, log_every, eval_every and checkpoin
 import ml_collections
 from ml_collections import config_dict
 
-# TFDS names, splits and class counts of the data sets the configs refer to.
+# TFDS data sets: name, training split, the validation split carved from the training data (or
+# the data set's own), and the test split (evaluated once, at the end).
 DATASETS = {
-    "cifar10": dict(name="tfds:cifar10", train="train", test="test", classes=10),
-    "cifar100": dict(name="tfds:cifar100", train="train", test="test", classes=100),
-    "pets": dict(name="tfds:oxford_iiit_pet", train="train", test="test", classes=37),
-    "flowers": dict(name="tfds:oxford_flowers102", train="train+validation", test="test",
-                    classes=102),
-    "imagenet1k": dict(name="tfds:imagenet2012", train="train[:99%]", test="validation",
-                       classes=1000),
-    "imagenet21k": dict(name="tfds:imagenet21k", train="full[51200:]", test="full[:51200]",
-                        classes=21843),
+    "cifar10": dict(name="tfds:cifar10", train="train[:98%]", val="train[98%:]", test="test"),
+    "cifar100": dict(name="tfds:cifar100", train="train[:98%]", val="train[98%:]", test="test"),
+    "pets": dict(name="tfds:oxford_iiit_pet", train="train[:98%]", val="train[98%:]",
+                 test="test"),
+    "flowers": dict(name="tfds:oxford_flowers102", train="train", val="validation", test="test"),
+    "imagenet1k": dict(name="tfds:imagenet2012", train="train[:99%]", val="train[99%:]",
+                       test="validation"),
 }
 
 
@@ -36,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.name = "fashion_mnist"
   c.dataset.data_dir = config_dict.placeholder(str)
   c.dataset.manual_dir = config_dict.placeholder(str)  # TFDS data sets downloaded by hand
+  c.dataset.prepare = ""  # how to get the data set: said when it is missing
   c.dataset.channels = 3  # image_folder: what images decode to (1 grey, 3 RGB)
   c.dataset.image_key = "image"  # TFDS feature names
   c.dataset.label_key = "label"
@@ -43,10 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.tfds_fallback = True  # fashion_mnist: TFDS when Debian's files are missing
   c.dataset.tfds_data_dir = config_dict.placeholder(str)  # ... and its TFDS data_dir
   c.train_split = "train"
-  c.eval_split = "test"
+  c.eval_split = "test"  # evaluated during training (every eval_every) and at the end
+  c.test_split = ""  # if set: evaluated once, at the end only (choose on eval_split)
   c.pp_train = "decode|value_range(-1,1)"
   c.pp_eval = "decode|value_range(-1,1)"
   c.mixup = 0.0
+  c.cutmix = 0.0  # CutMix Beta(a, a); 0 disables it. With mixup too: one of them per batch (1/2)
   c.batch_size = 512
   c.eval_batch_size = 512
 
@@ -79,16 +81,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.local_device_ids = config_dict.placeholder(str)  # "0,1,2,3" | "all"
   c.distributed.cpu_collectives = "gloo"  # cross-process collectives of CPU devices
 
-  # Few-shot linear evaluation on frozen pre-logits features (the ViT paper's), run every
-  # eval_every and at the end; empty `shots` disables it.
+  # Few-shot linear evaluation on frozen pre-logits features (the ViT paper's estimator, as
+  # big_vision's evaluators/fewshot_lsr.py computes it: vit_jax/evaluators/fewshot.py), run every
+  # eval_every and at the end; empty `shots` disables it (big_vision's: (1, 5, 10, 25)).
   c.fewshot = ml_collections.ConfigDict()
   c.fewshot.shots = ()
+  # The probe's data set, with the fields of `dataset` (unset ones take their defaults), e.g.
+  # --config.fewshot.dataset.name=tfds:cifar100; name None: the training data set (`dataset`).
+  # The splits below are of this data set.
+  c.fewshot.dataset = ml_collections.ConfigDict(
+      {k: config_dict.placeholder(c.dataset.get_type(k)) for k in c.dataset.keys()})
   c.fewshot.train_split = "train"
   c.fewshot.test_split = "test"
-  # Features are centred and scaled to unit length first, so the ridge is small (2^10, the
-  # paper's value for raw features, made a 25-shot ViT probe score 0.49 instead of 0.57 here).
-  c.fewshot.l2_reg = 1.0
-  c.fewshot.num_trials = 1
+  c.fewshot.l2_reg = 2.0 ** 10  # big_vision's, on features standardised per dimension
+  c.fewshot.num_trials = 3  # random support sets per k, averaged (big_vision's num_seeds)
 
   c.pretrained = ml_collections.ConfigDict()
   c.pretrained.path = config_dict.placeholder(str)

@@ -183,10 +183,11 @@ def row_of(result: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _accuracy(final: Dict[str, float], split: str) -> Optional[float]:
-  """Top-1 on `split`: the trainer names it after the split ('test[:50]' -> 'test_accuracy')."""
+  """Top-1 on `split`: the trainer names it after the split ('test[:50]' -> 'test_accuracy'), or
+  'val' when it is carved from the training split (train.eval_prefix)."""
   if not split:
     return None
-  for prefix in (split, re.split(r"[\[@+]", split, maxsplit=1)[0]):
+  for prefix in (split, re.split(r"[\[@+]", split, maxsplit=1)[0], "val"):
     if f"{prefix}_accuracy" in final:
       return final[f"{prefix}_accuracy"]
   return None

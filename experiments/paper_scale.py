@@ -5,20 +5,21 @@ with accelerators and the TFDS data sets.
   python -m experiments.runner experiments/paper_scale.py --out=workdirs/paper_scale --print-commands
   python -m experiments.runner experiments/paper_scale.py --out=... --only='ViT-B_16'   # locally
 
-Points: configs/imagenet_scratch.py (the published from-scratch recipe: Adam, batch 4096, lr 1e-3,
-10k warm-up steps, linear decay, wd 0.03, dropout 0.1, 224 px) with
-- `imagenet21k_n{N}_{model}_s{S}`: ImageNet-21k training sets "full[51200:]@seeded(N, seed=S)"
-  for N in 1,281,167 (ImageNet-1k's size), 3M and 10M (nested subsets);
+Points: configs/imagenet_scratch.py with the ViT paper's recipe (Table 3: batch 4096, Adam, 10k
+warm-up steps; ImageNet-21k lr 1e-3, linear decay, wd 0.03; ImageNet-1k lr 3e-3, cosine, wd 0.3;
+dropout 0.1, 224 px) with
+- `imagenet21k_n{N}_{model}_s{S}`: ImageNet-21k training sets "train@seeded(N, seed=S)" of the
+  prepared image folder (its docstring) for N in 1,281,167 (ImageNet-1k's size), 3M and 10M
+  (nested subsets), held-out images in its `holdout/` folder;
 - `imagenet1k_{model}_s{S}`: ImageNet-1k "train[:99%]" (1,268,355 images);
 models: ViT-Ti/16, S/16, B/32, B/16, L/32, L/16, H/14; R26+ViT-S/32, R50+ViT-B/16, R50+ViT-L/32;
 BiT-R50x1, BiT-R101x1, BiT-R152x2 ("/" is "_" in point names).
 Budget: the same number of training examples for every point (default 384M: 300 ImageNet-1k
 epochs, the paper's ImageNet budget), warm-up as in the config (10k steps).
-Evaluation: top-1 on the config's held-out split every 5000 steps and at the end; for the
-ImageNet-1k points also linear few-shot (1/5/10/25 per class from the first 100k training images,
-tested on the 50k validation images). ImageNet-21k points have no few-shot evaluation: with 21,843
-classes it needs its own data set (the paper probes ImageNet-1k), which the trainer cannot yet
-take separately.
+Evaluation: top-1 on the config's held-out split every 2500 steps and at the end (ImageNet-1k's
+validation set once at the end), and big_vision's linear few-shot probe on ImageNet-1k (1/5/10/25
+per class from its first 100k training images, tested on its minival) for every point: ImageNet-21k
+points probe it as a separate data set.
 
 Arg (after the colon, comma-separated key=value, lists joined by "/"): examples (384000000),
 sizes (1281167/3000000/10000000), families (ViT/Hybrid/ResNet), seeds (0), imagenet1k (1: include
@@ -58,11 +59,9 @@ def get_sweep(arg=None) -> sweep.Sweep:
           over = {"seed": seed}
           over.update(sweep.examples_budget(base, "total", budget, n))
           if data == "imagenet21k":
-            over["train_split"] = f"full[51200:]@seeded({n}, seed={seed})"
+            over["train_split"] = f"train@seeded({n}, seed={seed})"
             name = f"{data}_n{n}_{slug}_s{seed}"
           else:
-            over.update({"fewshot.shots": (1, 5, 10, 25), "fewshot.train_split": "train[:100000]",
-                         "fewshot.test_split": "validation"})
             name = f"{data}_{slug}_s{seed}"
           tags = {"family": family, "model": model, "dataset": data, "train_size": n,
                   "seed": seed, "budget_examples": budget}

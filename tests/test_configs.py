@@ -4,6 +4,7 @@ import importlib
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -17,10 +18,22 @@ from vit_jax import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_ARGS = {
     "fashion_mnist": list(fashion_mnist.MODELS),
-    "finetune": ["cifar10,ViT-B/16", "pets,ViT-S/16", "imagenet1k,ViT-L/16"],
-    "imagenet_scratch": ["imagenet21k,ViT-B/16", "imagenet1k,ViT-Ti/16", "imagenet1k,BiT-R50x1",
-                         "imagenet21k,R50+ViT-B/16"],
+    "finetune": ["cifar10,ViT-B/16", "pets,ViT-S/16", "imagenet1k,ViT-L/16", "flowers,ViT-Ti/16",
+                 "cifar100,R50+ViT-B/16,lr=0.003"],
+    "imagenet_scratch": ["imagenet1k,ViT-B/16", "imagenet21k,ViT-L/16,epochs=30",
+                         "imagenet1k,ViT-Ti/16", "imagenet1k,BiT-R50x1",
+                         "imagenet21k,R50+ViT-B/16", "imagenet1k,ViT-S/16,recipe=plain,epochs=300",
+                         "imagenet1k,ViT-B/32,recipe=augreg", "imagenet21k,ViT-B/16,recipe=augreg,"
+                         "aug=strong1,reg=0.1,epochs=30"],
 }
+# One run of two steps per config file under tfds.testing.mock_data, with the config's own
+# model, optimizer and pp strings (splits and batch shrunk); the rest with `make test-all`.
+TWO_STEP_RUNS = [
+    ("imagenet_scratch", "imagenet1k,ViT-S/16,recipe=plain", False),
+    ("finetune", "cifar10,ViT-Ti/16", True),
+    ("imagenet_scratch", "imagenet1k,ViT-Ti/16", True),
+    ("imagenet_scratch", "imagenet1k,ViT-Ti/16,recipe=augreg,aug=strong2,reg=0.1", True),
+]
 
 
 def test_every_config_file_is_covered():
@@ -80,6 +93,7 @@ def test_every_base_key_is_read(tmp_path, monkeypatch):
   cfg.fewshot.shots = (1,)
   cfg.fewshot.train_split = "train[:40]"
   cfg.fewshot.test_split = "test[:16]"
+  cfg.checkpoint_async = False  # see tests/test_train.py's tiny_config
 
   def walk(c, prefix=""):
     owner[id(c)] = prefix
@@ -98,7 +112,34 @@ def test_every_base_key_is_read(tmp_path, monkeypatch):
   monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kw: None)
   parallel.initialize_distributed(cfg.distributed)
   read_paths = set(read)
+  other_paths = {
+      "pretrained.strict",  # read when pretrained.path is set
+      "dataset.prepare",  # read when the data set is missing
+      "dataset.channels",  # image_folder sources
+      "dataset.tfds_fallback", "dataset.tfds_data_dir",  # fashion_mnist sources
+  }
   unread = [k for k in _leaf_paths(common.base_config())
-            if k not in read_paths and not k.startswith("model")
-            and k != "pretrained.strict"]  # read when pretrained.path is set
+            if k not in read_paths and not k.startswith("model") and k not in other_paths]
   assert not unread, f"config keys nothing reads: {unread}"
+
+
+@pytest.mark.parametrize("module,arg", [
+    pytest.param(m, a, marks=[pytest.mark.slow] if slow else []) for m, a, slow in TWO_STEP_RUNS])
+def test_config_builds_and_runs_two_steps(tmp_path, monkeypatch, module, arg):
+  cfg = importlib.import_module(f"configs.{module}").get_config(arg)
+  cfg.train_split, cfg.eval_split = "train[:16]", "train[16:24]"
+  cfg.test_split = "test[:8]" if cfg.test_split else ""
+  cfg.batch_size = cfg.eval_batch_size = 8
+  cfg.total_epochs, cfg.total_steps = None, 2
+  cfg.lr.warmup_steps = 1
+  cfg.fewshot.shots = ()  # 25 shots of 1000 classes do not fit in mock data
+  cfg.eval_every_steps = cfg.checkpoint_every_steps = None
+  if cfg.pretrained.required:
+    cfg.pretrained.required = False  # weights cannot be downloaded here
+  cfg.checkpoint_async = False  # see tests/test_train.py's tiny_config
+  # The TFDS names are the configs' own; mock_data stands in for the files.
+  with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+    result = train.train_and_evaluate(cfg, str(tmp_path))
+  assert result["steps"] == 2 and np.isfinite(result["loss"])
+  if cfg.test_split:
+    assert result["test_num_examples"] == 8

@@ -107,7 +107,7 @@ def test_the_readme_commands_run_as_written(tmp_path):
   steps = [json.loads(l)["step"] for l in open(tmp_path / "fmnist_vit" / "metrics.jsonl")]
   assert steps[-1] == 5  # 5 epochs of one step
   lr_run = [json.loads(l) for l in open(tmp_path / "fmnist_vit_lr" / "metrics.jsonl")]
-  assert lr_run[-1]["step"] == 100  # total_steps replaced the config's total_epochs
+  assert lr_run[-1]["step"] == 2  # 2 epochs of one step
   # The first command again: complete, nothing written.
   before = open(tmp_path / "fmnist_vit" / "metrics.jsonl").read()
   p = run_main(*[a.replace("workdirs/", f"{tmp_path}/") for a in commands[1]], *small,

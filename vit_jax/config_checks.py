@@ -22,8 +22,14 @@ UNITS = ("steps", "epochs", "examples")
 # it is laid out on the devices. Any other key alters the data order, the schedule or the model.
 # `total_*` may grow (checked separately) and `pretrained.*` is only read by a fresh start.
 RESUME_FREE = ("log_every_", "eval_every_", "checkpoint_every_", "keep_checkpoints",
-               "eval_split", "eval_batch_size", "pp_eval", "fewshot.", "parallel", "mesh.",
-               "sharding.", "distributed.", "export_npz", "pretrained.", "total_")
+               "checkpoint_async", "eval_split", "test_split", "eval_batch_size", "pp_eval",
+               "fewshot.", "parallel", "mesh.", "sharding.", "distributed.", "export_npz",
+               "pretrained.", "total_", "dataset.prepare")
+
+
+# Values that mean "off": a key missing from an older run's config.json with one of them is no
+# change (keys are added with such defaults).
+NEUTRAL = (None, 0, 0.0, "", False, [], {})
 
 
 class ConfigError(ValueError):
@@ -150,6 +156,7 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
        "spread over all devices.")
   need(config.seed >= 0, f"seed={config.seed}: must be >= 0.")
   need(0 <= config.mixup, f"mixup={config.mixup}: must be >= 0 (0 disables it).")
+  need(0 <= config.cutmix, f"cutmix={config.cutmix}: must be >= 0 (0 disables it).")
   need(0 <= config.label_smoothing < 1,
        f"label_smoothing={config.label_smoothing}: must be in [0, 1).")
   need(config.optax.name in ("sgd", "momentum", "adam", "adamw"),
@@ -164,7 +171,7 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
       preprocess.parse(config[key])
     except ValueError as e:
       raise ConfigError(f"{key}: {e}") from None
-  split_keys = ["train_split", "eval_split"]
+  split_keys = ["train_split", "eval_split", "test_split"]
   if config.fewshot.shots:
     split_keys += ["fewshot.train_split", "fewshot.test_split"]
   for key in split_keys:
@@ -180,6 +187,9 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
     need(not unknown, f"model.{unknown[0] if unknown else ''}: {config.model_name} has no such "
          f"field.{_did_you_mean(unknown[0], model_fields) if unknown else ''} Its fields: "
          f"{', '.join(sorted(model_fields))}.")
+  need(not (config.dataset.name == "image_folder" and not config.dataset.data_dir),
+       "dataset.data_dir: an image folder data set needs it (DIR/<split>/<class>/*.jpg). "
+       + config.dataset.prepare)
   need(not (config.pretrained.required and not config.pretrained.path),
        "This config fine-tunes pretrained weights and none were given: pass "
        "--config.pretrained.path=/path/to/weights.npz (e.g. ViT-B_16.npz of the ViT release).")
@@ -195,6 +205,8 @@ def resume_changes(saved: Mapping[str, Any], config) -> List[str]:
     if key.startswith(RESUME_FREE):
       continue
     a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+    if a == "<unset>" and b in NEUTRAL:
+      continue  # a key added to the code since the run started, at its neutral default
     if a != b:
       lines.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
   return lines

@@ -148,6 +148,9 @@ def main(argv):
   if "accuracy" in result:
     print(f"{result['split']} accuracy: {result['accuracy']:.4f} "
           f"on {result['num_examples']} images", flush=True)
+  if "test_accuracy" in result:
+    print(f"test accuracy ({result['test_split']}, evaluated once at the end): "
+          f"{result['test_accuracy']:.4f} on {result['test_num_examples']} images", flush=True)
   elif "stopped_at_step" in result:
     print(f"stopped at step {result['stopped_at_step']}; rerun to resume", flush=True)
 

@@ -274,6 +274,16 @@ def evaluate(runner: Runner, params, source, config, split: str,
   return ev.run(params)
 
 
+TEST_PREFIX = "final_test"  # metrics of config.test_split, evaluated at the end only
+
+
+def eval_prefix(config) -> str:
+  """The metric prefix of config.eval_split: 'val' when it is carved from the training split's
+  data ('train[99%:]' next to 'train[:99%]'), else the split's name ('test[:50]' -> 'test')."""
+  base = split_name(config.eval_split)
+  return "val" if base == split_name(config.train_split) else base
+
+
 def split_name(split: str) -> str:
   """A metric prefix for a split string: 'test[:50]' -> 'test', 'train@seeded(...)' -> 'train'."""
   return re.split(r"[\[@+]", split, maxsplit=1)[0]
@@ -286,16 +296,27 @@ def evaluate_all(runner: Runner, params, source, config,
   out = {}
   if config.eval_split:
     ev = evaluate(runner, params, source, config, config.eval_split, should_stop)
-    out.update({f"{split_name(config.eval_split)}_{k}": v for k, v in ev.items()})
+    out.update({f"{eval_prefix(config)}_{k}": v for k, v in ev.items()})
   if config.fewshot.shots:
     out.update(fewshot_evaluator(runner, source, config, should_stop).run(params))
   return out
 
 
 def fewshot_evaluator(runner: Runner, source, config, should_stop=None):
-  """Few-shot linear probes on the model's pooled representation (the head is ignored)."""
+  """Few-shot linear probes on the model's pooled representation (the head is ignored), on the
+  data set `fewshot.dataset` names (built once per runner) or, when it names none, on `source`
+  (the training data set)."""
   run_fn = runner.features()
   fs = config.fewshot
+  fields = fs.get("dataset") or {}
+  probe = {k: fields[k] for k in sorted(fields.keys())}  # name None: the training data set
+  probe = {k: v for k, v in probe.items() if v is not None}
+  if probe.get("name"):
+    cache = runner.__dict__.setdefault("_fewshot_sources", {})
+    key = json.dumps(probe, sort_keys=True)
+    if key not in cache:
+      cache[key] = data_lib.get_source(ml_collections.ConfigDict(probe))
+    source = cache[key]
   return fewshot.FewShotEvaluator(
       run_fn, source, train_split=fs.train_split, test_split=fs.test_split, pp=config.pp_eval,
       shots=tuple(fs.shots), l2_reg=float(fs.l2_reg), num_trials=int(fs.num_trials),
@@ -458,7 +479,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   train_iter = data_lib.train_iterator(
       source, split=config.train_split, pp=config.pp_train, batch_size=batch_size,
-      seed=int(config.seed), start_step=start_step, mixup=float(config.mixup))
+      seed=int(config.seed), start_step=start_step, mixup=float(config.mixup),
+      cutmix=float(config.cutmix))
   first_batch = next(train_iter)
 
   # ----- Model and optimizer.
@@ -565,13 +587,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     params = runner.params_for_eval(run_state)
     try:
       final = evaluate_all(runner, params, source, config, stop)
+      # The test split, once: choices are made on eval_split (validation), this is the report.
+      if config.test_split and config.test_split != eval_split:
+        test = evaluate(runner, params, source, config, config.test_split, stop)
+        final.update({f"{TEST_PREFIX}_{k}": v for k, v in test.items()})
     except evaluators.Stopped:
       return stopped(step, run_state, None)
     writer.write_scalars(step, final)
     if eval_split:
-      prefix = split_name(eval_split) + "_"
+      prefix = eval_prefix(config) + "_"
       result = {k[len(prefix):]: v for k, v in final.items() if k.startswith(prefix)}
-      result["split"] = split_name(eval_split)
+      result["split"] = eval_prefix(config)
+    if config.test_split and config.test_split != eval_split:
+      result["test_split"] = config.test_split
+      result["test_accuracy"] = final[f"{TEST_PREFIX}_accuracy"]
+      result["test_num_examples"] = final[f"{TEST_PREFIX}_num_examples"]
     result["metrics"] = final
     result.update(steps=step - start_step, examples=(step - start_step) * batch_size,
                   train_seconds=train_seconds)
@@ -622,7 +652,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   if runner.mode == "pmap":
     params = parallel.replicate(params)
   result = evaluate(runner, params, source, config, config.eval_split)
-  result["split"] = split_name(config.eval_split)
+  result["split"] = eval_prefix(config)
   return result
 
 

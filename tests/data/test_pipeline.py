@@ -72,12 +72,12 @@ def test_train_on_concatenated_splits(fakes):
   np.testing.assert_array_equal(np.sort(keys), np.sort(fakes.keys_of_parts(src.resolve(split))))
 
 
-@pytest.mark.parametrize("num_p", [1, 2])
-def test_resume_in_memory_is_bitwise(fakes, num_p):
+@pytest.mark.parametrize("num_p, cutmix", [(1, 0.0), (2, 0.0), (2, 1.0)])
+def test_resume_in_memory_is_bitwise(fakes, num_p, cutmix):
   src = fakes.array_source()
   for p in range(num_p):
     kw = dict(split="train", pp=AUG, batch_size=24, seed=7, process_index=p,
-              process_count=num_p, mixup=0.4)
+              process_count=num_p, mixup=0.4, cutmix=cutmix)
     fresh = _take(data.train_iterator(src, **kw), 7)  # crosses the epoch boundary at step 4
     resumed = _take(data.train_iterator(src, start_step=5, **kw), 2)
     _assert_same(resumed[0], fresh[5])
@@ -275,3 +275,93 @@ def test_fashion_mnist_resume_and_eval():
   assert len(evals) == 4 and sum(b["mask"].sum() for b in evals) == 10000
   counts = sum(b["label"].sum(0) for b in evals)
   np.testing.assert_array_equal(counts, [1000] * 10)
+
+
+# RandAugment and CutMix in the iterators.
+
+RA = "randaugment(1, 9, translate_const=2, cutout_const=2)"  # one layer: quicker to build
+
+
+def _box_of(mixed, own, partner):
+  """The pasted box (y0, y1, x0, x1) of a CutMix batch: where it differs from `own`."""
+  diff = (mixed != own).any(axis=(0, 3))
+  if not diff.any():
+    return 0, 0, 0, 0
+  ys, xs = np.flatnonzero(diff.any(1)), np.flatnonzero(diff.any(0))
+  return ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+
+
+def _assert_cutmix(mixed, plain):
+  """mixed is plain with one box of each row's partner (the row before) and labels weighted by
+  area; returns the own label's weight."""
+  own, partner = plain["image"], np.roll(plain["image"], 1, axis=0)
+  y0, y1, x0, x1 = _box_of(mixed["image"], own, partner)
+  want = own.copy()
+  want[:, y0:y1, x0:x1] = partner[:, y0:y1, x0:x1]
+  np.testing.assert_array_equal(mixed["image"], want)
+  h, w = own.shape[1:3]
+  lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+  np.testing.assert_allclose(mixed["label"], lam * plain["label"] +
+                             (1 - lam) * np.roll(plain["label"], 1, axis=0), atol=1e-6)
+  np.testing.assert_allclose(mixed["label"].sum(1), 1, atol=1e-6)
+  return lam
+
+
+def test_cutmix_pastes_one_box_of_the_partner(fakes):
+  src = fakes.array_source()
+  kw = dict(split="train", pp="value_range(0, 1)", batch_size=10, seed=3, process_index=0,
+            process_count=1)
+  plain = _take(data.train_iterator(src, **kw), 8)
+  mixed = _take(data.train_iterator(src, cutmix=1.0, **kw), 8)
+  lams = [_assert_cutmix(m, p) for m, p in zip(mixed, plain)]
+  assert sum(0 < lam < 1 for lam in lams) >= 4 and len(set(lams)) >= 3
+
+
+def test_mixup_and_cutmix_take_turns_per_batch(fakes):
+  src = fakes.array_source()
+  kw = dict(split="train", pp="value_range(0, 1)", batch_size=8, seed=2, process_index=0,
+            process_count=1)
+  plain = _take(data.train_iterator(src, **kw), 16)
+  mixed = _take(data.train_iterator(src, mixup=1.0, cutmix=1.0, **kw), 16)
+  kinds = []
+  for m, p in zip(mixed, plain):
+    np.testing.assert_allclose(m["label"].sum(1), 1, atol=1e-6)
+    own, partner = p["image"], np.roll(p["image"], 1, axis=0)
+    if np.all((m["image"] == own) | (m["image"] == partner)):  # pasted pixels only: CutMix
+      _assert_cutmix(m, p)
+      kinds.append("cutmix")
+    else:  # mixup, with lambda >= 0.5 for the whole batch
+      lam = (m["image"] - partner)[own != partner] / (own - partner)[own != partner]
+      np.testing.assert_allclose(lam, lam[0], atol=1e-4)
+      assert 0.5 <= lam[0] <= 1
+      np.testing.assert_allclose(m["label"], lam[0] * p["label"] + (1 - lam[0]) *
+                                 np.roll(p["label"], 1, axis=0), atol=1e-4)
+      kinds.append("mixup")
+  assert 4 <= kinds.count("cutmix") <= 12, kinds  # one of them per batch, each with p = 1/2
+
+
+def test_randaugment_and_cutmix_same_for_one_and_two_hosts_and_resume(fakes):
+  """One process resumed at step 2 yields the rows of two processes' uninterrupted steps 2, 3
+  (augmentations, cutmix boxes and partners, mixup), concatenated."""
+  src = fakes.array_source()
+  kw = dict(split="train", pp=RA, batch_size=12, seed=5, mixup=0.5, cutmix=1.0)
+  hosts = [_take(data.train_iterator(src, process_index=p, process_count=2, **kw), 4)
+           for p in range(2)]
+  one = _take(data.train_iterator(src, process_index=0, process_count=1, start_step=2, **kw), 2)
+  for s in (2, 3):
+    _assert_same(one[s - 2], {k: np.concatenate([h[s][k] for h in hosts]) for k in one[0]})
+  for batch in hosts[0] + hosts[1]:
+    assert 0 <= batch["image"].min() and batch["image"].max() <= 255  # before value_range
+    np.testing.assert_allclose(batch["label"].sum(1), 1, atol=1e-6)
+  assert not np.array_equal(hosts[0][2]["image"], hosts[0][3]["image"])
+  with pytest.raises(ValueError, match="cutmix"):
+    data.train_iterator(src, split="train", pp="decode", batch_size=12, seed=5, cutmix=-1.0,
+                        process_index=0, process_count=1)
+
+
+def test_tfds_cutmix_resume_is_bitwise(tfds_source):
+  kw = dict(split="train[:45]", pp="decode|randaug(2, 10, translate_const=8)|value_range(-1, 1)",
+            batch_size=8, seed=4, process_index=1, process_count=2, mixup=0.2, cutmix=1.0)
+  fresh = _take(data.train_iterator(tfds_source, **kw), 4)
+  _assert_same(next(data.train_iterator(tfds_source, start_step=3, **kw)), fresh[3])
+  np.testing.assert_allclose(fresh[3]["label"].sum(1), 1, atol=1e-6)

@@ -117,3 +117,134 @@ def test_parse_counts_random_numbers():
   assert [op.name for op in ops] == ["decode", "random_crop", "flip_lr", "inception_crop",
                                      "value_range"]
   assert preprocess.num_random(ops) == 2 + 1 + 22
+
+
+# RandAugment: every op against a reference, rows independent, values in [0, 255].
+
+def _ra_u(names, sign=0.9, centre=(0.5, 0.5)):
+  """u rows (one layer each) that pick the named ops."""
+  k = len(preprocess.RANDAUGMENT_OPS)
+  return np.array([[(preprocess.RANDAUGMENT_OPS.index(n) + 0.5) / k, sign, *centre]
+                   for n in names], np.float32)
+
+
+def _ra(x, u, **kw):
+  return preprocess.randaugment(**kw).fn(tf.constant(x), tf.constant(u)).numpy()
+
+
+def _equalize_ref(x):
+  """PIL's ImageOps.equalize, per image and channel, in numpy."""
+  out = x.copy()
+  for i in range(x.shape[0]):
+    for c in range(x.shape[-1]):
+      ch = x[i, ..., c]
+      hist = np.bincount(ch.ravel(), minlength=256)
+      step = (hist.sum() - hist[ch.max()]) // 255
+      if step:
+        lut = np.concatenate([[0], (np.cumsum(hist) + step // 2) // step])[:256]
+        out[i, ..., c] = np.clip(lut, 0, 255)[ch]
+  return out
+
+
+def test_randaugment_pixel_ops_match_references():
+  names = ["AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd",
+           "Brightness", "Color", "Contrast", "Sharpness"]
+  # 24 x 20 pixels: Equalize leaves images of fewer than 256 pixels as they are (as PIL).
+  x = np.random.default_rng(3).integers(30, 220, (len(names), 24, 20, 3), dtype=np.uint8)
+  out = _ra(x, _ra_u(names), num_layers=1, magnitude=7)  # factor 1.36, 2 bits, 179, +77
+  assert out.dtype == np.uint8
+  got = dict(zip(names, out))
+  xs = dict(zip(names, x.astype(np.int64)))
+  a = xs["AutoContrast"]
+  lo, hi = a.min((0, 1)), a.max((0, 1))
+  np.testing.assert_array_equal(got["AutoContrast"], (a - lo) * 255 // (hi - lo))
+  np.testing.assert_array_equal(got["Equalize"], _equalize_ref(x[1:2])[0])
+  np.testing.assert_array_equal(got["Invert"], 255 - xs["Invert"])
+  np.testing.assert_array_equal(got["Posterize"], xs["Posterize"] & 0b11000000)
+  s = xs["Solarize"]
+  np.testing.assert_array_equal(got["Solarize"], np.where(s < 179, s, 255 - s))
+  s = xs["SolarizeAdd"]
+  np.testing.assert_array_equal(got["SolarizeAdd"], np.where(s < 128, np.minimum(s + 77, 255), s))
+  bright = x[names.index("Brightness")].astype(np.float32) * np.float32(0.1 + 1.8 * 0.7)
+  np.testing.assert_array_equal(got["Brightness"], np.floor(np.clip(bright, 0, 255)))
+  for name in names:
+    assert not np.array_equal(got[name], xs[name]), name  # every op changed its image
+
+
+@pytest.mark.parametrize("magnitude", [3, 7, 10])
+def test_randaugment_enhance_ops_match_pil(magnitude):
+  pytest.importorskip("PIL")
+  from PIL import Image, ImageEnhance  # pylint: disable=g-import-not-at-top
+  names = ["Color", "Contrast", "Brightness", "Sharpness"]
+  x = np.random.default_rng(6).integers(0, 256, (len(names), 9, 7, 3), dtype=np.uint8)
+  out = _ra(x, _ra_u(names), num_layers=1, magnitude=magnitude)
+  for name, img, got in zip(names, x, out):
+    ref = np.asarray(getattr(ImageEnhance, name)(Image.fromarray(img))
+                     .enhance(0.1 + 1.8 * magnitude / 10))
+    assert np.abs(got.astype(int) - ref).max() <= 1, name  # the luma's and blend's rounding
+
+
+def _warp(x, f):
+  """out[:, y, x] = x[:, f(y, x)], 128 where f points outside (nearest-neighbour geometry)."""
+  out = np.full_like(x, 128)
+  h, w = x.shape[1:3]
+  for y in range(h):
+    for c in range(w):
+      yi, xi = f(y, c)
+      if 0 <= yi < h and 0 <= xi < w:
+        out[:, y, c] = x[:, yi, xi]
+  return out
+
+
+@pytest.mark.parametrize("sign", [0.9, 0.1])  # u >= 0.5: positive magnitude
+def test_randaugment_geometric_ops_and_cutout(sign):
+  x = np.random.default_rng(4).integers(0, 256, (1, 6, 6, 3), dtype=np.uint8)
+  s = 1 if sign > 0.5 else -1
+  run = lambda name, **kw: _ra(x, _ra_u([name], sign, centre=(0.5, 0.0)), num_layers=1, **kw)
+  # Rotate 30 M/10 degrees: M=30 is a quarter turn (counter-clockwise for a positive sign).
+  np.testing.assert_array_equal(run("Rotate", magnitude=30), np.rot90(x, s, axes=(1, 2)))
+  # Shear 0.3 M/10: M=100/3 shears by one pixel per row (column).
+  np.testing.assert_array_equal(run("ShearX", magnitude=100 / 3),
+                                _warp(x, lambda y, c: (y, c + s * y)))
+  np.testing.assert_array_equal(run("ShearY", magnitude=100 / 3),
+                                _warp(x, lambda y, c: (y + s * c, c)))
+  # Translate translate_const M/10 pixels.
+  np.testing.assert_array_equal(run("TranslateX", magnitude=10, translate_const=3),
+                                _warp(x, lambda y, c: (y, c + 3 * s)))
+  np.testing.assert_array_equal(run("TranslateY", magnitude=5, translate_const=4),
+                                _warp(x, lambda y, c: (y + 2 * s, c)))
+  # Cutout: a square of side 2 int(cutout_const M/10) at the centre (3, 0), clipped; no sign.
+  want = x.copy()
+  want[:, 1:5, 0:2] = 128
+  np.testing.assert_array_equal(run("Cutout", magnitude=10, cutout_const=2), want)
+
+
+def test_randaugment_rows_independent_deterministic_and_in_range():
+  rng = np.random.default_rng(5)
+  x = rng.integers(0, 256, (48, 10, 10, 3), dtype=np.uint8)
+  ops = preprocess.parse("randaugment(3, 10, translate_const=3, cutout_const=3)")
+  assert preprocess.num_random(ops) == 12
+  u = rng.random((48, 12), dtype=np.float32)
+  picked = {int(v * 16) for v in u[:, [0, 4, 8]].ravel()}
+  assert picked == set(range(16))  # every op is picked somewhere
+  out = preprocess.apply(ops, tf.constant(x), tf.constant(u)).numpy()
+  np.testing.assert_array_equal(preprocess.apply(ops, tf.constant(x), tf.constant(u)).numpy(),
+                                out)  # same u, same images
+  for i in (0, 7, 31):  # a row alone gives the same result as in the batch
+    np.testing.assert_array_equal(
+        preprocess.apply(ops, tf.constant(x[i:i + 1]), tf.constant(u[i:i + 1])).numpy(),
+        out[i:i + 1])
+  assert 0 <= out.min() and out.max() <= 255 and np.array_equal(out, np.round(out))
+  assert (out != x).any((1, 2, 3)).mean() > 0.7
+  # Float input (after a resize): rounded, clipped, float32 out; the alias is the same op.
+  xf = x.astype(np.float32) + rng.uniform(-0.4, 0.4, x.shape).astype(np.float32)
+  alias = preprocess.parse("randaug(3, 10, translate_const=3, cutout_const=3)")
+  outf = alias[0].fn(tf.constant(xf), tf.constant(u)).numpy()
+  assert outf.dtype == np.float32
+  np.testing.assert_array_equal(outf, out)
+  big = preprocess.randaugment(2, 30).fn(tf.constant(xf * 1.2 - 20), tf.constant(u[:, :8]))
+  assert 0 <= big.numpy().min() and big.numpy().max() <= 255
+  gray = _run("randaugment(2, 10, translate_const=3)", _images(b=16, h=8, w=8), channels=1)
+  assert gray.shape == (16, 8, 8, 1) and 0 <= gray.min() and gray.max() <= 255
+  with pytest.raises(ValueError, match="1 or 3 channels"):
+    _run("randaugment", _images(c=2))

@@ -37,11 +37,15 @@ def test_fashion_mnist_missing_directory_names_it_and_the_fix(tmp_path):
     data.get_source({"name": "fashion_mnist", "data_dir": missing, "tfds_fallback": False})
 
 
-def test_fashion_mnist_falls_back_to_tfds(tmp_path):
+def test_fashion_mnist_falls_back_to_tfds(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "FASHION_MNIST_DIR", str(tmp_path))  # Debian's files missing
   with tfds.testing.mock_data(num_examples=12):
-    src = data.get_source({"name": "fashion_mnist", "data_dir": str(tmp_path)})
+    src = data.get_source({"name": "fashion_mnist"})
     assert isinstance(src, sources.TfdsSource) and src.name == "fashion_mnist"
     assert (src.num_classes, src.image_shape, src.num_examples("test")) == (10, (28, 28, 1), 12)
+    # A directory the user named is not replaced by a download: its absence is the error.
+    with pytest.raises(FileNotFoundError, match=f"not found in {tmp_path / 'mine'}"):
+      data.get_source({"name": "fashion_mnist", "data_dir": str(tmp_path / "mine")})
 
 
 def test_corrupt_idx_file_is_named(tmp_path):

@@ -54,6 +54,7 @@ def compile_once(tmp_path_factory):
   lets later points load them (a few seconds per point instead of ~15 on two CPU cores)."""
   keys = ("jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
   before = {k: getattr(jax.config, k) for k in keys}
+  before_dir = jax.config.jax_compilation_cache_dir  # conftest.py's, for the modules after this
   compilation_cache.reset_cache()
   compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
   for k in keys:
@@ -61,7 +62,7 @@ def compile_once(tmp_path_factory):
   yield
   for k, v in before.items():
     jax.config.update(k, v)
-  compilation_cache.set_cache_dir(None)
+  compilation_cache.set_cache_dir(before_dir)
   compilation_cache.reset_cache()
 
 

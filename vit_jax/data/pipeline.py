@@ -19,7 +19,9 @@ s*B + r (TFDS: host-local rows, key K_aug(p)); for variable-size sources each ex
 `stateless_uniform((1, k), seed=(K_aug, position))`. Mixup (Beta(a, a), lambda = max(l, 1 - l))
 takes its lambda from (K_mix, s); each row's partner is the row before it in the global batch
 (row 0's: the last row), so in-memory sources mix the same pairs whatever the host count (each
-host also loads the row before its first). TFDS streams mix within the host's rows.
+host also loads the row before its first). TFDS streams mix within the host's rows. CutMix
+(Beta(a, a), one box per batch, from (K_cut, s)) pastes the same partner's box; with both on,
+each batch takes one of them, CutMix with probability 1/2 (timm's Mixup as DeiT uses it).
 The K's are derived from `seed` (and the host for TFDS) with numpy's SeedSequence.
 
 Evaluation (`eval_iterator`) gives host p the contiguous part p of the split, pads it with masked
@@ -35,7 +37,7 @@ from vit_jax.data import preprocess
 from vit_jax.data import sources as sources_lib
 from vit_jax.data import splits as splits_lib
 
-_PERM, _AUG, _MIXUP, _EVAL = 1, 2, 3, 4
+_PERM, _AUG, _MIXUP, _EVAL, _CUTMIX = 1, 2, 3, 4, 5
 
 
 def _key(*parts: int) -> int:
@@ -94,13 +96,54 @@ class _Chain:
                        "it with a fixed size (resize, central_crop, random_crop, inception_crop).")
 
 
+def _cutmix(own, partner, alpha: float, lam_seed, box_seed):
+  """CutMix (Yun et al. 2019) with one box for the batch: lambda ~ Beta(alpha, alpha), a box of
+  sides int(sqrt(1 - lambda) (H, W)) centred at a uniform pixel, clipped to the image (as timm's
+  `rand_bbox`); the partner's box pasted over `own`. Returns the images and the kept fraction
+  (1 - box area / image area), the weight of the own label."""
+  g = tf.random.stateless_gamma([2], lam_seed, alpha=alpha)
+  lam = tf.where(g[0] + g[1] > 0, g[0] / (g[0] + g[1]), 1.0)
+  u = tf.random.stateless_uniform([2], box_seed)
+  h, w = tf.shape(own)[1], tf.shape(own)[2]
+  fh, fw = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+  ratio = tf.sqrt(tf.maximum(1.0 - lam, 0.0))
+  ch, cw = tf.cast(fh * ratio, tf.int32), tf.cast(fw * ratio, tf.int32)
+  cy = tf.minimum(tf.cast(u[0] * fh, tf.int32), h - 1)
+  cx = tf.minimum(tf.cast(u[1] * fw, tf.int32), w - 1)
+  y0, y1 = tf.clip_by_value(cy - ch // 2, 0, h), tf.clip_by_value(cy + ch // 2, 0, h)
+  x0, x1 = tf.clip_by_value(cx - cw // 2, 0, w), tf.clip_by_value(cx + cw // 2, 0, w)
+  ys, xs = tf.range(h), tf.range(w)
+  box = (((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :])[None, :, :, None]
+  kept = 1.0 - tf.cast((y1 - y0) * (x1 - x0), tf.float32) / (fh * fw)
+  return tf.where(box, partner, own), kept
+
+
 def _finish(images, labels, num_classes: int, mixup: float = 0.0, seed=None,
-            partner_row: bool = False):
+            partner_row: bool = False, cutmix: float = 0.0, cutmix_seed=None):
   """One-hot labels, and mixup: each row mixed with the row before it (row 0 with the last one),
   lambda ~ Beta(mixup, mixup) folded to >= 0.5, one per batch. With `partner_row` the first row is
   only the partner of the second (the global batch's row before this host's first) and is
-  dropped: then every host mixes with the same partners as one host holding the global batch."""
+  dropped: then every host mixes with the same partners as one host holding the global batch.
+  `cutmix` > 0: CutMix with the same partners (`_cutmix`, from `cutmix_seed`); with mixup also on,
+  each batch is CutMix'ed with probability 1/2, else mixed up. Mixed labels sum to 1."""
   labels = tf.one_hot(labels, num_classes, dtype=tf.float32)
+  if cutmix > 0:
+    if partner_row:
+      own, partner, own_l, partner_l = images[1:], images[:-1], labels[1:], labels[:-1]
+    else:
+      own, partner = images, tf.roll(images, 1, axis=0)
+      own_l, partner_l = labels, tf.roll(labels, 1, axis=0)
+    lam_seed, box_seed, switch_seed = tf.unstack(
+        tf.random.experimental.stateless_split(cutmix_seed, 3))
+    images, lam = _cutmix(own, partner, cutmix, lam_seed, box_seed)
+    if mixup > 0:
+      g = tf.random.stateless_gamma([2], seed, alpha=mixup)
+      lam_mix = tf.where(g[0] + g[1] > 0, g[0] / (g[0] + g[1]), 1.0)
+      lam_mix = tf.maximum(lam_mix, 1.0 - lam_mix)
+      switch = tf.random.stateless_uniform([], switch_seed) < 0.5
+      images = tf.where(switch, images, lam_mix * own + (1.0 - lam_mix) * partner)
+      lam = tf.where(switch, lam, lam_mix)
+    return {"image": images, "label": lam * own_l + (1.0 - lam) * partner_l}
   if mixup > 0:
     g = tf.random.stateless_gamma([2], seed, alpha=mixup)
     lam = tf.where(g[0] + g[1] > 0, g[0] / (g[0] + g[1]), 1.0)
@@ -152,39 +195,45 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
 def train_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_size: int,
                    seed: int, start_step: int = 0, process_index: Optional[int] = None,
                    process_count: Optional[int] = None, mixup: float = 0.0,
-                   prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
+                   cutmix: float = 0.0, prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
   """Infinite, deterministic training batches for this host, starting at step `start_step`.
 
   Yields {"image": float32 (B/P, H, W, C), "label": float32 one-hot (B/P, K)} and, for in-memory
   sources, "id": int64 (B/P,) the table index of each row's example; `batch_size` is global (B),
   P the process count. Batch k is the batch of step start_step + k, bitwise the same
-  as in an uninterrupted run. `mixup` > 0 mixes each host batch with Beta(mixup, mixup).
+  as in an uninterrupted run. `mixup` > 0 mixes each host batch with Beta(mixup, mixup);
+  `cutmix` > 0 pastes boxes of the same partners (both on: one of them per batch, see `_finish`).
   """
   sources_lib.hide_accelerators()
   if seed < 0 or start_step < 0:
     raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be >= 0.")
+  if mixup < 0 or cutmix < 0:
+    raise ValueError(f"mixup ({mixup}) and cutmix ({cutmix}) must be >= 0 (0 disables them).")
   p, num_p = _processes(process_index, process_count)
   b = _local_batch(batch_size, num_p)
   parts = source.resolve(split)
   chain = _Chain(source, pp)
   if isinstance(source, sources_lib.ArraySource):
     ds, on_error = _train_in_memory(source, chain, source.table_indices(parts), batch_size, b, p,
-                                    seed, start_step, mixup, pp)
+                                    seed, start_step, mixup, pp, cutmix)
   else:
-    ds, on_error = _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp)
+    ds, on_error = _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp,
+                                 cutmix)
   if prefetch:
     ds = ds.prefetch(prefetch)
   return _numpy_batches(_options(ds), on_error)
 
 
-def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, pp):
+def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, pp, cutmix=0.0):
   """Global permutation per epoch of `indices` (into the source's table), host p takes its rows
-  of each global batch (and, with mixup, the row before them: its first row's partner)."""
+  of each global batch (and, with mixup or cutmix, the row before them: its first row's
+  partner)."""
   n = len(indices)
   idx = tf.constant(indices)
   perm_key, aug_key, mix_key = _key(seed, _PERM), _key(seed, _AUG), _key(seed, _MIXUP)
+  cut_key = _key(seed, _CUTMIX)
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  extra = 1 if mixup > 0 else 0  # the partner row
+  extra = 1 if mixup > 0 or cutmix > 0 else 0  # the partner row
   rows = tf.constant((p * b - extra + np.arange(b + extra)) % B, tf.int64)  # rows of the global
   # batch this host loads: its own, after the partner row (the last one's for host 0).
 
@@ -200,7 +249,7 @@ def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, p
 
   def finish(step, images, labels, ids):
     out = _finish(images, labels, source.num_classes, mixup, _seed(mix_key, step),
-                  partner_row=bool(extra))
+                  partner_row=bool(extra), cutmix=cutmix, cutmix_seed=_seed(cut_key, step))
     out["id"] = ids[extra:]  # the table index of each row (of its first example, with mixup)
     return out
 
@@ -225,7 +274,7 @@ def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, p
   return ds, on_error
 
 
-def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp):
+def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp, cutmix=0.0):
   """TFDS: host p streams its own part, shuffled per epoch with seed (K_perm(p) + epoch)."""
   chunk = splits_lib.host_chunk(parts, p, num_p)
   n = splits_lib.num_examples(chunk)
@@ -233,7 +282,8 @@ def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp
     raise ValueError(f"The split has {splits_lib.num_examples(parts)} examples, fewer than the "
                      f"{num_p} processes; host {p} would get none.")
   host = source.host_dataset(chunk)
-  perm_key, aug_key, mix_key = (_key(seed, purpose, p) for purpose in (_PERM, _AUG, _MIXUP))
+  perm_key, aug_key, mix_key, cut_key = (_key(seed, purpose, p)
+                                         for purpose in (_PERM, _AUG, _MIXUP, _CUTMIX))
   buffer = min(n, source.shuffle_buffer)
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   first = start_step * b  # Position of the first example in this host's stream.
@@ -248,7 +298,8 @@ def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp
 
   def batch_fn(step, ex):
     u = tf.random.stateless_uniform([b, chain.num_random], _seed(aug_key, step))
-    return _finish(chain.batch(ex[0], u), ex[1], source.num_classes, mixup, _seed(mix_key, step))
+    return _finish(chain.batch(ex[0], u), ex[1], source.num_classes, mixup, _seed(mix_key, step),
+                   cutmix=cutmix, cutmix_seed=_seed(cut_key, step))
   return ds.map(batch_fn, **parallel), None
 
 

@@ -12,6 +12,7 @@ iterator casts the result to float32 and adds the one-hot label (from the source
 """
 import ast
 import dataclasses
+import functools
 import inspect
 import math
 import re
@@ -26,6 +27,10 @@ class Op:
   name: str
   fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
   num_random: int = 0
+  # Crop ops whose window is known before decoding: `(encoded (1,), u (1, num_random), channels)
+  # -> images (1, h, w, C)`, the same result as decode then `fn`. `parse` fuses "decode|<op>" into
+  # one op with it, so that JPEGs decode only the crop (tf.image.decode_and_crop_jpeg).
+  decode_and_crop: Optional[Callable[[tf.Tensor, tf.Tensor, int], tf.Tensor]] = None
 
 
 def _pair(size) -> Tuple[int, int]:
@@ -51,7 +56,9 @@ def _crop(x: tf.Tensor, oy: tf.Tensor, ox: tf.Tensor, h: int, w: int) -> tf.Tens
 
 def decode(channels: Optional[int] = None) -> Op:
   """Decodes encoded images (PNG/JPEG/...) to uint8 with `channels` channels (default: the
-  source's, so grayscale stays one channel); a no-op for images that are already arrays."""
+  source's, so grayscale stays one channel); a no-op for images that are already arrays.
+  Followed by inception_crop or random_resized_crop, `parse` fuses the two ("decode_and_crop"):
+  JPEGs then decode only the crop's window."""
   def fn(x, u):
     del u
     if x.dtype != tf.string:
@@ -64,10 +71,62 @@ def decode(channels: Optional[int] = None) -> Op:
   return Op("decode", fn)
 
 
+def _decode_window(x, u, channels, window, crop_fn, size) -> tf.Tensor:
+  """Decode then crop_fn, for one encoded image x (1,); JPEGs decode only `window(h, w, u)`.
+
+  The window comes from the JPEG header's size, so it is the one crop_fn picks on the decoded
+  image; resizing the decoded window corner to corner samples the same points as crop_fn's box.
+  Other formats (PNG, ...) and already-decoded images go through crop_fn unchanged.
+  """
+  if x.dtype != tf.string:
+    return crop_fn(x, u)
+  if channels is None:
+    raise ValueError("decode needs the channel count (the pipeline passes the source's).")
+  data = x[0]
+
+  def jpeg():
+    hwc = tf.image.extract_jpeg_shape(data)
+    y, x0, ch, cw = window(tf.cast(hwc[0], tf.float32), tf.cast(hwc[1], tf.float32), u)
+    crop = tf.cast(tf.stack([y[0], x0[0], ch[0], cw[0]]), tf.int32)
+    img = tf.image.decode_and_crop_jpeg(data, crop, channels=channels)
+    # Corner to corner (crop_and_resize's box [0, 0, 1, 1] can overshoot the last pixel by an ulp
+    # and sample its zero extrapolation); the caller leaves sizes of 1 unfused.
+    return tf.raw_ops.ResizeBilinear(images=img[None], size=size, align_corners=True,
+                                     half_pixel_centers=False)
+
+  def other():
+    img = tf.io.decode_image(data, channels=channels, expand_animations=False)
+    return crop_fn(img[None], u)
+  return tf.cond(tf.io.is_jpeg(data), jpeg, other)
+
+
 def resize(size, method: str = "bilinear", antialias: bool = False) -> Op:
   """Resizes to `size` (int or (h, w)); float32 output in the input's value range."""
   h, w = _pair(size)
   return Op("resize", lambda x, u: tf.image.resize(x, (h, w), method=method, antialias=antialias))
+
+
+def resize_small(size: int, method: str = "area", antialias: bool = False) -> Op:
+  """big_vision's resize_small: resizes so that the shorter side is `size`, keeping the aspect
+  ratio (the other side rounded), e.g. "decode|resize_small(256)|central_crop(224)" for eval.
+  Default method "area" as big_vision's; float32 output in the input's value range."""
+  if not isinstance(size, int) or size <= 0:
+    raise ValueError(f"resize_small needs a positive int size, got {size!r}")
+
+  def new_size(h, w):
+    ratio = size / tf.minimum(h, w)
+    return (tf.cast(tf.round(h * ratio), tf.int32), tf.cast(tf.round(w * ratio), tf.int32))
+
+  def fn(x, u):
+    del u
+    if x.shape[1] is not None and x.shape[2] is not None:  # fixed shapes: a static output shape
+      h, w = x.shape[1], x.shape[2]
+      hw = (round(h * size / min(h, w)), round(w * size / min(h, w)))
+    else:
+      ih, iw = _hw(x)
+      hw = new_size(tf.cast(ih, tf.float64), tf.cast(iw, tf.float64))
+    return tf.image.resize(x, hw, method=method, antialias=antialias)
+  return Op("resize_small", fn)
 
 
 def central_crop(size) -> Op:
@@ -122,7 +181,8 @@ def random_resized_crop(size, scale: Sequence[float] = (0.08, 1.0),
 
   Sampling as torchvision's RandomResizedCrop: up to `attempts` proposals, the first that fits
   wins; if none fits, the central crop with the ratio clamped to `ratio`. Vectorised over the
-  batch with tf.image.crop_and_resize (box corners on pixel centres).
+  batch with tf.image.crop_and_resize (box corners on pixel centres). After `decode`, JPEGs
+  decode only the window (see `Op.decode_and_crop`): the same window and output pixels.
   """
   oh, ow = _pair(size)
   (s0, s1), (r0, r1) = scale, ratio
@@ -131,9 +191,8 @@ def random_resized_crop(size, scale: Sequence[float] = (0.08, 1.0),
                      f"0 < ratio[0] <= ratio[1], got scale={scale}, ratio={ratio}")
   lr0, lr1 = math.log(r0), math.log(r1)
 
-  def fn(x, u):  # u (B, 2 * attempts + 2)
-    ih, iw = _hw(x)
-    fh, fw = tf.cast(ih, tf.float32), tf.cast(iw, tf.float32)
+  def window(fh, fw, u):  # image height, width (float32 scalars), u (B, 2 * attempts + 2)
+    """The crop (y, x, h, w) of each example: float32 (B,) whole numbers inside the image."""
     area = fh * fw
     target = area * (s0 + (s1 - s0) * u[:, :attempts])  # (B, attempts)
     ar = tf.exp(lr0 + (lr1 - lr0) * u[:, attempts:2 * attempts])
@@ -149,12 +208,21 @@ def random_resized_crop(size, scale: Sequence[float] = (0.08, 1.0),
     cw, ch = tf.where(found, cw, fb_w), tf.where(found, ch, fb_h)
     y = tf.where(found, tf.floor(u[:, -2] * (fh - ch + 1)), tf.floor((fh - ch) / 2))
     x0 = tf.where(found, tf.floor(u[:, -1] * (fw - cw + 1)), tf.floor((fw - cw) / 2))
-    y, x0 = tf.minimum(y, fh - ch), tf.minimum(x0, fw - cw)
+    return tf.minimum(y, fh - ch), tf.minimum(x0, fw - cw), ch, cw
+
+  def fn(x, u):  # u (B, 2 * attempts + 2)
+    ih, iw = _hw(x)
+    fh, fw = tf.cast(ih, tf.float32), tf.cast(iw, tf.float32)
+    y, x0, ch, cw = window(fh, fw, u)
     dy, dx = tf.maximum(fh - 1, 1.0), tf.maximum(fw - 1, 1.0)
     boxes = tf.stack([y / dy, x0 / dx, (y + ch - 1) / dy, (x0 + cw - 1) / dx], axis=1)
     b = tf.shape(x)[0]
     return tf.image.crop_and_resize(tf.cast(x, tf.float32), boxes, tf.range(b), (oh, ow))
-  return Op("random_resized_crop", fn, num_random=2 * attempts + 2)
+
+  def decode_and_crop(x, u, channels):
+    return _decode_window(x, u, channels, window, fn, (oh, ow))
+  return Op("random_resized_crop", fn, num_random=2 * attempts + 2,  # size 1: the box's centre
+            decode_and_crop=decode_and_crop if min(oh, ow) > 1 else None)
 
 
 def inception_crop(size, area_min: float = 5, area_max: float = 100) -> Op:
@@ -176,17 +244,197 @@ def value_range(lo: float = -1.0, hi: float = 1.0, in_min: float = 0.0, in_max: 
   return Op("value_range", fn)
 
 
+# RandAugment (Cubuk et al. 2019, https://arxiv.org/abs/1909.13719). The op list, its order and
+# the magnitude mapping are those of big_vision's pp/autoaugment.py
+# (`distort_image_with_randaugment`: 16 ops, each layer applies one chosen uniformly, always, at
+# the fixed magnitude M on a 0..10 scale). Pixel semantics follow PIL's ImageOps/ImageEnhance.
+RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
+                   "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
+                   "TranslateX", "TranslateY", "Cutout", "SolarizeAdd")
+_RA_RANDOM = 4  # uniforms per layer: the op, the sign of signed magnitudes, cutout's centre y, x
+_RA_FILL = 128.0  # what geometric ops and Cutout put where there is no image
+
+
+def _ra_blend(degenerate, x, factor: float):
+  """PIL's ImageEnhance: degenerate + factor * (x - degenerate), clipped to [0, 255], truncated
+  to integers (as a uint8 cast)."""
+  return tf.floor(tf.clip_by_value(degenerate + factor * (x - degenerate), 0.0, 255.0))
+
+
+def _ra_gray(x):
+  """PIL's convert("L") (ITU-R 601-2 luma, rounded) as (n, H, W, 1); grayscale as it is."""
+  if x.shape[-1] == 1:
+    return x
+  return tf.floor(tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), -1, keepdims=True) + 0.5)
+
+
+def _ra_transform(x, transforms):
+  """Per-example projective transforms (n, 8), output pixel -> input pixel; nearest neighbour,
+  _RA_FILL outside the image."""
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=x, transforms=transforms, output_shape=tf.shape(x)[1:3],
+      fill_value=tf.constant(_RA_FILL), interpolation="NEAREST", fill_mode="CONSTANT")
+
+
+def _ra_autocontrast(x):
+  lo = tf.reduce_min(x, axis=[1, 2], keepdims=True)
+  hi = tf.reduce_max(x, axis=[1, 2], keepdims=True)
+  # Divided last: exact where the quotient is a whole number (the top value maps to 255).
+  scaled = tf.floor(tf.clip_by_value((x - lo) * 255.0 / tf.maximum(hi - lo, 1.0), 0.0, 255.0))
+  return tf.where(hi > lo, scaled, x)
+
+
+def _ra_equalize(x):
+  """PIL's ImageOps.equalize per example and channel: a lookup table from the histogram."""
+  n, h, w, c = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2], tf.shape(x)[3]
+  flat = tf.reshape(tf.transpose(tf.cast(x, tf.int32), [0, 3, 1, 2]), [n * c, h * w])
+  hist = tf.math.bincount(flat, minlength=256, maxlength=256, axis=-1)  # (n * c, 256)
+  last = tf.gather(hist, tf.reduce_max(flat, axis=1), batch_dims=1)  # count of the top value
+  step = (h * w - last) // 255  # (n * c,)
+  safe = tf.maximum(step, 1)[:, None]
+  lut = (tf.cumsum(hist, axis=1) + step[:, None] // 2) // safe
+  lut = tf.clip_by_value(tf.concat([tf.zeros_like(lut[:, :1]), lut[:, :-1]], 1), 0, 255)
+  out = tf.where((step > 0)[:, None], tf.gather(lut, flat, batch_dims=1), flat)
+  return tf.transpose(tf.reshape(tf.cast(out, tf.float32), [n, c, h, w]), [0, 2, 3, 1])
+
+
+def _ra_sharpness(x, factor: float):
+  """PIL's ImageEnhance.Sharpness: blend with the SMOOTH-filtered image (borders kept)."""
+  c = x.shape[-1]
+  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, c, 1])
+  smooth = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")
+  smooth = tf.floor(tf.clip_by_value(smooth, 0.0, 255.0) + 0.5)
+  pad = [[0, 0], [1, 1], [1, 1], [0, 0]]
+  inner = tf.pad(tf.ones_like(smooth), pad) > 0
+  return _ra_blend(tf.where(inner, tf.pad(smooth, pad), x), x, factor)
+
+
+def _ra_cutout(x, centre, pad: int):
+  """A (2 pad)-sided square of _RA_FILL centred at a uniform pixel (clipped at the borders)."""
+  h, w = tf.shape(x)[1], tf.shape(x)[2]
+  cy = tf.minimum(tf.cast(centre[:, 0] * tf.cast(h, tf.float32), tf.int32), h - 1)
+  cx = tf.minimum(tf.cast(centre[:, 1] * tf.cast(w, tf.float32), tf.int32), w - 1)
+  ys, xs = tf.range(h)[None], tf.range(w)[None]
+  in_y = (ys >= cy[:, None] - pad) & (ys < cy[:, None] + pad)  # (n, H)
+  in_x = (xs >= cx[:, None] - pad) & (xs < cx[:, None] + pad)  # (n, W)
+  mask = in_y[:, :, None, None] & in_x[:, None, :, None]
+  return tf.where(mask, _RA_FILL, x)
+
+
+def randaugment(num_layers: int = 2, magnitude: float = 10, translate_const: float = 100,
+                cutout_const: float = 40) -> Op:
+  """RandAugment: `num_layers` times, each example gets one of RANDAUGMENT_OPS chosen uniformly,
+  at `magnitude` M (0..10 is the paper's range; more is allowed).
+
+  Magnitude mapping (big_vision's pp/autoaugment.py; "+-": a random sign per example):
+  Rotate +-30 M/10 degrees; ShearX/Y +-0.3 M/10; TranslateX/Y +-translate_const M/10 pixels
+  (100 as in big_vision's RandAugment, sized for 224px images; set it for small images);
+  Color, Contrast, Brightness, Sharpness factor 0.1 + 1.8 M/10; Posterize to int(4 M/10) bits;
+  Solarize above int(256 M/10); SolarizeAdd int(110 M/10) below 128; Cutout a square of side
+  2 int(cutout_const M/10); AutoContrast, Equalize, Invert take none. Empty pixels are 128.
+
+  Input in [0, 255] (uint8, or float from a resize: rounded first); every op returns integers in
+  [0, 255], uint8 for uint8 input, else float32. Each example depends only on its own u row (4
+  per layer): the batch is split by chosen op (tf.dynamic_partition), each op runs on its part
+  and the parts are stitched back. Images need 1 or 3 channels (Color and Contrast use the luma
+  of RGB; on grayscale, Color is the identity).
+  """
+  if not (isinstance(num_layers, int) and num_layers >= 0 and magnitude >= 0):
+    raise ValueError(f"randaugment needs an int num_layers >= 0 and magnitude >= 0, got "
+                     f"num_layers={num_layers!r}, magnitude={magnitude!r}")
+  m = magnitude / 10.0
+  degrees, shear, pixels = 30.0 * m, 0.3 * m, float(translate_const) * m
+  factor = 0.1 + 1.8 * m
+  bits = min(max(int(4 * m), 0), 8)
+  threshold, addition, pad = int(256 * m), int(110 * m), int(cutout_const * m)
+  post = float(2 ** (8 - bits))
+
+  def shift(x, s, dx, dy):  # output (x, y) <- input (x + dx s, y + dy s)
+    one, zero = tf.ones_like(s), tf.zeros_like(s)
+    return _ra_transform(x, tf.stack([one, zero, dx * s, zero, one, dy * s, zero, zero], 1))
+
+  def shear_op(x, s, along_x):
+    one, zero = tf.ones_like(s), tf.zeros_like(s)
+    row = [one, s, zero, zero, one, zero] if along_x else [one, zero, zero, s, one, zero]
+    return _ra_transform(x, tf.stack(row + [zero, zero], 1))
+
+  def rotate(x, sign):  # counter-clockwise by sign * degrees about the image centre
+    h, w = tf.cast(tf.shape(x)[1], tf.float32), tf.cast(tf.shape(x)[2], tf.float32)
+    a = sign * (degrees * math.pi / 180.0)
+    cos, sin, zero = tf.cos(a), tf.sin(a), tf.zeros_like(a)
+    ox = ((w - 1) - (cos * (w - 1) - sin * (h - 1))) / 2
+    oy = ((h - 1) - (sin * (w - 1) + cos * (h - 1))) / 2
+    return _ra_transform(x, tf.stack([cos, -sin, ox, sin, cos, oy, zero, zero], 1))
+
+  table = {  # name -> fn(x (n, H, W, C) float, sign (n,), centre (n, 2))
+      "AutoContrast": lambda x, s, c: _ra_autocontrast(x),
+      "Equalize": lambda x, s, c: _ra_equalize(x),
+      "Invert": lambda x, s, c: 255.0 - x,
+      "Rotate": lambda x, s, c: rotate(x, s),
+      "Posterize": lambda x, s, c: tf.floor(x / post) * post if bits < 8 else x,
+      "Solarize": lambda x, s, c: tf.where(x < threshold, x, 255.0 - x),
+      "Color": lambda x, s, c: _ra_blend(_ra_gray(x), x, factor),
+      "Contrast": lambda x, s, c: _ra_blend(
+          tf.floor(tf.reduce_mean(_ra_gray(x), axis=[1, 2, 3], keepdims=True) + 0.5), x, factor),
+      "Brightness": lambda x, s, c: _ra_blend(0.0, x, factor),
+      "Sharpness": lambda x, s, c: _ra_sharpness(x, factor),
+      "ShearX": lambda x, s, c: shear_op(x, s * shear, True),
+      "ShearY": lambda x, s, c: shear_op(x, s * shear, False),
+      "TranslateX": lambda x, s, c: shift(x, s * pixels, 1.0, 0.0),
+      "TranslateY": lambda x, s, c: shift(x, s * pixels, 0.0, 1.0),
+      "Cutout": lambda x, s, c: _ra_cutout(x, c, pad),
+      "SolarizeAdd": lambda x, s, c: tf.where(x < 128.0, tf.minimum(x + addition, 255.0), x),
+  }
+  fns = [table[name] for name in RANDAUGMENT_OPS]
+  k = len(fns)
+
+  @tf.autograph.experimental.do_not_convert  # plain graph code; autograph only slows tracing
+  def fn(x, u):  # u (B, 4 * num_layers)
+    if x.shape[-1] not in (1, 3):
+      raise ValueError(f"randaugment needs images with 1 or 3 channels, got shape {x.shape}")
+    dtype = x.dtype
+    out = tf.clip_by_value(tf.round(tf.cast(x, tf.float32)), 0.0, 255.0)
+    rows = tf.range(tf.shape(out)[0])
+    for layer in range(num_layers):
+      v = u[:, _RA_RANDOM * layer:_RA_RANDOM * (layer + 1)]
+      which = tf.minimum(tf.cast(v[:, 0] * k, tf.int32), k - 1)
+      sign = tf.where(v[:, 1] < 0.5, -1.0, 1.0)
+      parts = zip(*(tf.dynamic_partition(t, which, k) for t in (out, sign, v[:, 2:], rows)))
+      outs, where = [], []
+      for f, (xi, si, ci, ri) in zip(fns, parts):
+        outs.append(f(xi, si, ci))
+        where.append(ri)
+      out = tf.ensure_shape(tf.dynamic_stitch(where, outs), x.shape)
+    return tf.cast(out, tf.uint8) if dtype == tf.uint8 else out
+  return Op("randaugment", fn, num_random=_RA_RANDOM * num_layers)
+
+
+def randaug(num_layers: int = 2, magnitude: float = 10, translate_const: float = 100,
+            cutout_const: float = 40) -> Op:
+  """big_vision's name for randaugment."""
+  return dataclasses.replace(randaugment(num_layers, magnitude, translate_const, cutout_const),
+                             name="randaug")
+
+
 # The one table of ops; nothing is registered anywhere else.
 OPS = {
     "decode": decode,
     "resize": resize,
+    "resize_small": resize_small,
     "central_crop": central_crop,
     "random_crop": random_crop,
     "flip_lr": flip_lr,
     "random_resized_crop": random_resized_crop,
     "inception_crop": inception_crop,
     "value_range": value_range,
+    "randaugment": randaugment,
+    "randaug": randaug,
 }
+
+# parse fuses "decode|<crop op with decode_and_crop>" into one op; False turns that off (the
+# benchmark's decode-then-crop baseline).
+FUSE_DECODE_CROP = True
 
 _OP_RE = re.compile(r"^(?P<name>\w+)(\((?P<args>.*)\))?$", re.S)
 
@@ -195,8 +443,11 @@ def parse(pp: str, *, channels: Optional[int] = None) -> List[Op]:
   """Parses "op1(args)|op2|..." into Ops. `channels` is the default for `decode`.
 
   ValueError naming the offending piece for an unknown op (listing the known ones) or bad args.
+  "decode" directly followed by a crop op that can crop while decoding (inception_crop,
+  random_resized_crop) becomes one op "decode_and_crop" (see `Op.decode_and_crop`).
   """
   ops = []
+  decode_channels = channels
   for piece in (p.strip() for p in pp.split("|")):
     m = _OP_RE.match(piece)
     if not m:
@@ -220,7 +471,15 @@ def parse(pp: str, *, channels: Optional[int] = None) -> List[Op]:
     except TypeError as e:
       raise ValueError(f"Bad arguments for pp op {piece!r}: {e}; signature: "
                        f"{name}{inspect.signature(factory)}") from None
-    ops.append(factory(*args, **kwargs))
+    op = factory(*args, **kwargs)
+    if name == "decode":
+      decode_channels = inspect.signature(factory).bind(*args, **kwargs).arguments.get("channels")
+    elif (op.decode_and_crop is not None and FUSE_DECODE_CROP and ops and
+          ops[-1].name == "decode"):
+      fused = functools.partial(op.decode_and_crop, channels=decode_channels)
+      ops[-1] = Op("decode_and_crop", lambda x, u, fused=fused: fused(x, u), op.num_random)
+      continue
+    ops.append(op)
   return ops
 
 
@@ -232,7 +491,7 @@ def apply(ops: Sequence[Op], images: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
   """Runs `ops` on images (B, H, W, C) with u (B, num_random(ops)); returns float32."""
   col = 0
   for op in ops:
-    if images.dtype == tf.string and op.name != "decode":
+    if images.dtype == tf.string and op.name not in ("decode", "decode_and_crop"):
       raise ValueError(f"pp op {op.name!r} got encoded images; start the pp string with 'decode'.")
     images = op.fn(images, u[:, col:col + op.num_random])
     col += op.num_random

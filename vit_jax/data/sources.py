@@ -129,11 +129,18 @@ class ArraySource(Source):
 
 
 class TfdsSource(Source):
-  """A TFDS data set; each host streams its own contiguous part of a split."""
+  """A TFDS data set; each host streams its own contiguous part of a split.
+
+  An unprepared data set is prepared (downloaded and converted) on construction: with several
+  processes by process 0 only while the others wait at a barrier, then read by all (a data_dir
+  that the others still find unprepared, i.e. not shared, is prepared by each of them). The
+  process index and count default to JAX's, asked only when the data set is not prepared.
+  """
 
   def __init__(self, name: str, *, data_dir: Optional[str] = None,
                manual_dir: Optional[str] = None, image_key: str = "image",
-               label_key: str = "label", shuffle_buffer: int = 50_000):
+               label_key: str = "label", shuffle_buffer: int = 50_000,
+               process_index: Optional[int] = None, process_count: Optional[int] = None):
     self.name, self.image_key, self.label_key = name, image_key, label_key
     self.shuffle_buffer = shuffle_buffer
     try:
@@ -141,16 +148,7 @@ class TfdsSource(Source):
     except tfds.core.registered.DatasetNotFoundError as e:
       raise ValueError(f"TFDS has no data set {name!r}: {e}") from None
     if not self.builder.is_prepared():
-      try:
-        self.builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-      except Exception as e:  # pylint: disable=broad-except
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        raise FileNotFoundError(
-            f"TFDS data set {name!r} is not prepared in {self.builder.data_dir!r} and preparing it "
-            f"failed ({type(e).__name__}: {first_line}). Prepare it where there is network access "
-            "(`tfds build`), then point cfg.data_dir at that TFDS data_dir; data sets that need "
-            "manual downloads want cfg.manual_dir.") from e
+      self._prepare(name, data_dir, manual_dir, process_index, process_count)
     features = self.builder.info.features
     for key in (image_key, label_key):
       if key not in features:
@@ -164,6 +162,44 @@ class TfdsSource(Source):
     self.image_shape = tuple(features[image_key].shape)
     self.encoded = isinstance(features[image_key], tfds.features.Image)
     self._sizes = {}
+
+  def _prepare(self, name, data_dir, manual_dir, process_index, process_count):
+    """download_and_prepare: by process 0 while the others wait (see the class docstring)."""
+    if process_index is None or process_count is None:
+      import jax  # pylint: disable=g-import-not-at-top  (only for the process index and count)
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if process_count == 1:
+      self._download_and_prepare(name, manual_dir)
+      return
+    error = None
+    if process_index == 0:
+      try:
+        self._download_and_prepare(name, manual_dir)
+      except FileNotFoundError as e:
+        error = e  # Raised after the barrier, so that the others do not wait forever.
+    _barrier(f"vit_jax_tfds_prepare:{name}:{data_dir}")
+    if error is not None:
+      raise error
+    if process_index != 0:
+      self.builder = tfds.builder(name, data_dir=data_dir)  # Reads what process 0 wrote.
+      if not self.builder.is_prepared():
+        logging.warning("TFDS %r: process 0 prepared it, but %s is not prepared here (a data_dir "
+                        "that is not shared?); preparing it on process %d too.", name,
+                        self.builder.data_dir, process_index)
+        self._download_and_prepare(name, manual_dir)
+
+  def _download_and_prepare(self, name, manual_dir):
+    try:
+      self.builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as e:  # pylint: disable=broad-except
+      first_line = (str(e).strip().splitlines() or [""])[0][:200]
+      raise FileNotFoundError(
+          f"TFDS data set {name!r} is not prepared in {self.builder.data_dir!r} and preparing it "
+          f"failed ({type(e).__name__}: {first_line}). Prepare it where there is network access "
+          "(`tfds build`), then point cfg.data_dir at that TFDS data_dir; data sets that need "
+          "manual downloads want cfg.manual_dir.") from e
 
   def split_size(self, base):
     if base not in self._sizes:
@@ -202,6 +238,12 @@ class TfdsSource(Source):
         ds = ds.enumerate().filter(_selected(tf.constant(mask))).map(_drop_position)
       datasets.append(ds)
     return functools.reduce(lambda a, b: a.concatenate(b), datasets)
+
+
+def _barrier(name: str):
+  """Waits until every JAX process gets here."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  multihost_utils.sync_global_devices(name)
 
 
 def _selected(keep: tf.Tensor):
@@ -246,7 +288,8 @@ def _load_fashion_mnist(directory: str) -> Dict[str, Tuple[np.ndarray, np.ndarra
 
 def fashion_mnist(data_dir: Optional[str] = None, *, tfds_fallback: bool = True,
                   tfds_data_dir: Optional[str] = None) -> Source:
-  """Debian's Fashion-MNIST (train 60000, test 10000) in memory; TFDS if the files are missing."""
+  """Debian's Fashion-MNIST (train 60000, test 10000) in memory; TFDS if the files are missing
+  from Debian's directory (a `data_dir` given explicitly must hold them)."""
   directory = data_dir or FASHION_MNIST_DIR
   files = [f for pair in FASHION_MNIST_FILES.values() for f in pair]
   missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
@@ -254,7 +297,7 @@ def fashion_mnist(data_dir: Optional[str] = None, *, tfds_fallback: bool = True,
     return ArraySource("fashion_mnist", _load_fashion_mnist(directory),
                        class_names=FASHION_MNIST_CLASSES, image_shape=(28, 28, 1), encoded=False)
   reason = ""
-  if tfds_fallback:
+  if tfds_fallback and data_dir is None:  # a directory the user named is never replaced
     logging.warning("Fashion-MNIST files missing in %s (%s); trying TFDS fashion_mnist.",
                     directory, ", ".join(missing))
     try:
@@ -301,8 +344,23 @@ def image_folder(data_dir: Optional[str], *, channels: int = 3) -> Source:
 
 
 def get_source(cfg) -> Source:
-  """The source named by `cfg.name` (see the module docstring for the fields it reads)."""
+  """The source named by `cfg.name` (see the module docstring for the fields it reads). When the
+  data are missing or cannot be prepared, the error ends with `cfg.prepare` (a config's own
+  instructions for getting its data set), if given."""
   hide_accelerators()
+  try:
+    return _get_source(cfg)
+  except FileNotFoundError as e:
+    if cfg.get("prepare"):
+      raise FileNotFoundError(f"{e} {cfg.get('prepare')}") from None
+    raise
+  except ValueError as e:
+    if cfg.get("prepare") and ("data_dir" in str(e) or "TFDS has no" in str(e)):
+      raise ValueError(f"{e} {cfg.get('prepare')}") from None
+    raise
+
+
+def _get_source(cfg) -> Source:
   name = cfg.get("name")
   if name == "fashion_mnist":
     return fashion_mnist(cfg.get("data_dir"), tfds_fallback=cfg.get("tfds_fallback", True),

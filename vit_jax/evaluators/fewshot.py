@@ -1,21 +1,35 @@
-"""Few-shot linear evaluation on frozen representations (the ViT paper's "linear few-shot").
+"""Few-shot linear evaluation on frozen representations: the estimator of the ViT paper's
+"few-shot linear accuracy", as big_vision computes it (big_vision/evaluators/fewshot_lsr.py, with
+the defaults of big_vision/configs/common_fewshot.py).
 
-For each k in `shots` and each trial t (of `num_trials`):
+For each k in `shots` (big_vision's default: 1, 5, 10, 25) and each trial t (of `num_trials`,
+default 3, big_vision's `num_seeds`):
 
-1. Features of every example of `train_split` and `test_split` come from `run_fn` (the model's
-   pooled representation, head ignored), in split order, over all hosts.
-2. Shots: trial t draws, for every class c = 0..K-1 in turn, one permutation of the rows of the
-   train split labelled c with `np.random.default_rng([seed, t])`, and keeps its first k. So the
-   support set is exactly k per class, fixed by (seed, t), and the 1-shot set of a trial is inside
-   its 5-shot set, and so on. Only `train_split` is looked at: a prefix such as "train[:2000]" is
-   enough when every class has max(shots) examples in it (else a ValueError says which class is
-   short). Features of the whole `train_split` are computed, so keep it small.
-3. Features are centred with the support set's mean and scaled to unit L2 norm (test features
-   with the same mean); a column of ones is appended for the bias (regularised like the weights).
-4. Ridge regression to {-1, +1} one-vs-all targets, in closed form, in float64:
+1. Features of every example of `train_split` and `test_split` of the probe's data set (`source`;
+   train.py passes `fewshot.dataset`, or the training data set when that is unset) come from
+   `run_fn` (the model's pooled pre-logits representation, head ignored), in split order, over
+   all hosts.
+2. Shots, drawn as fewshot_lsr.py draws them: one generator per trial, and with it, for every
+   class c = 0..K-1 in turn, one random permutation of the rows of the train split labelled c;
+   the k-shot set is the first k of each permutation. So the support set is exactly k per class,
+   and a trial's 1-shot set is inside its 5-shot set, and so on. big_vision seeds trial t with
+   t alone (`sample_shots(..., seed=t)` draws exactly its subsets); here trial t uses
+   `np.random.default_rng([seed, t])`, with train.py passing the run's `seed`. Where a class has
+   fewer than k examples big_vision silently takes what there is; here that is a ValueError
+   naming the class (a prefix such as "train[:2000]" is enough when every class has max(shots)
+   examples in it). Features of the whole `train_split` are computed, so keep it small.
+3. Preprocessing (fewshot_lsr.py's "whitening"): every feature dimension is standardised with the
+   support set's per-dimension mean and standard deviation (population std, plus 1e-5), the test
+   features with the same statistics. A constant column of BIAS = 100 is appended for the bias:
+   it is regularised like any weight, but its weight only needs 1/100 of the bias, so the penalty
+   on the bias is l2_reg / 10^4 of the plain one: almost unregularised.
+4. Ridge regression to one-vs-all targets in {-1, +1} (2 * one_hot - 1), in closed form:
    W = (X^T X + l2_reg I)^-1 X^T Y, or the same W as X^T (X X^T + l2_reg I)^-1 Y when there are
-   fewer support examples than feature columns.
-5. Accuracy of argmax(X_test W) on every example of `test_split`; averaged over the trials.
+   fewer support examples than columns (big_vision picks between the same two forms, through an
+   eigendecomposition, in float32; here np.linalg.solve in float64). l2_reg defaults to 2^10,
+   big_vision's (common_fewshot.py).
+5. Accuracy of argmax(X_test W) on every example of `test_split`. big_vision reports each trial
+   ("seed") separately; here the trials are averaged.
 
 Returns {"fewshot_{k}shot_accuracy": float} for every k.
 """
@@ -26,6 +40,13 @@ import numpy as np
 
 from vit_jax import data as data_lib
 from vit_jax import evaluators
+
+# big_vision's defaults (configs/common_fewshot.py) and constants (evaluators/fewshot_lsr.py).
+SHOTS = (1, 5, 10, 25)
+L2_REG = 2.0 ** 10
+NUM_TRIALS = 3
+BIAS = 100.0  # The value of the appended bias column.
+STD_EPS = 1e-5  # Added to each dimension's standard deviation.
 
 
 def sample_shots(labels: np.ndarray, shots: Sequence[int], num_classes: int,
@@ -50,11 +71,18 @@ def sample_shots(labels: np.ndarray, shots: Sequence[int], num_classes: int,
   return {k: np.sort(picked[:, :k].reshape(-1)).astype(np.int64) for k in shots}
 
 
-def _normalize(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
-  """Centre with `mean`, scale rows to unit norm, append the bias column: (n, D) -> (n, D + 1)."""
-  x = x - mean
-  x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-  return np.concatenate([x, np.ones_like(x[:, :1])], axis=1)
+def feature_stats(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-dimension mean and standard deviation (+ STD_EPS) of the support features x (n, D):
+  two (1, D) arrays."""
+  x = np.asarray(x, np.float64)
+  return x.mean(axis=0, keepdims=True), x.std(axis=0, keepdims=True) + STD_EPS
+
+
+def preprocess(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """Standardise every dimension with the support set's statistics and append the bias column:
+  (n, D) -> (n, D + 1) float64, the last column BIAS."""
+  x = (np.asarray(x, np.float64) - mean) / std
+  return np.concatenate([x, np.full_like(x[:, :1], BIAS)], axis=1)
 
 
 def ridge_solve(x: np.ndarray, y: np.ndarray, l2_reg: float) -> np.ndarray:
@@ -68,14 +96,20 @@ def ridge_solve(x: np.ndarray, y: np.ndarray, l2_reg: float) -> np.ndarray:
   return np.linalg.solve(x.T @ x + l2_reg * np.eye(d), x.T @ y)
 
 
+def fit_linear_probe(x: np.ndarray, y: np.ndarray, num_classes: int, l2_reg: float = L2_REG):
+  """Steps 3 and 4 of the module docstring for the support set x (n, D), int labels y (n,):
+  (W (D + 1, K), mean (1, D), std (1, D)); the scores of features f are preprocess(f, mean,
+  std) @ W."""
+  mean, std = feature_stats(x)
+  targets = 2.0 * np.eye(num_classes)[np.asarray(y)] - 1.0  # (n, K) in {-1, +1}
+  return ridge_solve(preprocess(x, mean, std), targets, l2_reg), mean, std
+
+
 def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                          num_classes: int, l2_reg: float) -> float:
+                          num_classes: int, l2_reg: float = L2_REG) -> float:
   """Steps 3 to 5 of the module docstring for one support set: test accuracy in [0, 1]."""
-  x, x_test = np.asarray(x, np.float64), np.asarray(x_test, np.float64)
-  mean = x.mean(axis=0, keepdims=True)
-  targets = 2.0 * np.eye(num_classes)[y] - 1.0  # (n, K) in {-1, +1}
-  w = ridge_solve(_normalize(x, mean), targets, l2_reg)
-  preds = np.argmax(_normalize(x_test, mean) @ w, axis=-1)
+  w, mean, std = fit_linear_probe(x, y, num_classes, l2_reg)
+  preds = np.argmax(preprocess(x_test, mean, std) @ w, axis=-1)
   return float(np.mean(preds == np.asarray(y_test)))
 
 
@@ -93,10 +127,12 @@ def assemble(per_host_features: np.ndarray, per_host_labels: np.ndarray,
 
 class FewShotEvaluator:
   """`run_fn(params, local_batch) -> device features (this host's rows)`; `gather(device
-  features) -> numpy (local_rows, D)`. Everything else as in the module docstring."""
+  features) -> numpy (local_rows, D)`; `source`: the probe's data set, whose `train_split` and
+  `test_split` are read. Everything else as in the module docstring."""
 
   def __init__(self, run_fn: Callable, source, *, train_split: str, test_split: str, pp: str,
-               shots: Sequence[int], l2_reg: float, num_trials: int = 1, seed: int = 0,
+               shots: Sequence[int] = SHOTS, l2_reg: float = L2_REG,
+               num_trials: int = NUM_TRIALS, seed: int = 0,
                batch_size: int, gather: Callable,
                allgather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
                should_stop: Optional[Callable[[], bool]] = None):
