@@ -172,7 +172,7 @@ def run_in_process(config, workdir):
 
 # ----------------------------------------------------------------------- 8 devices, 1 process.
 @pytest.mark.parametrize("arg", [
-    "fsdp,jit",
+    pytest.param("fsdp,jit", marks=pytest.mark.slow),  # with its reference run: `make test-all`
     pytest.param("dp,jit", marks=pytest.mark.slow),  # steps 3-4 of the 2-process test below
     pytest.param("fsdp,pmap", marks=pytest.mark.slow),  # jit == pmap: tests/test_train.py
     pytest.param("tp,jit", marks=pytest.mark.slow),
@@ -268,6 +268,7 @@ def assert_only_process_0_wrote(workdir, procs, steps):
   assert len(events) == 1 and f".{procs[0].pid}." in events[0], events  # TensorBoard
 
 
+@pytest.mark.slow  # two processes, then one: ~80 s with its reference run (`make test-all`)
 def test_two_processes_fsdp_checkpoint_resumes_in_one_process(tmp_path, reference):
   """2 processes train 2 steps with FSDP over all 8 devices; 1 process restores their sharded
   checkpoint (on its own data-parallel mesh) and trains on to step 4: the 1-device result."""

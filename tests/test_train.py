@@ -136,7 +136,7 @@ def _interrupting_iterator(monkeypatch, after_batches, how):
 
 @pytest.mark.parametrize("how,mode", [
     ("sigterm", "jit"), pytest.param("crash", "jit", marks=pytest.mark.slow), ("sigint", "jit"),
-    ("sigterm", "pmap"), ("crash", "pmap")])
+    ("sigterm", "pmap"), pytest.param("crash", "pmap", marks=pytest.mark.slow)])
 def test_resume_is_bitwise_exact(tmp_path, monkeypatch, how, mode):
   cfg = tiny_config(model__dropout_rate=0.1, model__droppath_rate=0.1, parallel=mode)
   train.train_and_evaluate(cfg, str(tmp_path / "straight"))
@@ -186,7 +186,7 @@ def test_eval_only_mode_reads_the_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("arg", [
-    "hybrid",
+    pytest.param("hybrid", marks=pytest.mark.slow),  # the demo's model: `make test-all`
     # Their convolutions / windows compile and run slowly on XLA CPU: `make test-all` runs them.
     pytest.param("resnet", marks=pytest.mark.slow),
     pytest.param("swin", marks=pytest.mark.slow)])

@@ -89,6 +89,7 @@ def test_throughput_train_prints_the_documented_fields(capsys):
   assert "torch" not in rec
 
 
+@pytest.mark.slow  # compiles several steps: `make test-all` (the quick suite keeps one smoke test per script family)
 def test_throughput_counts_unrolled_flops_for_a_scanned_model(capsys):
   """XLA counts a scanned body once; the script must report the unrolled model's FLOPs."""
   throughput.main(["--models=ViT-Mu/7", "--batch_sizes=2", "--rounds=1", "--no-torch",
@@ -122,6 +123,7 @@ def test_throughput_with_torch_reports_a_ratio(capsys):
       rec["torch"]["step_s_median"] / rec["jax"]["step_s_median"], rel=1e-2)
 
 
+@pytest.mark.slow  # compiles several steps: `make test-all` (the quick suite keeps one smoke test per script family)
 def test_compile_time_prints_each_layout_and_a_summary(capsys):
   compile_time.main(["--models=ViT-Mu/7", "--layouts=scan,unrolled", "--batch=2"] + TINY)
   recs = records(capsys)
@@ -150,6 +152,7 @@ def test_ablations_step_and_kernel_variants(capsys):
     ablations.step_variant("ViT-Mu/7", 2, "turbo")
 
 
+@pytest.mark.slow  # compiles several steps: `make test-all` (the quick suite keeps one smoke test per script family)
 def test_input_pipeline_compares_real_and_synthetic(capsys):
   if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
     pytest.skip("needs Debian's dataset-fashion-mnist")

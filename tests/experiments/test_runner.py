@@ -74,6 +74,7 @@ class _Crash(Exception):
   pass
 
 
+@pytest.mark.slow  # trains twice: `make test-all`
 def test_interrupted_point_resumes(tmp_path, mock_tfds, monkeypatch):
   out = str(tmp_path / "out")
   s = tiny_sweep(sizes=(96,))
@@ -100,6 +101,7 @@ def test_interrupted_point_resumes(tmp_path, mock_tfds, monkeypatch):
   assert aggregate.load_result(workdir)["steps"] == 6
 
 
+@pytest.mark.slow  # trains two points: `make test-all`
 def test_in_process_sweep_runs_skips_and_aggregates(tmp_path, mock_tfds):
   out = str(tmp_path / "out")
   s = tiny_sweep()
