@@ -357,11 +357,16 @@ class StopSignals:
 COMPLETE = "complete.json"  # written last: the run trained to its end, evaluated and exported
 
 
-def _write_json(path: str, obj) -> None:
+def _write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically (a temporary file, then a rename)."""
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=str)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+  _write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _resolve_durations(config, steps_per_epoch: int):
@@ -436,10 +441,7 @@ def _save_config(workdir: str, config, start_step: int) -> None:
         return
     if start_step:
       os.replace(path, os.path.join(workdir, f"config.step{start_step}.json"))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  _write_text(path, text)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -516,7 +518,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if last_metrics is not None:
       _check_finite(last_metrics, step, ckpt)
     global_state = runner.to_global_state(rs, shardings)
-    bad = [name for name, ok in zip(_leaf_names(global_state),
+    bad = [name for name, ok in zip(optim.param_names(global_state),
                                     jax.device_get(finite(global_state))) if not ok]
     if bad:
       _raise_nonfinite(f"non-finite values in {', '.join(bad[:5])}"
@@ -660,10 +662,6 @@ def _finite_leaves(tree):
   """A bool per leaf of `tree` (jit it): True where every value is finite (non-float: True)."""
   return [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
           for x in jax.tree_util.tree_leaves(tree)]
-
-
-def _leaf_names(tree):
-  return [parallel.leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _raise_nonfinite(what: str, step: int, ckpt) -> None:
