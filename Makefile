@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,torch]'
+	$(PY) -m pip install -q -e '.[test,torch,hf]'
 	touch $(STAMP)
 
 # Debian's dataset-fashion-mnist when apt is there; otherwise the demo falls back to TFDS.

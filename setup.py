@@ -6,6 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="Vision transformers (ViT, hybrids, Swin) in JAX/Flax: models, training, experiments.",
     packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*"]),
+    # ImageNet-1k/21k class names for vit_jax.predict.
+    package_data={"vit_jax": ["*_classes.txt"]},
     python_requires=">=3.10,<3.13",
     # Ranges are the ones tested here (Python 3.11); the lower bounds are the versions whose APIs
     # the code uses, the upper bounds the next major/minor release nobody has run yet.
@@ -28,8 +30,12 @@ setuptools.setup(
         "scipy>=1.13,<2",
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        # pycocotools: tests/detection/test_mean_ap.py checks our COCO mAP against it.
+        "test": ["pytest>=8,<10", "pycocotools>=2.0.8,<2.1"],
         # Parity tests and side-by-side benchmarks only; never imported by vit_jax itself.
         "torch": ["torch==2.13.0", "transformers>=5.23,<5.24"],
+        # Hugging Face weights in and out (vit_jax.pretrained), imported only when used; reading
+        # model.safetensors needs no torch, pytorch_model.bin and the parity tests do.
+        "hf": ["transformers>=5.23,<5.24", "safetensors>=0.8,<0.9", "huggingface_hub>=2.4,<3"],
     },
 )

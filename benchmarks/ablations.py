@@ -18,6 +18,9 @@ A variant is '+'-joined tokens, e.g. `scan+remat:dots_saveable+fast_compile`:
 Kernel variants (forward + backward of one op at the model's shapes, alone):
   attention       `jax.nn.dot_product_attention` against einsum-softmax-einsum
   gelu            tanh approximation against the exact erf form
+  matmul_dtypes   the MLP's first matmul (tokens x D @ D x mlp_dim): f32; bf16 -> bf16; bf16 -> f32
+                  with JAX's own transpose (f32 x bf16 backward dots); bf16 -> f32 through
+                  `layers.mixed_einsum` (bf16 x bf16 -> f32 backward dots, the bf16 policy)
 """
 import argparse
 import sys
@@ -28,11 +31,12 @@ import jax.numpy as jnp
 from benchmarks import harness
 from benchmarks import jax_side
 from vit_jax import models
+from vit_jax.models import layers
 
 FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 OPT0 = {"xla_backend_optimization_level": 0}
 STEP_VARIANTS = ("scan", "unrolled", "bf16", "no_donation", "fast_compile", "opt0")
-KERNEL_VARIANTS = ("attention", "gelu")
+KERNEL_VARIANTS = ("attention", "gelu", "matmul_dtypes")
 
 
 def step_variant(name: str, batch: int, variant: str):
@@ -80,6 +84,18 @@ def kernel_fns(name: str, batch: int, variant: str, image_size: int) -> dict:
     impls = {"tanh": lambda x: jax.nn.gelu(x, approximate=True),
              "erf": lambda x: jax.nn.gelu(x, approximate=False)}
     args = (x,)
+  elif variant == "matmul_dtypes":
+    x = jax.random.normal(key, (batch * tokens, m.hidden_size))
+    w = jax.random.normal(jax.random.PRNGKey(1), (m.hidden_size, m.mlp_dim)) * 0.03
+    bf = lambda t: t.astype(jnp.bfloat16)
+    impls = {
+        "f32": jnp.dot,
+        "bf16_out_bf16": lambda x, w: (bf(x) @ bf(w)).astype(jnp.float32),
+        "bf16_out_f32_autodiff": lambda x, w: jnp.dot(bf(x), bf(w),
+                                                      preferred_element_type=jnp.float32),
+        "bf16_out_f32_mixed_einsum": lambda x, w: layers.mixed_einsum("mk,kn->mn", x, w),
+    }
+    args = (x, w)
   else:
     raise ValueError(f"Unknown kernel variant {variant!r}; known: {', '.join(KERNEL_VARIANTS)}.")
   fns = {}

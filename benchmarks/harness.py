@@ -71,14 +71,17 @@ def median(xs) -> float:
 
 
 class MatmulPeak:
-  """Large float32 `jnp.dot`s (n x n by n x n, 2 n^3 FLOPs each): the achievable matmul FLOP/s of
-  this device right now. Call it once per round of `interleave`: each call runs, per size, enough
+  """Large `jnp.dot`s (n x n by n x n, 2 n^3 FLOPs each) of `dtype` operands with a
+  `preferred_element_type` result (float32 x float32 -> float32 by default; bfloat16 x bfloat16 ->
+  float32 is the peak of the mixed-precision policy): the achievable matmul FLOP/s of this device
+  right now. Call it once per round of `interleave`: each call runs, per size, enough
   back-to-back products to take about `seconds` (a single short product is at the mercy of one
   descheduled thread on a loaded machine). The peak is the best size's median rate."""
 
-  def __init__(self, sizes=(1024, 2048), dtype=jnp.float32, seconds: float = 1.0):
-    self.dtype = jnp.dtype(dtype)
-    self._fn = jax.jit(jnp.dot)
+  def __init__(self, sizes=(1024, 2048), dtype=jnp.float32, seconds: float = 1.0,
+               out_dtype=jnp.float32):
+    self.dtype, self.out_dtype = jnp.dtype(dtype), jnp.dtype(out_dtype)
+    self._fn = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=self.out_dtype))
     self._args, self._reps, self.seconds = {}, {}, {}
     for i, n in enumerate(sizes):
       a = jax.random.normal(jax.random.PRNGKey(2 * i), (n, n), self.dtype)
@@ -101,7 +104,8 @@ class MatmulPeak:
     return max(median(self.gflops(n)) for n in self._args)
 
   def summary(self) -> dict:
-    return dict(dtype=self.dtype.name, peak_gflops=round(self.peak_gflops(), 2),
+    return dict(dtype=self.dtype.name, out_dtype=self.out_dtype.name,
+                peak_gflops=round(self.peak_gflops(), 2),
                 median_gflops_by_size={n: round(median(self.gflops(n)), 2) for n in self._args},
                 products_per_call=dict(self._reps),
                 calls=len(next(iter(self.seconds.values()))))

@@ -111,11 +111,16 @@ class _Out:
 
 def make_step(name: str, batch: int, *, mode: str, lr: float = 1e-3, weight_decay: float = 0.0,
               grad_clip_norm: float = 1.0, image_size: int = 224, num_classes: int = 1000,
-              seed: int = 0) -> Tuple[Callable[[], None], int]:
+              seed: int = 0, autocast_bf16: bool = False) -> Tuple[Callable[[], None], int]:
   """(step, number of parameters). `step()` runs one train step (forward, cross-entropy,
   backward, global-norm clipping, AdamW, zero_grad) or one inference forward on a fixed random
-  batch, and returns when it is done (torch on CPU is synchronous)."""
+  batch, and returns when it is done (torch on CPU is synchronous). `autocast_bf16`: the forward
+  and loss under `torch.autocast("cpu", dtype=torch.bfloat16)` (float32 weights and optimizer:
+  torch's mixed precision, the counterpart of our `dtype=bfloat16`)."""
   torch, _ = _torch()
+  import contextlib  # pylint: disable=g-import-not-at-top
+  cast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast_bf16
+          else contextlib.nullcontext)
   torch.manual_seed(seed)
   model = build(name, num_classes=num_classes, image_size=image_size)
   rng = np.random.default_rng(seed)
@@ -127,7 +132,7 @@ def make_step(name: str, batch: int, *, mode: str, lr: float = 1e-3, weight_deca
     model.eval()
 
     def infer():
-      with torch.inference_mode():
+      with torch.inference_mode(), cast():
         model(pixel_values=images).logits.sum().item()
     return infer, n_params
   if mode != "train":
@@ -136,8 +141,9 @@ def make_step(name: str, batch: int, *, mode: str, lr: float = 1e-3, weight_deca
   opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
   def train_step():
-    logits = model(pixel_values=images).logits
-    loss = torch.nn.functional.cross_entropy(logits, labels)
+    with cast():
+      logits = model(pixel_values=images).logits
+      loss = torch.nn.functional.cross_entropy(logits.float(), labels)
     loss.backward()
     if grad_clip_norm:
       torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)

@@ -39,19 +39,19 @@ class JaxStep:
 
   def __init__(self, config, *, mode: str = "train", image_size: int = 224,
                num_classes: int = 1000, compiler_options: Optional[dict] = None,
-               donate: bool = True, seed: int = 0):
+               donate: bool = True, seed: int = 0, channels: int = 3):
     if mode not in ("train", "inference"):
       raise ValueError(f"mode must be 'train' or 'inference', got {mode!r}.")
     self.config, self.mode, self.donate = config, mode, donate
     self.compiler_options = dict(compiler_options or {})
     b = int(config.batch_size)
     rng = np.random.default_rng(seed)
-    images = rng.standard_normal((b, image_size, image_size, 3), dtype=np.float32)
+    images = rng.standard_normal((b, image_size, image_size, channels), dtype=np.float32)
     labels = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, b)]
     self.batch = dict(image=jnp.asarray(images), label=jnp.asarray(labels),
                       row=jnp.arange(b, dtype=jnp.int32))
     # The trainer's own set-up (model, optimizer, state); the step is jitted here on one device.
-    self._trainer = train.build_trainer(config, num_classes, (image_size, image_size, 3),
+    self._trainer = train.build_trainer(config, num_classes, (image_size, image_size, channels),
                                         total_steps=1000, warmup_steps=0)
     self.model = self._trainer.model
     self._fn, self._abstract_args = self._build()

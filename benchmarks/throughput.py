@@ -10,7 +10,14 @@ once, then ours, torch's and the matmul probe take turns for `--rounds` rounds a
 (XLA's FLOP count of the unrolled step over the median step time) over the median FLOP/s of a
 float32 `jnp.dot` (1024 and 2048 square, the faster) timed in the same turns. Memory: peak RSS
 while each side builds, compiles and runs its first step, and XLA's planned buffer sizes.
+
+`--dtype=bfloat16`: ours with `config.model.dtype="bfloat16"` (the mixed-precision policy of
+`vit_jax/models/layers.py`: bf16 x bf16 -> f32 matmuls, f32 parameters, norms and loss), torch under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, and MFU against a bf16 x bf16 -> f32 `jnp.dot`.
+
+  python -m benchmarks.throughput --dtype=bfloat16 --models=ViT-B/16 --batch_sizes=8
 """
+import jax.numpy as jnp
 import argparse
 import json
 import sys
@@ -33,9 +40,11 @@ def fast_settings(name: str) -> dict:
 
 def run_one(name: str, batch: int, args) -> dict:
   overrides = fast_settings(name) if args.fast else {}
+  if args.dtype != "float32":
+    overrides["dtype"] = args.dtype
   overrides.update(json.loads(args.model_overrides))
   config = jax_side.make_config(name, batch, overrides)
-  rec = dict(benchmark=f"{args.mode}_throughput", model=name, batch=batch,
+  rec = dict(benchmark=f"{args.mode}_throughput", model=name, batch=batch, dtype=args.dtype,
              image_size=args.image_size, model_overrides=overrides,
              compiler_options=json.loads(args.compiler_options), rounds=args.rounds,
              load_average_start=harness.load_average())
@@ -48,7 +57,7 @@ def run_one(name: str, batch: int, args) -> dict:
   flops = ours.flops()
   fns = {"jax": ours}
   peak = harness.MatmulPeak(harness.parse_ints(args.matmul_sizes, "--matmul_sizes"),
-                            seconds=args.matmul_seconds)
+                            dtype=jnp.dtype(args.dtype), seconds=args.matmul_seconds)
   use_torch = args.torch and jax.default_backend() == "cpu"
   if args.torch and not use_torch:  # torch here is a CPU build: no fair comparison on a GPU.
     rec["torch_skipped"] = f"ours runs on {jax.default_backend()}; torch compares on CPU only"
@@ -56,8 +65,9 @@ def run_one(name: str, batch: int, args) -> dict:
     from benchmarks import hf_torch  # pylint: disable=g-import-not-at-top
     threads = hf_torch.set_threads(harness.cpu_threads())
     with harness.PeakMemory() as tmem:
-      torch_step, torch_params = hf_torch.make_step(name, batch, mode=args.mode,
-                                                    image_size=args.image_size)
+      torch_step, torch_params = hf_torch.make_step(
+          name, batch, mode=args.mode, image_size=args.image_size,
+          autocast_bf16=args.dtype == "bfloat16")
       torch_first = harness.time_call(torch_step)
     fns["torch"] = torch_step
   fns["matmul"] = peak
@@ -95,6 +105,8 @@ def main(argv=None):
   p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated model names")
   p.add_argument("--batch_sizes", default="8", help="comma-separated, e.g. 8,16")
   p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="bfloat16: our mixed-precision policy, torch autocast, a bf16 matmul peak")
   p.add_argument("--matmul_seconds", type=float, default=1.0,
                  help="how long each matmul-probe call runs per size")
   p.add_argument("--matmul_sizes", default="1024,2048", help="square sizes of the matmul probe")

@@ -9,6 +9,9 @@ from ml_collections import config_dict
 # TFDS data sets: name, training split, the validation split carved from the training data (or
 # the data set's own), and the test split (evaluated once, at the end).
 DATASETS = {
+    # Fashion-MNIST: the last 6,000 training images are the validation split.
+    "fashion_mnist": dict(name="fashion_mnist", train="train[:54000]", val="train[54000:]",
+                          test="test"),
     "cifar10": dict(name="tfds:cifar10", train="train[:98%]", val="train[98%:]", test="test"),
     "cifar100": dict(name="tfds:cifar100", train="train[:98%]", val="train[98%:]", test="test"),
     "pets": dict(name="tfds:oxford_iiit_pet", train="train[:98%]", val="train[98%:]",
@@ -49,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.pp_eval = "decode|value_range(-1,1)"
   c.mixup = 0.0
   c.cutmix = 0.0  # CutMix Beta(a, a); 0 disables it. With mixup too: one of them per batch (1/2)
+  # Repeated augmentation (DeiT: 3): each example `repeated_aug` times per batch, augmented
+  # independently (in-memory data sets; see data.train_iterator).
+  c.repeated_aug = 1
   c.batch_size = 512
   c.eval_batch_size = 512
 
@@ -80,6 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.process_id = config_dict.placeholder(int)
   c.distributed.local_device_ids = config_dict.placeholder(str)  # "0,1,2,3" | "all"
   c.distributed.cpu_collectives = "gloo"  # cross-process collectives of CPU devices
+  # How long JAX's coordination service waits for a silent process before stopping the others
+  # with an error naming it, and at start-up / shutdown (unset: JAX's 100, 300 and 300 s).
+  c.distributed.heartbeat_timeout_seconds = config_dict.placeholder(int)
+  c.distributed.initialization_timeout = config_dict.placeholder(int)
+  c.distributed.shutdown_timeout_seconds = config_dict.placeholder(int)
 
   # Few-shot linear evaluation on frozen pre-logits features (the ViT paper's estimator, as
   # big_vision's evaluators/fewshot_lsr.py computes it: vit_jax/evaluators/fewshot.py), run every
@@ -95,6 +106,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.fewshot.test_split = "test"
   c.fewshot.l2_reg = 2.0 ** 10  # big_vision's, on features standardised per dimension
   c.fewshot.num_trials = 3  # random support sets per k, averaged (big_vision's num_seeds)
+
+  # An exponential moving average of the parameters (0: off), updated after every step,
+  # evaluated beside the raw weights (metrics prefixed `ema_`) and exported as params_ema.npz.
+  c.ema_decay = 0.0
+  # Distillation (DeiT): a frozen teacher sees the same augmented batch; `teacher` is a workdir
+  # of ours or any vit_jax.pretrained source ("" disables it), `model` names an .npz teacher's
+  # model. type "hard" (DeiT's default, alpha 0.5) or "soft" (DeiT: alpha 0.1, tau 3).
+  c.distill = ml_collections.ConfigDict(dict(teacher="", model="", type="hard", alpha=0.5,
+                                             tau=1.0))
 
   c.pretrained = ml_collections.ConfigDict()
   c.pretrained.path = config_dict.placeholder(str)

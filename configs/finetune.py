@@ -4,6 +4,9 @@ recipes") on a TFDS data set.
   python -m vit_jax.main --config=configs/finetune.py:cifar10,ViT-B/16 --workdir=workdirs/ft \
       --config.pretrained.path=/path/to/ViT-B_16.npz
 
+`pretrained.path` takes any `vit_jax.pretrained` source: an `.npz`, a Hugging Face directory, or a
+zoo name such as `imagenet21k/ViT-B_16` (`python -m vit_jax.pretrained --list`).
+
 Arg: `<dataset>,<model>[,lr=X]` with dataset in cifar10, cifar100, pets, flowers, imagenet1k.
 Source: the ViT paper (Dosovitskiy et al. 2021), Appendix B.1.1 Table 4: SGD with momentum 0.9,
 batch 512, cosine decay, no weight decay, global-norm clipping at 1, 384 px; steps and the lr

@@ -11,7 +11,8 @@ job running the printed command). Completion is read from `metrics.jsonl`: its l
 is the final step (`eta_sec` 0) and a row of the same step follows it (the final evaluation).
 
 Writes OUT/results.csv and OUT/results.json (a row per point: name, the point's tags (family,
-model, train_size, seed, ...), accuracy (top-1 on the config's eval_split), fewshot_{k}shot_accuracy,
+model, train_size, seed, ...), accuracy (top-1 on the config's eval_split), test_accuracy (top-1 on
+its test_split, evaluated once at the end, when it has one), fewshot_{k}shot_accuracy,
 core_hours, num_params, examples_seen, steps), OUT/accuracy_vs_data.png (the ViT paper's figures 3
 and 4: accuracy against training-set size, log x, a line per model coloured by family, mean and
 min-max over seeds) and OUT/accuracy_vs_compute.png (figure 5: accuracy against core-hours).
@@ -175,6 +176,8 @@ def row_of(result: Dict[str, Any]) -> Dict[str, Any]:
   row.setdefault("family", family_of(result.get("model_name")))
   row.setdefault("seed", result.get("seed"))
   row["accuracy"] = _accuracy(final, split)
+  if "final_test_accuracy" in final:  # config.test_split, evaluated once at the end
+    row["test_accuracy"] = final["final_test_accuracy"]
   row.update({k: v for k, v in sorted(final.items(), key=lambda kv: _shot(kv[0]))
               if k.startswith("fewshot_")})
   for k in TAIL_COLUMNS:
@@ -293,14 +296,16 @@ def write_table(rows: List[Dict[str, Any]], out: str) -> None:
 
 # ------------------------------------------------------------------------------------- plots.
 def _metrics(rows) -> List[str]:
-  keys = ["accuracy"] + sorted({k for r in rows for k in r if k.startswith("fewshot_")},
+  keys = ["accuracy", "test_accuracy"] + sorted({k for r in rows for k in r if k.startswith("fewshot_")},
                                key=_shot)
   return [k for k in keys if any(r.get(k) is not None for r in rows)]
 
 
 def _title(metric: str) -> str:
   if metric == "accuracy":
-    return "top-1 accuracy"
+    return "top-1 accuracy (eval split)"
+  if metric == "test_accuracy":
+    return "top-1 accuracy (test, at the end)"
   return f"linear {_shot(metric)}-shot accuracy"
 
 

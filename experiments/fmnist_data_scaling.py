@@ -1,72 +1,160 @@
-r"""Data scaling at CPU scale: a ResNet, a ViT and a hybrid trained from scratch on 1k to 60k
-Fashion-MNIST images at one fixed compute budget (the shape of the ViT paper's figures 3 and 4).
+r"""Data scaling at CPU scale: do ResNets win on small data and ViTs catch up as data grows, and
+where do hybrids sit? (The question of the ViT paper's figures 3 and 4, at Fashion-MNIST scale.)
 
-  python -m experiments.runner experiments/fmnist_data_scaling.py --out=workdirs/fmnist_scaling
-  python -m experiments.runner experiments/fmnist_data_scaling.py:examples=81920,seeds=0/1 ...
+  python -m experiments.runner experiments/fmnist_data_scaling.py:phase=select --out=workdirs/fms
+  python -m experiments.runner experiments/fmnist_data_scaling.py:phase=final,select_from=workdirs/fms \
+      --out=workdirs/fmf
 
-Points: configs/fashion_mnist.py with args `resnet`, `vit`, `hybrid` (similar compute per image:
-52.0, 39.5 and 42.8 MFLOPs forward, by XLA's cost analysis; 0.22M, 1.20M and 1.29M parameters),
-with the flips and learned position embeddings the results were measured with (STUDY_OVERRIDES),
-x training sets "train@seeded(N, seed=S)" for N in 1000, 3000, 10000, 30000, 60000 (nested: the
-1k images are among the 3k ones, ...) x seeds S (the seed of the subset, the initialisation and the
-augmentation). Named `{model}_n{N}_s{S}`.
+Models (configs/fashion_mnist.py args `resnet`, `vit`, `hybrid`) at two sizes of matched forward
+FLOPs per image (XLA's cost analysis, 28x28x1, 10 classes):
+  size M: ResNet (BiT-R26x1, stages 2/2/2, width 16) 53.3 MFLOPs, 0.22M parameters; ViT-Mu/7
+          39.5 MFLOPs, 1.20M; hybrid (ViT-Mu/7 on a 16-channel 3x3 root) 42.8 MFLOPs, 1.29M.
+  size S: the same with width 8 (ResNet, hybrid root) and ViT width 64, MLP 256, 2 heads:
+          14.0, 10.3 and 11.2 MFLOPs; 56k, 304k and 326k parameters.
+Training sets: nested seeded subsets `train[:54000]@seeded(N, seed=S)` (the N-subset is contained
+in every larger one of the same seed; the last 6,000 training images are the validation split
+and never trained on), N in 1000, 3000, 10000, 54000.
+Budget (`budget_examples`): max(FLOOR_EXAMPLES, EPOCHS * N) training examples: the budget grows
+with the data (2 epochs), with a floor of 20,480 examples (160 steps of 128) so that the smallest
+sets still train to convergence (20 epochs of 1k). Warm-up is 10% of it, cosine decay to 0.
+Selection (phase=select, size M, seed 0, validation accuracy only): per family, learning rate x
+weight decay on the grid LRS x WDS at N = 1000 and 10000; `choose` takes the pair with the best
+mean validation accuracy over the two sizes, and phase=final freezes it for both model sizes.
+Final (phase=final): every family x size x N x seed 0/1/2; validation top-1 during training, then
+the test split once at the end (`final_test_accuracy`) and the papers' linear few-shot probe
+(big_vision's estimator, 1/5/10/25 shots from the first 5,000 training images, 3 draws) on the
+test split. The runner skips finished points and resumes interrupted ones from their checkpoints.
 
-Budget: every point trains on the same number of examples, whatever N (default 20480 = 160 steps of
-128): the paper compares data sizes at a fixed pre-training compute. So N=1000 sees ~20 epochs and
-overfits, N=60000 sees a third of an epoch and is compute-bound. Warm-up is 10% of the budget and
-the cosine decay spans it; both are set in the base config's own units (`examples_budget`).
-Evaluation: top-1 on the 10k test images, and linear few-shot (1/5/10/25 per class from the first
-1000 training images, tested on the first 2000 test images, mean of 5 draws of the shots: one
-draw varies by +-6 points at 1-shot), at the end and `evals` times during training (default 0:
-one evaluation costs about as much as the training of a point here).
-
-Arg (after the colon, comma-separated key=value, lists joined by "/"): examples (20480), sizes
-(1000/3000/10000/30000/60000), models (resnet/vit/hybrid), seeds (0), evals (0), shots
-(1/5/10/25).
-Measured (defaults, 2 CPU cores, quiet, 35 minutes for the 15 points; table, plots and conclusions
-in experiments/results/fmnist_data_scaling/ and the README): top-1 1k..60k ResNet 66.0-68.4%,
-ViT 69.9-72.9%, hybrid 73.7-77.2%; a ViT point takes ~65-90 s (~45 s of training), a ResNet
-point ~210 s.
+Arg (after the colon, comma-separated key=value, lists joined by "/"): phase (select|final),
+select_from (the --out folder of the selection, phase=final), sizes, models, model_sizes, seeds.
 """
+import csv
+import os
+from typing import Dict, List, Mapping, Sequence, Tuple
+
 from experiments import sweep
 
 CONFIG = "configs/fashion_mnist.py"
 FAMILIES = {"resnet": "ResNet", "vit": "ViT", "hybrid": "Hybrid"}
-# The recipe the committed results were measured with (configs/fashion_mnist.py has since dropped
-# flips and learned position embeddings for its 10-minute runs): flips matter when 1k images are
-# seen 20 times.
-STUDY_OVERRIDES = {"pp_train": "decode|flip_lr|value_range(-1,1)"}
-STUDY_MODEL_OVERRIDES = {"posemb": "learn"}  # for the models that have the key
-DEFAULTS = dict(examples=20480, sizes=(1000, 3000, 10000, 30000, 60000),
-                models=("resnet", "vit", "hybrid"), seeds=(0,), evals=0, shots=(1, 5, 10, 25))
+TRAIN, VAL, TEST = "train[:54000]", "train[54000:]", "test"
+FLOOR_EXAMPLES = 20480
+EPOCHS = 2
+LRS = (1e-3, 3e-3)
+WDS = (0.05, 0.5)
+SELECT_SIZES = (1000, 10000)
+# Model-size overrides of the configs' models (size M is the config as it is).
+MODEL_SIZES = {
+    "M": {},
+    "S": {"vit": {"hidden_size": 64, "mlp_dim": 256, "num_heads": 2},
+          "hybrid": {"hidden_size": 64, "mlp_dim": 256, "num_heads": 2,
+                     "resnet": {"num_layers": (), "base_width": 8, "root": "small",
+                                "gn_groups": 4}},
+          "resnet": {"base_width": 8, "gn_groups": 4}},
+}
+DEFAULTS = dict(phase="select", select_from="", sizes=(1000, 3000, 10000, 54000),
+                models=("resnet", "vit", "hybrid"), model_sizes=("M", "S"), seeds=(0, 1, 2))
 
 
-def _label(config) -> str:
-  """The model's name for tables and legends; a ViT with a ResNet stem is "R+ViT-Mu/7"."""
-  return ("R+" if config.model.get("resnet") else "") + config.model_name
+def budget_examples(n: int) -> int:
+  """Training examples of a point with n training images: EPOCHS epochs, at least the floor."""
+  return max(FLOOR_EXAMPLES, EPOCHS * n)
+
+
+def train_split(n: int, seed: int) -> str:
+  """The nested subset of n training images for a seed (never the validation images)."""
+  return f"{TRAIN}@seeded({n}, seed={seed})"
+
+
+def choose(rows: Sequence[Mapping]) -> Dict[str, Tuple[float, float]]:
+  """{family: (lr, wd)} with the best mean validation accuracy over the selection sizes.
+
+  Rows are the selection's results table (family, lr, wd, train_size, eval_split, accuracy);
+  `accuracy` must be on the validation split, and a family whose grid is incomplete is an error
+  (a choice on part of the grid is not the frozen one)."""
+  out = {}
+  for r in rows:
+    if r.get("eval_split") != VAL:
+      raise ValueError(f"Selection row {r.get('name')!r} was evaluated on "
+                       f"{r.get('eval_split')!r}, not on the validation split {VAL!r}.")
+  for family in sorted({r["family"] for r in rows}):
+    scores = {}
+    for lr in LRS:
+      for wd in WDS:
+        accs = [float(r["accuracy"]) for r in rows if r["family"] == family and
+                float(r["lr"]) == lr and float(r["wd"]) == wd and
+                int(r["train_size"]) in SELECT_SIZES and r.get("accuracy") not in ("", None)]
+        if len(accs) != len(SELECT_SIZES):
+          raise ValueError(f"The selection of {family} lacks lr={lr}, wd={wd} at some of the "
+                           f"sizes {SELECT_SIZES}: run phase=select to the end first.")
+        scores[(lr, wd)] = sum(accs) / len(accs)
+    out[family] = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
+  return out
+
+
+def read_choice(out_dir: str) -> Dict[str, Tuple[float, float]]:
+  path = os.path.join(out_dir, "results.csv")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No selection results at {path}: run phase=select with "
+                            f"--out={out_dir} first (the runner writes results.csv).")
+  with open(path) as f:
+    return choose(list(csv.DictReader(f)))
+
+
+def _label(config, size: str) -> str:
+  """The model's name for tables and legends: "R+ViT-Mu/7 (M)"."""
+  return ("R+" if config.model.get("resnet") else "") + f"{config.model_name} ({size})"
+
+
+def _point(model, size, n, seed, lr, wd, *, final: bool, name: str) -> sweep.Point:
+  config = f"{CONFIG}:{model}"
+  base = sweep.load_config(config)
+  budget = budget_examples(n)
+  over = {"seed": seed, "train_split": train_split(n, seed), "eval_split": VAL,
+          "test_split": TEST if final else "", "lr.base": lr, "wd": wd}
+  model_over = MODEL_SIZES[size].get(model, {})
+  if model_over:
+    merged = base.model.to_dict()
+    merged.update(model_over)
+    over["model"] = merged
+  over.update(sweep.examples_budget(base, "total", budget, n))
+  over.update(sweep.examples_budget(base, "lr.warmup", budget // 10, n))
+  over.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, n))
+  if final:
+    over.update({"fewshot.shots": (1, 5, 10, 25), "fewshot.train_split": "train[:5000]",
+                 "fewshot.test_split": TEST, "fewshot.num_trials": 3})
+  label = _label(base, size) if not model_over else None
+  tags = {"family": FAMILIES.get(model, model), "model": label, "model_size": size,
+          "train_size": n, "seed": seed, "budget_examples": budget, "lr": lr, "wd": wd}
+  point = sweep.Point(name, config, over, tags)
+  if label is None:  # the label of the overridden model
+    tags["model"] = _label(sweep.build_config(point), size)
+  return point
 
 
 def get_sweep(arg=None) -> sweep.Sweep:
   a = sweep.parse_arg(arg, DEFAULTS)
-  budget = int(a["examples"])
-  points = []
-  for model in a["models"]:
-    config = f"{CONFIG}:{model}"
-    base = sweep.load_config(config)
-    for n in a["sizes"]:
-      for seed in a["seeds"]:
-        over = dict(STUDY_OVERRIDES)
-        over.update({f"model.{k}": v for k, v in STUDY_MODEL_OVERRIDES.items() if k in base.model})
-        over.update({"seed": seed, "train_split": f"train@seeded({n}, seed={seed})",
-                     "fewshot.shots": tuple(a["shots"]), "fewshot.train_split": "train[:1000]",
-                     "fewshot.test_split": "test[:2000]", "fewshot.num_trials": 5})
-        over.update(sweep.examples_budget(base, "total", budget, n))
-        over.update(sweep.examples_budget(base, "lr.warmup", budget // 10, n))
-        over.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, n))
-        if a["evals"]:
-          over.update(sweep.examples_budget(base, "eval_every", budget // (a["evals"] + 1), n))
-        tags = {"family": FAMILIES.get(model, model), "model": _label(base), "train_size": n,
-                "seed": seed, "budget_examples": budget}
-        points.append(sweep.Point(f"{model}_n{n}_s{seed}", config, over, tags))
+  points: List[sweep.Point] = []
+  if a["phase"] == "select":
+    for model in a["models"]:
+      for n in SELECT_SIZES:
+        for lr in LRS:
+          for wd in WDS:
+            points.append(_point(model, "M", n, 0, lr, wd, final=False,
+                                 name=f"select_{model}_n{n}_lr{lr:g}_wd{wd:g}"))
+    return sweep.Sweep("fmnist_data_scaling_select", points,
+                       "Fashion-MNIST data scaling: lr x wd per family on the validation split.")
+  if a["phase"] != "final":
+    raise ValueError(f"phase must be select or final, not {a['phase']!r}.")
+  if not a["select_from"]:
+    raise ValueError("phase=final needs select_from=DIR, the --out folder of phase=select.")
+  chosen = read_choice(a["select_from"])
+  # Seed-major order: an interrupted study has every point of seed 0 before any of seed 1.
+  for size in a["model_sizes"]:
+    for seed in a["seeds"]:
+      for n in a["sizes"]:
+        for model in a["models"]:
+          lr, wd = chosen[FAMILIES.get(model, model)]
+          points.append(_point(model, size, n, seed, lr, wd, final=True,
+                               name=f"{model}{size}_n{n}_s{seed}"))
   return sweep.Sweep("fmnist_data_scaling", points,
-                     f"Fashion-MNIST data scaling at {budget} training examples per point.")
+                     "Fashion-MNIST data scaling: test accuracy and few-shot at the end.")

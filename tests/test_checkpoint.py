@@ -3,6 +3,7 @@
 The .npz files are built here with numpy from the key list in docs/reference.md (not from our
 model), and the loaded model is checked against a numpy re-implementation of the ViT forward pass.
 """
+import json
 import os
 
 import jax
@@ -444,3 +445,139 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
     ckpt.save(7, train_state(7))
     assert int(ckpt.restore(jax.eval_shape(train_state))["step"]) == 7
   assert os.listdir(tmp_path / "workdirs" / "demo" / "checkpoints") == ["7"]
+
+
+# ------------------------------------------------ integrity: manifests, damage, full disks.
+def _step_dir(ckpt, step):
+  return os.path.join(str(ckpt.directory), str(step))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_every_finished_save_gets_a_manifest(tmp_path, async_save):
+  with checkpoint.TrainCheckpointer(tmp_path, async_save=async_save) as ckpt:
+    ckpt.save(1, train_state(1))
+    ckpt.wait()
+    path = os.path.join(_step_dir(ckpt, 1), checkpoint.MANIFEST)
+    files = json.load(open(path))["files"]
+  assert "default/_METADATA" in files and "_CHECKPOINT_METADATA" in files
+  size, sha = files["default/_METADATA"]
+  assert size == os.path.getsize(os.path.join(_step_dir(ckpt, 1), "default", "_METADATA"))
+  assert len(sha) == 64
+  assert checkpoint.verify_step(_step_dir(ckpt, 1)) is None
+  assert not [f for f in os.listdir(_step_dir(ckpt, 1)) if ".tmp" in f]
+
+
+def _biggest_data_file(step_dir):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
+           if os.path.basename(r) == "d"]
+  return max(files, key=os.path.getsize)
+
+
+def test_verify_step_names_what_is_wrong(tmp_path):
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    ckpt.save(1, train_state(1))
+  step_dir = _step_dir(ckpt, 1)
+  path = _biggest_data_file(step_dir)
+  rel = os.path.relpath(path, step_dir)
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[:10] + bytes([data[10] ^ 1]) + data[11:])
+  assert checkpoint.verify_step(step_dir) == (f"{rel} does not match its checksum (bytes changed "
+                                              "on disk)")
+  open(path, "wb").write(data[:-5])
+  assert checkpoint.verify_step(step_dir) == (f"{rel} has {len(data) - 5} bytes, {len(data)} were "
+                                              "written (cut short or appended to)")
+  os.remove(path)
+  assert checkpoint.verify_step(step_dir) == f"{rel} is missing"
+  os.remove(os.path.join(step_dir, checkpoint.MANIFEST))  # no manifest: structure only
+  assert checkpoint.verify_step(step_dir) is None
+  os.remove(os.path.join(step_dir, "default", "_METADATA"))
+  assert "default/_METADATA is missing" in checkpoint.verify_step(step_dir)
+
+
+def test_a_damaged_latest_step_is_moved_aside_and_the_previous_restored(tmp_path, caplog):
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, train_state(step))
+  for step in (2, 3):
+    os.truncate(_biggest_data_file(_step_dir(ckpt, step)), 3)
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 1
+    assert ckpt.all_steps() == [1]
+    _assert_states_equal(ckpt.restore(jax.eval_shape(train_state)), train_state(1))
+    ckpt.save(2, train_state(2))  # the run goes on and saves step 2 again
+    assert ckpt.all_steps() == [1, 2]
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any(f"{_step_dir(ckpt, 3)} is damaged" in w and "step 1 instead" in w for w in warnings)
+  assert sorted(os.listdir(ckpt.directory)) == ["1", "2", "2.corrupt", "3.corrupt"]
+
+
+def test_an_explicitly_requested_damaged_step_is_an_error(tmp_path):
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    ckpt.save(1, train_state(1))
+    ckpt.save(2, train_state(2))
+  os.remove(_biggest_data_file(_step_dir(ckpt, 1)))
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"checkpoints/1 is damaged: .* is missing\. Delete it"):
+      ckpt.restore(jax.eval_shape(train_state), step=1)
+
+
+def test_no_intact_checkpoint_is_an_error_naming_the_directories(tmp_path):
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    ckpt.save(1, train_state(1))
+  open(os.path.join(_step_dir(ckpt, 1), checkpoint.MANIFEST), "w").write("{")
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=rf"No intact checkpoint .* step 1: {checkpoint.MANIFEST} is damaged\. "
+                             rf".*rm -r {_step_dir(ckpt, 1)}"):
+      ckpt.latest_step()
+
+
+def test_unfinished_saves_of_a_killed_run_are_deleted(tmp_path):
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    ckpt.save(1, train_state(1))
+  leftover = ckpt.directory / "2.orbax-checkpoint-tmp-1700000000" / "default"
+  leftover.mkdir(parents=True)
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 1  # reading leaves it (it may be a running trainer's save)
+    assert len(os.listdir(ckpt.directory)) == 2
+    ckpt.save(2, train_state(2))
+    assert sorted(os.listdir(ckpt.directory)) == ["1", "2"]
+
+
+def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeypatch):
+  import errno
+  from etils import epath
+  cls = type(epath.Path("/"))
+  original = cls.write_text
+
+  def full(self, *args, **kwargs):
+    if "/2.orbax-checkpoint-tmp" in str(self):
+      raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    return original(self, *args, **kwargs)
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    ckpt.save(1, train_state(1))
+    monkeypatch.setattr(cls, "write_text", full)
+    with pytest.raises(checkpoint.DiskFullError,
+                       match=r"The disk is full: saving the checkpoint of step 2 .* The previous "
+                             r"checkpoint \(step 1\) is intact") as e:
+      ckpt.save(2, train_state(2))
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(cls, "write_text", original)
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1]
+    _assert_states_equal(ckpt.restore(jax.eval_shape(train_state)), train_state(1))
+
+
+def test_disk_full_is_recognised_through_wrapping_errors():
+  wrapped = ValueError('RESOURCE_EXHAUSTED: Failed writing "x": No space left on device '
+                       "[os_error_code='28']")
+  assert checkpoint._is_disk_full(wrapped)
+  try:
+    try:
+      raise OSError(28, "disk")
+    except OSError as inner:
+      raise RuntimeError("save failed") from inner
+  except RuntimeError as outer:
+    assert checkpoint._is_disk_full(outer)
+  assert not checkpoint._is_disk_full(ValueError("shape mismatch"))

@@ -132,3 +132,75 @@ def test_resume_changes_list_what_alters_the_run_and_ignore_the_rest():
   b.eval_every_steps, b.fewshot.shots, b.mesh.fsdp, b.total_steps = 10, (5,), 2, 100
   assert config_checks.resume_changes(a, b) == [
       "lr.base: 0.001 -> 0.5", 'model.dropout_rate: "<unset>" -> 0.1', "seed: 0 -> 1"]
+
+
+def test_keys_added_since_a_run_started_are_ignored_while_switched_off():
+  old = common.base_config().to_dict()
+  # a config.json written before these keys existed
+  del old["distill"], old["ema_decay"], old["repeated_aug"]
+  new = common.base_config()
+  assert config_checks.resume_changes(old, new) == []
+  new.distill.teacher = "workdirs/teacher"
+  assert config_checks.resume_changes(old, new)[0].startswith("distill.alpha")
+
+
+# ------------------------------------------------------------- model fields vs images, types.
+@pytest.mark.parametrize("name,fields,shape,match", [
+    ("ViT-Mu/7", dict(patch_size=(5, 5)), (28, 28, 1),
+     r"model\.patch_size=\(5, 5\) does not divide the 28x28 images: the last 3 rows"),
+    ("ViT-Mu/7", dict(hidden_size=16, num_heads=3), (28, 28, 1),
+     r"model\.num_heads=3 does not divide model\.hidden_size=16"),
+    ("Swin-T", dict(window_size=9, img_size=28), (28, 28, 3),
+     r"model\.window_size=9 is larger than the first stage's 7x7 feature map"),
+    ("Swin-T", dict(embed_dim=8, num_heads=(3, 1, 1, 1), img_size=28), (28, 28, 3),
+     r"stage 0 has 3 heads for 8 features"),
+])
+def test_model_shapes_names_the_field(name, fields, shape, match):
+  model = models.get_model(name, num_classes=10, **fields)
+  with pytest.raises(config_checks.ConfigError, match=match):
+    config_checks.model_shapes(model, shape)
+
+
+@pytest.mark.parametrize("name,fields,shape", [
+    ("ViT-Mu/7", {}, (28, 28, 1)),
+    ("ViT-B/16", {}, (224, 224, 3)),
+    ("Swin-T", dict(img_size=28), (28, 28, 3)),  # window 7 == the first 7x7 map: allowed
+    ("Swin-T", {}, (224, 224, 3)),  # the published model: its last stages are clamped
+])
+def test_model_shapes_accepts_what_works(name, fields, shape):
+  config_checks.model_shapes(models.get_model(name, num_classes=10, **fields), shape)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("patch_size", 7, r"model\.patch_size=7: ViT-Mu/7's patch_size is a tuple, e\.g\. \(16, 16\)"),
+    ("hidden_size", 16.5, r"model\.hidden_size=16\.5: ViT-Mu/7's hidden_size is an int"),
+    ("scan", 1, r"model\.scan=1: ViT-Mu/7's scan is a bool"),
+    ("classifier", 3, r"model\.classifier=3: ViT-Mu/7's classifier is a string"),
+])
+def test_a_model_field_of_the_wrong_type_is_named(field, value, match):
+  def config(**model):
+    c = common.base_config()
+    c.model_name, c.total_steps, c.batch_size, c.eval_batch_size = "ViT-Mu/7", 1, 8, 8
+    c.model.update(model)
+    return c
+  check = lambda c: config_checks.validate(c, device_count=1, process_count=1,
+                                           model_fields=models.fields(c.model_name))
+  with pytest.raises(config_checks.ConfigError, match=match):
+    check(config(**{field: value}))
+  check(config(patch_size=(7, 7), hidden_size=16, scan=True, classifier="gap",
+               dropout_rate=0))  # the right types (an int for a float field is fine)
+
+
+def test_keep_checkpoints_below_one_is_named():
+  c = common.base_config()
+  c.total_steps, c.keep_checkpoints = 1, 0
+  with pytest.raises(config_checks.ConfigError, match=r"keep_checkpoints=0: must be an int >= 1"):
+    config_checks.validate(c, device_count=1, process_count=1)
+
+
+def test_a_union_typed_model_field_takes_either_type():
+  c = common.base_config()
+  c.model_name, c.total_steps, c.batch_size, c.eval_batch_size = "Swin-T", 1, 8, 8
+  c.model.img_size = (28, 28)  # Swin's img_size: an int or (H, W)
+  config_checks.validate(c, device_count=1, process_count=1,
+                         model_fields=models.fields(c.model_name))

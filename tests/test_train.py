@@ -186,12 +186,15 @@ def test_eval_only_mode_reads_the_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("arg", [
-    pytest.param("hybrid", marks=pytest.mark.slow),  # the demo's model: `make test-all`
+    pytest.param("demo", marks=pytest.mark.slow),  # the demo's model: `make test-all`
+    pytest.param("hybrid", marks=pytest.mark.slow),
     # Their convolutions / windows compile and run slowly on XLA CPU: `make test-all` runs them.
     pytest.param("resnet", marks=pytest.mark.slow),
-    pytest.param("swin", marks=pytest.mark.slow)])
+    pytest.param("swin", marks=pytest.mark.slow),
+    "deit", "pvt", "cvt", "t2t"])
 def test_every_family_trains_from_its_fashion_mnist_config(tmp_path, arg):
-  """ResNet, hybrid and Swin go through the same config file and trainer as ViT."""
+  """ResNet, hybrid, Swin and ViT's successors (DeiT with its two heads, PVT, CvT with BatchNorm
+  statistics, T2T) go through the same config file and trainer as ViT."""
   if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
     pytest.skip("Fashion-MNIST files missing: apt-get install dataset-fashion-mnist")
   from configs import fashion_mnist
@@ -227,7 +230,8 @@ def test_evaluations_during_training_compile_nothing_new(mode):
                   fewshot__test_split="test[:20]", parallel=mode)
   source = data_lib.get_source(c.dataset)
   t = train.build_trainer(c, source.num_classes, (28, 28, 1), total_steps=6, warmup_steps=2)
-  params = t.runner.to_run_state(jax.jit(t.init_state)(jax.random.PRNGKey(0)))["params"]
+  params = t.runner.params_for_eval(t.runner.to_run_state(jax.jit(t.init_state)(
+      jax.random.PRNGKey(0))))
   compiles = []
   listener = lambda event, _, **kw: (
       compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
@@ -392,3 +396,128 @@ def test_validation_during_training_and_the_test_split_once_at_the_end(tmp_path)
   assert [r["step"] for r in evals] == [3, 6]
   assert [r["step"] for r in rows if "final_test_accuracy" in r] == [6]  # only at the end
   assert not any("train_num_examples" in r for r in rows)  # no clash with training metrics
+
+
+# ------------------------------------------------ distillation, EMA and BatchNorm statistics.
+def _ce(logits, target):
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  return float(-(target * logp).sum(-1).mean())
+
+
+def test_loss_terms_are_deits_distillation_losses():
+  rng = np.random.default_rng(0)
+  cls, dist, teacher = (rng.normal(size=(4, 5)).astype(np.float32) for _ in range(3))
+  labels = np.eye(5, dtype=np.float32)[[0, 3, 1, 4]]
+  hard_target = np.eye(5, dtype=np.float32)[teacher.argmax(-1)]
+  loss, logits = train.loss_terms((cls, dist), labels, teacher, type="hard", alpha=0.5)
+  np.testing.assert_allclose(loss, 0.5 * _ce(cls, labels) + 0.5 * _ce(dist, hard_target),
+                             rtol=1e-5)
+  np.testing.assert_allclose(logits, (cls + dist) / 2, rtol=1e-6)
+  tau = 3.0
+  p_t = np.exp(teacher / tau) / np.exp(teacher / tau).sum(-1, keepdims=True)
+  kl = (p_t * (np.log(p_t) - np.log(np.exp(dist / tau) / np.exp(dist / tau).sum(
+      -1, keepdims=True)))).sum(-1).mean()
+  loss, _ = train.loss_terms((cls, dist), labels, teacher, type="soft", alpha=0.1, tau=tau)
+  np.testing.assert_allclose(loss, 0.9 * _ce(cls, labels) + 0.1 * tau ** 2 * kl, rtol=1e-5)
+  # No teacher: both heads learn the labels; one head with a teacher distils through it.
+  loss, _ = train.loss_terms((cls, dist), labels)
+  np.testing.assert_allclose(loss, (_ce(cls, labels) + _ce(dist, labels)) / 2, rtol=1e-5)
+  loss, _ = train.loss_terms(cls, labels, teacher, alpha=1.0)
+  np.testing.assert_allclose(loss, _ce(cls, hard_target), rtol=1e-5)
+
+
+class _TinyBN(__import__("flax").linen.Module):
+  """Dense -> BatchNorm -> head: the smallest model with batch statistics."""
+  num_classes: int = 3
+
+  @__import__("flax").linen.compact
+  def __call__(self, x, train: bool = False):
+    nn = __import__("flax").linen
+    x = nn.Dense(4)(x.reshape((x.shape[0], -1)))
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def _one_update(model, mode, config, batch, steps=1):
+  import jax.numpy as jnp
+  import optax
+  from vit_jax import parallel
+  tx = optax.sgd(0.1)
+  variables = dict(model.init(jax.random.PRNGKey(0), batch["image"][:1], train=False))
+  state = train.new_state(variables, tx, ema=bool(config.ema_decay))
+  history = [state["params"]]
+  if mode == "pmap":
+    fn = jax.pmap(train.make_update_fn(model, tx, lambda s: 0.1, config, axis_name="batch"),
+                  axis_name="batch")
+    st = parallel.replicate(state)
+    for _ in range(steps):
+      st, _ = fn(st, parallel.pmap_shard(batch))
+      history.append(parallel.unreplicate(st)["params"])
+    return parallel.unreplicate(st), history
+  fn = jax.jit(train.make_update_fn(model, tx, lambda s: 0.1, config))
+  batch = jax.tree_util.tree_map(jnp.asarray, batch)
+  for _ in range(steps):
+    state, _ = fn(state, batch)
+    history.append(state["params"])
+  return state, history
+
+
+def _bn_batch(n=16):
+  rng = np.random.default_rng(1)
+  return dict(image=rng.normal(2.0, 3.0, size=(n, 2, 2, 1)).astype(np.float32),
+              label=np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)],
+              row=np.arange(n, dtype=np.int32))
+
+
+def test_batch_stats_are_updated_averaged_over_devices_and_used_in_evaluation():
+  config = tiny_config()
+  model = _TinyBN()
+  batch = _bn_batch()
+  st_jit, _ = _one_update(model, "jit", config, batch)
+  st_pmap, _ = _one_update(model, "pmap", config, batch)
+  mean_jit = np.asarray(st_jit["batch_stats"]["BatchNorm_0"]["mean"])
+  assert np.abs(mean_jit).max() > 0.1  # moved from its initial zeros (momentum 0.5)
+  # The mean of equal per-device means is the global mean: pmean makes pmap agree with jit.
+  np.testing.assert_allclose(st_pmap["batch_stats"]["BatchNorm_0"]["mean"], mean_jit, atol=1e-5)
+  eval_step = jax.jit(train.make_eval_fn(model))
+  variables = train.model_variables(st_jit)
+  assert set(variables) == {"params", "batch_stats"}
+  out = eval_step(variables, dict(image=batch["image"], label=batch["label"],
+                                  mask=np.ones(16, np.float32)))
+  assert float(out["count"]) == 16
+
+
+def test_ema_of_the_params_follows_the_updates():
+  config = tiny_config(ema_decay=0.75)
+  state, history = _one_update(_TinyBN(), "jit", config, _bn_batch(), steps=2)
+  p0, p1, p2 = [jax.tree_util.tree_leaves(h)[0] for h in history]
+  expected = 0.75 * (0.75 * p0 + 0.25 * p1) + 0.25 * p2
+  np.testing.assert_allclose(jax.tree_util.tree_leaves(state["ema_params"])[0], expected,
+                             rtol=1e-6)
+
+
+def test_ema_is_evaluated_and_exported_beside_the_raw_weights(tmp_path):
+  result = train.train_and_evaluate(tiny_config(ema_decay=0.5, total_steps=2), str(tmp_path))
+  assert "ema_test_accuracy" in result["metrics"] and "test_accuracy" in result["metrics"]
+  ema = checkpoint.load_npz(os.path.join(tmp_path, "params_ema.npz"))
+  raw = final_params(str(tmp_path))
+  assert ema["head"]["kernel"].shape == raw["head"]["kernel"].shape
+  assert not np.array_equal(ema["head"]["kernel"], raw["head"]["kernel"])
+
+
+def test_distillation_from_a_finished_workdir(tmp_path):
+  teacher_dir = str(tmp_path / "teacher")
+  train.train_and_evaluate(tiny_config(total_steps=2), teacher_dir)
+  rows = lambda d: [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))
+                    if "train_loss" in l]
+  plain = train.train_and_evaluate(tiny_config(total_steps=1), str(tmp_path / "plain"))
+  student = str(tmp_path / "student")
+  train.train_and_evaluate(tiny_config(total_steps=1, distill__teacher=teacher_dir,
+                                       distill__alpha=1.0), student)
+  assert plain is not None
+  # Same init and batch; alpha 1 replaces the labels by the teacher's predictions, so the
+  # gradient differs (the loss does not: the zero-initialised head predicts uniformly).
+  assert rows(student)[0]["grad_norm"] != rows(str(tmp_path / "plain"))[0]["grad_norm"]
+  with pytest.raises(ValueError, match="distill.type='medium'"):
+    train.train_and_evaluate(tiny_config(distill__teacher=teacher_dir, distill__type="medium"),
+                             str(tmp_path / "bad"))

@@ -9,7 +9,11 @@ Published `.npz` files (docs/reference.md) hold one array per '/'-joined paramet
 Training state (params, optimizer state, step, rng — any pytree of jax.Arrays) goes through
 `TrainCheckpointer`, a thin wrapper over `orbax.checkpoint.CheckpointManager`.
 """
+import contextlib
+import errno
+import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -305,15 +309,115 @@ def _stored_shape(x) -> tuple:
   return tuple(np.shape(x))
 
 
+MANIFEST = "vit_jax_manifest.json"  # in each step's directory: {file: [bytes, sha256]}
+QUARANTINE = ".corrupt"  # a corrupt step directory is renamed `{step}.corrupt[-N]`
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint whose files are damaged, cut short, missing or unreadable; the message names
+  the directory and what to delete."""
+
+
+class DiskFullError(OSError):
+  """A checkpoint save ran out of disk space; the previous checkpoint is intact."""
+
+
+def _files(root: epath.Path, prefix: str = ""):
+  """(relative path, Path) of every file under `root`, sorted; works for any epath (gs:// too)."""
+  for child in sorted(root.iterdir(), key=lambda c: c.name):
+    rel = prefix + child.name
+    if child.is_dir():
+      yield from _files(child, rel + "/")
+    elif rel != MANIFEST:
+      yield rel, child
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def write_manifest(step_dir: Union[str, os.PathLike]) -> None:
+  """Writes `{step_dir}/vit_jax_manifest.json`: the size and SHA-256 of every file of a finalized
+  checkpoint, atomically (a temporary file renamed). Orbax writes no checksums of its own: a
+  flipped byte in an array file restores silently (measured with orbax 0.12.8)."""
+  step_dir = epath.Path(step_dir)
+  files = {rel: [f.stat().length, _sha256(f)] for rel, f in _files(step_dir)}
+  tmp = step_dir / f"{MANIFEST}.tmp-{uuid.uuid4().hex}"
+  tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1))
+  tmp.replace(step_dir / MANIFEST)
+
+
+def verify_step(step_dir: Union[str, os.PathLike]) -> Optional[str]:
+  """None when the checkpoint in `step_dir` is intact, else what is wrong with it (a phrase).
+
+  With a manifest (`write_manifest`): every file listed is there with its size and SHA-256. Without
+  one (a checkpoint saved before manifests existed, or a process killed between orbax's final
+  rename and the manifest's): orbax's two metadata files are there and parse as JSON; orbax's
+  atomic rename vouches for the rest.
+  """
+  step_dir = epath.Path(step_dir)
+  if not step_dir.is_dir():
+    return "not a directory"
+  manifest = step_dir / MANIFEST
+  if not manifest.exists():
+    for rel in ("_CHECKPOINT_METADATA", "default/_METADATA"):
+      if not (step_dir / rel).exists():
+        return f"{rel} is missing (a half-written or half-copied directory)"
+      try:
+        json.loads((step_dir / rel).read_text())
+      except (ValueError, UnicodeDecodeError):
+        return f"{rel} is not valid JSON (damaged or cut short)"
+    return None
+  try:
+    files = json.loads(manifest.read_text())["files"]
+  except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    return f"{MANIFEST} is damaged"
+  for rel, (size, sha) in sorted(files.items()):
+    path = step_dir / rel
+    if not path.exists():
+      return f"{rel} is missing"
+    actual = path.stat().length
+    if actual != size:
+      return f"{rel} has {actual} bytes, {size} were written (cut short or appended to)"
+    if _sha256(path) != sha:
+      return f"{rel} does not match its checksum (bytes changed on disk)"
+  return None
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  """Whether `e`, or an exception it was raised from, is 'no space left on device' (orbax and
+  TensorStore re-raise the OSError of a full disk as other types, keeping its text)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 class TrainCheckpointer:
   """Training-state checkpoints under `{workdir}/checkpoints/{step}` (orbax CheckpointManager).
 
   The state is any pytree of jax.Arrays (e.g. {params, opt_state, step, rng}; optax states and
   typed PRNG keys included). Saves are atomic: orbax writes `{step}.orbax-checkpoint-tmp*` and
-  renames it when complete, so an interrupted save is never listed or restored. (Its leftover tmp
-  directory stays until deleted by hand: orbax's `cleanup_tmp_directories` would list the directory
-  from a background thread while the caller goes on, which breaks under file-system mocks such as
-  `tfds.testing.mock_data`.) Only the newest `max_to_keep` steps are kept (None: all).
+  renames it when complete, so an interrupted save is never listed or restored; the leftover tmp
+  directories of killed runs are deleted at the first save of a TrainCheckpointer (synchronously:
+  orbax's own `cleanup_tmp_directories` lists the directory from a background thread while the
+  caller goes on, which breaks under file-system mocks such as `tfds.testing.mock_data`).
+  Only the newest `max_to_keep` steps are kept (None: all).
+
+  Integrity: once a save is final (at the next save, `wait()` or `close()`), process 0 writes a
+  manifest of its files' sizes and SHA-256 (`write_manifest`) into the step's directory.
+  `latest_step()` checks the newest steps against theirs (`verify_step`): a damaged one is renamed
+  `{step}.corrupt` with a warning naming it, and the one before it is used; when none is intact,
+  CorruptCheckpointError names the directories to delete. A save that fills the disk raises
+  DiskFullError; the previous checkpoint is untouched.
+
   Every process must call every method — orbax coordinates the processes and writes each array
   shard from the process that holds it; do not guard calls by process index.
   """
@@ -335,39 +439,139 @@ class TrainCheckpointer:
         create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
+    self._tmp_dirs_removed = False  # at the first save: an evaluation never touches them
+    self._verified = set()  # steps checked (or saved) by this instance
+    self._unfinished = []  # steps saved whose manifest is not written yet
+    self._saving = None  # the step of the save in flight (for the disk-full message)
+    self._async = async_save
+
+  def _remove_tmp_dirs(self) -> None:
+    """Deletes the `{step}.orbax-checkpoint-tmp*` directories that killed saves left (process 0,
+    at this run's first save: no save of this run is in flight, and a run that only reads, such
+    as an evaluation next to a training run, never deletes the trainer's save in progress)."""
+    if jax.process_index() != 0 or not self.directory.exists():
+      return
+    for child in self.directory.iterdir():
+      if ".orbax-checkpoint-tmp" in child.name and child.is_dir():
+        logging.info("Deleting %s, the unfinished save of a stopped run.", child)
+        child.rmtree()
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
 
   def latest_step(self) -> Optional[int]:
-    """The newest complete checkpoint's step, or None."""
-    return self._manager.latest_step()
+    """The newest intact checkpoint's step, or None when there is no checkpoint.
+
+    Newer damaged ones (`verify_step`) are renamed `{step}.corrupt` by process 0 with a warning
+    naming them; CorruptCheckpointError when every checkpoint is damaged."""
+    bad = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      if step in self._verified or step in self._unfinished:  # saved by this instance
+        break
+      reason = verify_step(self._step_dir(step))
+      if reason is None:
+        self._verified.add(step)
+        break
+      bad.append((step, reason))
+    else:
+      if bad:
+        dirs = " ".join(str(self._step_dir(s)) for s, _ in bad)
+        raise CorruptCheckpointError(
+            "No intact checkpoint in {}: {}. Delete the damaged step directories to train from "
+            "scratch (rm -r {}), or put back intact copies.".format(
+                self.directory, "; ".join(f"step {s}: {r}" for s, r in bad), dirs))
+      return None
+    for s, reason in bad:
+      self._quarantine(s, reason, step)
+    if bad:
+      self._manager.reload()
+    return step
+
+  def _quarantine(self, step: int, reason: str, fallback: int) -> None:
+    """Renames a damaged step directory out of orbax's sight (process 0), so that the run
+    resuming from `fallback` can save `step` again."""
+    src, dst = self._step_dir(step), self.directory / f"{step}{QUARANTINE}"
+    n = 1
+    while dst.exists():
+      dst, n = self.directory / f"{step}{QUARANTINE}-{n}", n + 1
+    logging.warning("Checkpoint %s is damaged (%s): moved to %s; resuming from the checkpoint of "
+                    "step %d instead. Delete %s when you no longer need it.", src, reason, dst,
+                    fallback, dst)
+    if jax.process_index() == 0:
+      src.rename(dst)
 
   def all_steps(self) -> list:
     """Steps of the complete checkpoints kept, ascending."""
     return sorted(self._manager.all_steps())
+
+  def _finish(self) -> None:
+    """Waits for the save in flight, then writes the manifests of the finished saves."""
+    with self._disk_full_as_error():
+      self._manager.wait_until_finished()
+      done = set(self._manager.all_steps())
+      for step in self._unfinished:
+        if step in done:
+          if jax.process_index() == 0:
+            write_manifest(self._step_dir(step))
+          self._verified.add(step)
+      self._unfinished = []
+      self._saving = None
+
+  @contextlib.contextmanager
+  def _disk_full_as_error(self):
+    try:
+      yield
+    except DiskFullError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_disk_full(e):
+        raise
+      kept = [s for s in self._manager.all_steps() if s != self._saving]
+      raise DiskFullError(
+          errno.ENOSPC,
+          f"The disk is full: saving the checkpoint of step {self._saving} in {self.directory} "
+          f"failed ({type(e).__name__}). The previous checkpoint "
+          f"({'step ' + str(max(kept)) if kept else 'none yet'}) is intact; free some space (or "
+          "lower keep_checkpoints) and run the same command again to resume.") from e
 
   def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
     """Saves `state` as `step`; returns whether it saved.
 
     A step that is already saved is skipped (never overwritten), and so, unless `force`, is a step
     below latest_step(). With `async_save` it returns once the arrays are copied off the devices;
-    `wait()` blocks until the checkpoint is complete.
+    `wait()` blocks until the checkpoint is complete. DiskFullError when the disk fills up (here,
+    or for an asynchronous save at the next save, `wait()` or `close()`).
     """
     step = int(step)
+    self._finish()
+    if not self._tmp_dirs_removed:
+      self._remove_tmp_dirs()
+      self._tmp_dirs_removed = True
     if step in self._manager.all_steps():  # orbax would raise StepAlreadyExistsError with force
       logging.info("Checkpoint of step %d already in %s; not saving it again.", step,
                    self.directory)
       return False
-    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    self._saving = step
+    with self._disk_full_as_error():
+      saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if saved:
+      self._unfinished.append(step)
+      if not self._async:
+        self._finish()
+    return saved
 
   def restore(self, abstract_state: PyTree, step: Optional[int] = None, *,
               shardings: Optional[PyTree] = None) -> PyTree:
-    """Restores step `step` (default: the latest) into the structure, dtypes and shardings of
-    `abstract_state` (jax.ShapeDtypeStruct leaves with `.sharding`, e.g. from `jax.eval_shape`, or
-    arrays), possibly different from the shardings it was saved with. `shardings`, a tree of the
-    same structure, replaces the leaves' own.
+    """Restores step `step` (default: the latest intact one, see latest_step) into the structure,
+    dtypes and shardings of `abstract_state` (jax.ShapeDtypeStruct leaves with `.sharding`, e.g.
+    from `jax.eval_shape`, or arrays), possibly different from the shardings it was saved with.
+    `shardings`, a tree of the same structure, replaces the leaves' own.
 
-    Raises FileNotFoundError when there is no such checkpoint and ValueError naming every key whose
-    shape differs from the checkpoint's, or that only one of them has.
+    Raises FileNotFoundError when there is no such checkpoint, ValueError naming every key whose
+    shape differs from the checkpoint's, or that only one of them has, and CorruptCheckpointError
+    (naming the directory to delete) when the files are damaged or orbax cannot read them.
     """
+    self._finish()
     if step is None:
       step = self.latest_step()
       if step is None:
@@ -375,12 +579,26 @@ class TrainCheckpointer:
     elif step not in self._manager.all_steps():
       raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
                               f"available steps: {self.all_steps()}.")
+    elif step not in self._verified:
+      reason = verify_step(self._step_dir(step))
+      if reason is not None:
+        raise CorruptCheckpointError(
+            f"Checkpoint {self._step_dir(step)} is damaged: {reason}. Delete it (rm -r "
+            f"{self._step_dir(step)}) or restore another step ({self.all_steps()}).")
+      self._verified.add(step)
     if shardings is not None:
       abstract_state = jax.tree_util.tree_map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
           shardings)
     self._check_shapes(abstract_state, step)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # pylint: disable=broad-except
+      first = (str(e).strip().splitlines() or [""])[0][:300]
+      raise CorruptCheckpointError(
+          f"Checkpoint {self._step_dir(step)} cannot be read ({type(e).__name__}: {first}). If "
+          f"its files are damaged, delete it (rm -r {self._step_dir(step)}) and run again: the "
+          "run resumes from the checkpoint before it.") from e
 
   def _check_shapes(self, abstract_state: PyTree, step: int) -> None:
     """Compares the checkpoint's stored shapes with `abstract_state`'s, naming each mismatch
@@ -399,6 +617,11 @@ class TrainCheckpointer:
               for k in sorted(set(want) - set(have))]
     lines += [f"  unexpected in the checkpoint: {k} {have[k]}"
               for k in sorted(set(have) - set(want))]
+    head = [k for k in set(have) & set(want) if have[k] != want[k] and "head/" in k]
+    if head:
+      lines.append(f"  ({head[0]} is sized by the data set's class count: the checkpoint's has "
+                   f"{have[head[0]][-1]} classes, the data set now {want[head[0]][-1]}. Did its "
+                   "class folders or the data set change? Restore them, or use another workdir.)")
     if lines:
       raise ValueError(
           f"Checkpoint {self.directory / str(step)} does not match the state to restore into:\n"
@@ -406,12 +629,22 @@ class TrainCheckpointer:
           "config as the run that saved it (to start from other weights, use load_pretrained).")
 
   def wait(self) -> None:
-    """Blocks until pending (async) saves are complete."""
-    self._manager.wait_until_finished()
+    """Blocks until pending (async) saves are complete and their manifests written."""
+    self._finish()
 
   def close(self) -> None:
-    """Waits for pending saves and releases orbax's resources."""
-    self._manager.close()
+    """Waits for pending saves and releases orbax's resources. A failed save raises here too
+    (orbax keeps raising its error); orbax's resources are released all the same."""
+    try:
+      self._finish()
+    except Exception:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # the same failure again: the first one is raised
+      raise
+    with self._disk_full_as_error():
+      self._manager.close()
 
   def __enter__(self):
     return self

@@ -3,7 +3,10 @@
   `command_line`  applies the rules for `--config.KEY=VALUE` overrides: a duration given in one
                   unit replaces the config's unit, an unknown key is named with the closest ones.
   `validate`      values that cannot work (batch sizes the devices do not divide, negative
-                  durations, unknown model fields, pp strings, splits, ...), each naming its key.
+                  durations, unknown model fields and model fields of the wrong type, pp strings,
+                  splits, ...), each naming its key.
+  `model_shapes`  what needs the image size too: a patch size that does not divide the images,
+                  heads that do not divide the width, a Swin window larger than its feature map.
   `resume_changes` the keys of a resumed run whose change would alter its data order, schedule or
                   model (compared with the config.json its workdir was started with).
 
@@ -30,6 +33,10 @@ RESUME_FREE = ("log_every_", "eval_every_", "checkpoint_every_", "keep_checkpoin
 # Values that mean "off": a key missing from an older run's config.json with one of them is no
 # change (keys are added with such defaults).
 NEUTRAL = (None, 0, 0.0, "", False, [], {})
+# Groups of keys that do nothing while their switch key is neutral.
+SWITCHES = {"distill.": "distill.teacher"}
+# Keys added to the code with a default that is not in NEUTRAL but changes nothing.
+ADDED_DEFAULTS = {"repeated_aug": 1}
 
 
 class ConfigError(ValueError):
@@ -154,11 +161,23 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
        f"grad_accum_steps={accum}: the batch per device ({config.batch_size} / {shards} = "
        f"{config.batch_size // shards}) must be a multiple of it, so that every micro-batch is "
        "spread over all devices.")
+  keep = config.keep_checkpoints
+  need(isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1,
+       f"keep_checkpoints={keep!r}: must be an int >= 1 (the newest checkpoints kept).")
   need(config.seed >= 0, f"seed={config.seed}: must be >= 0.")
   need(0 <= config.mixup, f"mixup={config.mixup}: must be >= 0 (0 disables it).")
   need(0 <= config.cutmix, f"cutmix={config.cutmix}: must be >= 0 (0 disables it).")
   need(0 <= config.label_smoothing < 1,
        f"label_smoothing={config.label_smoothing}: must be in [0, 1).")
+  ema = config.get("ema_decay", 0.0)
+  need(0 <= ema < 1, f"ema_decay={ema}: must be in [0, 1) (0 disables the EMA; 0.9999 is "
+       "DeiT's, for short runs use 1 - 1/(a tenth of the steps)).")
+  distill = config.get("distill")
+  if distill is not None and distill.get("teacher"):
+    need(distill.type in ("hard", "soft"),
+         f"distill.type={distill.type!r}: use hard or soft.")
+    need(0 <= distill.alpha <= 1, f"distill.alpha={distill.alpha}: must be in [0, 1].")
+    need(distill.tau > 0, f"distill.tau={distill.tau}: must be > 0.")
   need(config.optax.name in ("sgd", "momentum", "adam", "adamw"),
        f"optax.name={config.optax.name!r}: use sgd, momentum, adam or adamw.")
   need(config.lr.decay in ("cosine", "linear", "constant"),
@@ -187,12 +206,101 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
     need(not unknown, f"model.{unknown[0] if unknown else ''}: {config.model_name} has no such "
          f"field.{_did_you_mean(unknown[0], model_fields) if unknown else ''} Its fields: "
          f"{', '.join(sorted(model_fields))}.")
+    _check_model_types(config)
   need(not (config.dataset.name == "image_folder" and not config.dataset.data_dir),
        "dataset.data_dir: an image folder data set needs it (DIR/<split>/<class>/*.jpg). "
        + config.dataset.prepare)
   need(not (config.pretrained.required and not config.pretrained.path),
        "This config fine-tunes pretrained weights and none were given: pass "
        "--config.pretrained.path=/path/to/weights.npz (e.g. ViT-B_16.npz of the ViT release).")
+
+
+def _kind(value) -> Optional[str]:
+  """The type a model field's default asks of an override, or None for any."""
+  if isinstance(value, bool):
+    return "a bool (True/False)"
+  if isinstance(value, int):
+    return "an int"
+  if isinstance(value, float):
+    return "a number"
+  if isinstance(value, str):
+    return "a string"
+  if isinstance(value, (tuple, list)):
+    return "a tuple, e.g. (16, 16)" if value and all(isinstance(v, int) for v in value) else \
+        "a tuple"
+  return None
+
+
+def _fits(value, kind: str) -> bool:
+  if kind.startswith("a bool"):
+    return isinstance(value, bool)
+  if kind == "an int":
+    return isinstance(value, int) and not isinstance(value, bool)
+  if kind == "a number":
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind == "a string":
+    return isinstance(value, str)
+  return isinstance(value, (tuple, list))
+
+
+def _check_model_types(config) -> None:
+  """Each `model.*` override has the type of the field's value for `config.model_name` (an int
+  field given a tuple or a string, a tuple field given an int, ...): otherwise the mistake
+  surfaces inside Flax or XLA. Fields whose default is None or a structure accept anything."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top  (jax only when validating)
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  model = models.get_model(config.model_name, num_classes=1)
+  # Fields annotated with a union (Swin's img_size: int or (H, W)) take more than one type.
+  unions = {f.name for f in dataclasses.fields(model)
+            if any(u in str(f.type) for u in ("Union", "|", "Optional", "Any"))}
+  for key in sorted(config.model.keys()):
+    value = config.model[key]
+    if isinstance(value, ml_collections.ConfigDict) or value is None or key in unions:
+      continue
+    kind = _kind(getattr(model, key, None))
+    if key in ("dtype", "param_dtype") or kind is None:
+      continue
+    if not _fits(value, kind):
+      raise ConfigError(f"model.{key}={value!r}: {config.model_name}'s {key} is {kind} "
+                        f"(its value is {getattr(model, key)!r}).")
+
+
+def model_shapes(model, image_shape) -> None:
+  """What the model's fields and the images' (H, W, C) must agree on, checked on the module's
+  fields before anything is traced: ViT's patch size divides the image (the patch convolution
+  would silently drop the remainder), heads divide the width (ViT's hidden_size, each Swin stage's
+  embed_dim * 2**stage), and a Swin window is no larger than the first stage's feature map (the
+  published clamp to the map size is meant for the last stages; a window larger than the first map
+  makes every stage one global window). Raises ConfigError naming `model.KEY`."""
+  h, w = int(image_shape[0]), int(image_shape[1])
+  patch = getattr(model, "patch_size", None)
+  if isinstance(patch, int):
+    patch = (patch, patch)
+  resnet = getattr(model, "resnet", None)
+  if patch is not None and not resnet and (h % patch[0] or w % patch[1]):
+    raise ConfigError(
+        f"model.patch_size={tuple(patch)} does not divide the {h}x{w} images: the last "
+        f"{h % patch[0]} rows / {w % patch[1]} columns would be dropped. Use a patch size that "
+        "divides the image size, or resize / crop to a multiple of it in pp_train and pp_eval.")
+  heads = getattr(model, "num_heads", None)
+  width = getattr(model, "hidden_size", None)
+  if isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads:
+    raise ConfigError(f"model.num_heads={heads} does not divide model.hidden_size={width}: each "
+                      "head takes hidden_size / num_heads features.")
+  embed = getattr(model, "embed_dim", None)
+  if isinstance(embed, int) and isinstance(heads, (tuple, list)):
+    for i, n in enumerate(heads):
+      if n <= 0 or (embed * 2 ** i) % n:
+        raise ConfigError(f"model.num_heads={tuple(heads)}: stage {i} has {n} heads for "
+                          f"{embed * 2 ** i} features (embed_dim * 2**{i}); it must divide them.")
+  window = getattr(model, "window_size", None)
+  if isinstance(window, int) and patch is not None:
+    grid = (h // patch[0], w // patch[1])
+    if window > min(grid):
+      raise ConfigError(
+          f"model.window_size={window} is larger than the first stage's {grid[0]}x{grid[1]} "
+          f"feature map ({h}x{w} images, patch {patch[0]}): use a window of at most "
+          f"{min(grid)}, or larger images.")
 
 
 # ------------------------------------------------------------------------------------- resume.
@@ -205,8 +313,12 @@ def resume_changes(saved: Mapping[str, Any], config) -> List[str]:
     if key.startswith(RESUME_FREE):
       continue
     a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-    if a == "<unset>" and b in NEUTRAL:
+    if a == "<unset>" and (b in NEUTRAL or (key in ADDED_DEFAULTS and b == ADDED_DEFAULTS[key])):
       continue  # a key added to the code since the run started, at its neutral default
+    switch = next((k for g, k in SWITCHES.items() if key.startswith(g)), None)
+    if a == "<unset>" and switch and new.get(switch) in NEUTRAL and old.get(switch) in (
+        "<unset>",) + NEUTRAL:
+      continue  # ... or in a group that is switched off (distill.* without a teacher)
     if a != b:
       lines.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")
   return lines

@@ -155,7 +155,17 @@ def main(argv):
     print(f"stopped at step {result['stopped_at_step']}; rerun to resume", flush=True)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a bad value (`--config.batch_size=abc`) reported as the other user
+  errors are: one `error:` line and exit status 2 (absl's own report exits with 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}\n(--helpfull lists the flags)", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   # absl's --help prints the main module's docstring: add the config files to it.
   sys.modules[__name__].__doc__ = __doc__ + "\n" + describe_configs()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

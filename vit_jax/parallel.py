@@ -262,6 +262,12 @@ def initialize_distributed(cfg=None) -> None:
                                   [int(i) for i in ids.replace(" ", "").split(",")])
   elif isinstance(ids, (int, tuple, list)):
     kwargs["local_device_ids"] = [ids] if isinstance(ids, int) else list(ids)
+  # How long the coordination service waits for a silent process (heartbeat) before it stops the
+  # others with an error naming the missing task, and at start-up and shutdown (JAX's defaults:
+  # 100, 300 and 300 s), when the config sets them (c.distributed.heartbeat_timeout_seconds = 20).
+  for key in ("heartbeat_timeout_seconds", "initialization_timeout", "shutdown_timeout_seconds"):
+    if cfg.get(key) is not None:
+      kwargs[key] = int(cfg.get(key))
   jax.config.update("jax_cpu_collectives_implementation", cfg.get("cpu_collectives") or "gloo")
   try:
     jax.distributed.initialize(**kwargs)

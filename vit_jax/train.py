@@ -26,6 +26,7 @@ from vit_jax import metrics as metrics_lib
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
+from vit_jax import pretrained
 from vit_jax import evaluators
 from vit_jax.evaluators import classification
 from vit_jax.evaluators import fewshot
@@ -46,47 +47,71 @@ def build_model(config, num_classes: int):
   return models.get_model(config.model_name, num_classes=num_classes, **overrides)
 
 
-def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = None) -> Callable:
-  """The pure update: (state, batch) -> (state, metrics). With `axis_name` (pmap) the gradients
-  and metrics are averaged over that axis; under jit the batch is global and nothing is needed.
+def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = None,
+                   teacher=None) -> Callable:
+  """The pure update: (state, batch) -> (state, metrics). With `axis_name` (pmap) the gradients,
+  metrics and BatchNorm statistics are averaged over that axis; under jit the batch is global and
+  nothing is needed.
 
   Random layers (dropout, stochastic depth) draw from a key per example,
   fold_in(fold_in(PRNGKey(seed), step), row), where `row` (batch["row"]) is the example's row in
   the logical global batch (host p's rows come after host p-1's). So the masks depend on
   (seed, step, example) only: jit, pmap and any number of devices or hosts draw the same ones.
+  Models with BatchNorm (state["batch_stats"]) run the batch in one call instead (a per-example
+  call would normalise every example by itself), with the key of the batch's first row; their
+  statistics are those of the global batch under jit and the per-device ones averaged under pmap,
+  so only for them jit and pmap differ.
 
   Gradient accumulation splits the batch strided: micro-batch i holds rows i, i + accum,
   i + 2 * accum, ... With each device holding a contiguous block of rows whose size is a
   multiple of accum, every micro-batch is spread over all devices and no example moves between
   devices (contiguous micro-batches would sit on 1/accum of the devices, and XLA would gather
   the images to compute each of them there).
+
+  `teacher` (a Module; its variables are state["teacher"]) turns on distillation (`loss_terms`).
+  With config.ema_decay > 0, state["ema_params"] follows the parameters after every update.
   """
   smoothing = float(config.label_smoothing)
   accum = int(config.grad_accum_steps)
   seed = int(config.seed)
+  ema_decay = float(config.get("ema_decay", 0.0))
+  distill = config.get("distill") or {}
 
-  def loss_fn(params, images, labels, rows, rng):
+  def forward(params, extra, images, rows, rng):
+    """Training outputs, and the updated BatchNorm statistics (or {})."""
+    if extra:
+      key = jax.random.fold_in(rng, rows[0])
+      return model.apply({"params": params, **extra}, images, train=True,
+                         rngs={"dropout": key}, mutable=list(extra))
     if _draws_random(model, params, images):
       def one(image, row):  # one example, its own key
         key = jax.random.fold_in(rng, row)
-        return model.apply({"params": params}, image[None], train=True, rngs={"dropout": key})[0]
-      logits = jax.vmap(one)(images, rows)
-    else:  # Nothing random: the batch in one call (the vmap above costs 6-16% on CPU).
-      logits = model.apply({"params": params}, images, train=True)
-    if smoothing:
-      labels = labels * (1.0 - smoothing) + smoothing / labels.shape[-1]
-    loss = optax.softmax_cross_entropy(logits, labels).mean()
+        out = model.apply({"params": params}, image[None], train=True, rngs={"dropout": key})
+        return jax.tree_util.tree_map(lambda o: o[0], out)
+      return jax.vmap(one)(images, rows), {}
+    # Nothing random: the batch in one call (the vmap above costs 6-16% on CPU).
+    return model.apply({"params": params}, images, train=True), {}
+
+  def loss_fn(params, extra, teacher_vars, images, labels, rows, rng):
+    out, new_extra = forward(params, extra, images, rows, rng)
+    teacher_logits = None
+    if teacher is not None:
+      teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_vars, images, train=False))
+    loss, logits = loss_terms(out, labels, teacher_logits, smoothing=smoothing, **distill)
     acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
-    return loss, acc
+    return loss, (acc, new_extra)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def update(state, batch):
     step, params = state["step"], state["params"]
+    extra = {k: state[k] for k in MODEL_STATE if k in state}
+    teacher_vars = state.get("teacher")
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
     images, labels, rows = batch["image"], batch["label"], batch["row"]
     if accum == 1:
-      (loss, acc), grads = grad_fn(params, images, labels, rows, rng)
+      (loss, (acc, new_extra)), grads = grad_fn(params, extra, teacher_vars, images, labels,
+                                                rows, rng)
     else:
       if images.shape[0] % accum:
         raise ValueError(f"batch {images.shape[0]} per device is not divisible by "
@@ -95,24 +120,67 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
       split = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
 
       def micro(carry, xs):
+        (l, a, g), ex = carry
         im, lb, rw = xs
-        (l, a), g = grad_fn(params, im, lb, rw, rng)
-        return jax.tree_util.tree_map(jnp.add, carry, (l, a, g)), None
+        (l2, (a2, ex2)), g2 = grad_fn(params, ex, teacher_vars, im, lb, rw, rng)
+        return (jax.tree_util.tree_map(jnp.add, (l, a, g), (l2, a2, g2)), ex2), None
 
       zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
-      (loss, acc, grads), _ = jax.lax.scan(micro, zeros,
-                                           (split(images), split(labels), split(rows)))
+      ((loss, acc, grads), new_extra), _ = jax.lax.scan(
+          micro, (zeros, extra), (split(images), split(labels), split(rows)))
       loss, acc, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, acc, grads))
     if axis_name:
-      loss, acc, grads = jax.lax.pmean((loss, acc, grads), axis_name)
+      loss, acc, grads, new_extra = jax.lax.pmean((loss, acc, grads, new_extra), axis_name)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = dict(step=step + 1, params=optax.apply_updates(params, updates),
-                     opt_state=opt_state)
+    new_params = optax.apply_updates(params, updates)
+    new_state = dict(state, step=step + 1, params=new_params, opt_state=opt_state, **new_extra)
+    if ema_decay:
+      new_state["ema_params"] = jax.tree_util.tree_map(
+          lambda e, p: e + (1.0 - ema_decay) * (p - e), state["ema_params"], new_params)
     metrics = dict(train_loss=loss, train_accuracy=acc, grad_norm=optax.global_norm(grads),
                    lr=schedule(step))
     return new_state, metrics
 
   return update
+
+
+MODEL_STATE = ("batch_stats",)  # variable collections besides params that training updates
+
+
+def loss_terms(out, labels, teacher_logits=None, *, smoothing: float = 0.0, teacher: str = "",
+               model: str = "", type: str = "hard", alpha: float = 0.5, tau: float = 1.0):
+  """(loss, logits for accuracy) of a training output.
+
+  `out` is the logits, or (cls_logits, dist_logits) from a distilled DeiT. Without a teacher
+  both heads learn the labels (the mean of their losses). With `teacher_logits`, DeiT's
+  distillation (Touvron et al. 2021, eq. 2 and 3): "hard": (1 - alpha) CE(cls, labels) +
+  alpha CE(dist, argmax teacher) (DeiT: alpha 0.5); "soft": (1 - alpha) CE(cls, labels) +
+  alpha tau^2 KL(softmax(teacher / tau) || softmax(dist / tau)) (DeiT: alpha 0.1, tau 3). A model
+  with one head distils through that head (Hinton et al. 2015). `teacher` and `model` name the
+  teacher's source (config.distill) and are not used here.
+  """
+  del teacher, model
+  cls, dist = out if isinstance(out, (tuple, list)) else (out, None)
+  cls, dist = [None if x is None else x.astype(jnp.float32) for x in (cls, dist)]
+  if smoothing:
+    labels = labels * (1.0 - smoothing) + smoothing / labels.shape[-1]
+  ce = lambda logits, target: optax.softmax_cross_entropy(logits, target).mean()
+  base = ce(cls, labels)
+  logits = cls if dist is None else (cls + dist) / 2
+  if teacher_logits is None:
+    return (base if dist is None else (base + ce(dist, labels)) / 2), logits
+  student = cls if dist is None else dist
+  teacher_logits = teacher_logits.astype(jnp.float32)
+  if type == "hard":
+    target = jax.nn.one_hot(jnp.argmax(teacher_logits, -1), teacher_logits.shape[-1])
+    kd = ce(student, target)
+  elif type == "soft":
+    p_t = jax.nn.softmax(teacher_logits / tau, -1)
+    kd = (tau ** 2) * jnp.mean(jnp.sum(
+        p_t * (jnp.log(jnp.clip(p_t, 1e-12)) - jax.nn.log_softmax(student / tau, -1)), -1))
+  else:
+    raise ValueError(f"distill.type must be 'hard' or 'soft', not {type!r}")
+  return (1.0 - alpha) * base + alpha * kd, logits
 
 
 def _draws_random(model, params, images) -> bool:
@@ -126,9 +194,9 @@ def _draws_random(model, params, images) -> bool:
 
 
 def make_eval_fn(model, *, axis_name: Optional[str] = None) -> Callable:
-  """(params, batch) -> sums of correct predictions, loss and real examples (mask)."""
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["image"], train=False)
+  """(variables, batch) -> sums of correct predictions, loss and real examples (mask)."""
+  def eval_step(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False)
     mask = batch["mask"]
     correct = (jnp.argmax(logits, -1) == jnp.argmax(batch["label"], -1)) * mask
     loss = optax.softmax_cross_entropy(logits, batch["label"]) * mask
@@ -137,9 +205,24 @@ def make_eval_fn(model, *, axis_name: Optional[str] = None) -> Callable:
   return eval_step
 
 
-def new_state(params, tx):
-  """The train state the update function takes: step 0, `params`, fresh optimizer state."""
-  return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def new_state(variables, tx, *, ema: bool = False, teacher=None):
+  """The train state the update function takes: step 0, the model's `variables` (params and
+  BatchNorm statistics), fresh optimizer state, the EMA of the params (a copy) when `ema`, and
+  the frozen teacher's variables when distilling."""
+  params = variables["params"]
+  state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  state.update({k: variables[k] for k in MODEL_STATE if k in variables})
+  if ema:
+    state["ema_params"] = jax.tree_util.tree_map(jnp.copy, params)
+  if teacher is not None:
+    state["teacher"] = teacher
+  return state
+
+
+def model_variables(state, params=None):
+  """The variables `model.apply` takes, from a train state (`params` replaces its params)."""
+  return {"params": state["params"] if params is None else params,
+          **{k: state[k] for k in MODEL_STATE if k in state}}
 
 
 class Trainer(NamedTuple):
@@ -149,32 +232,38 @@ class Trainer(NamedTuple):
   schedule: optax.Schedule
   runner: "Runner"
   init_params: Callable  # rng -> params
+  init_variables: Callable  # rng -> params and BatchNorm statistics
   init_state: Callable  # rng -> fresh train state
   abstract_state: Any  # jax.ShapeDtypeStruct leaves
   shardings: Any  # the state's global (checkpoint-layout) shardings
 
 
 def build_trainer(config, num_classes: int, image_shape, *, total_steps: int,
-                  warmup_steps: int) -> Trainer:
+                  warmup_steps: int, teacher=None) -> Trainer:
   """Model, optimizer, step functions and the state's shardings for images of `image_shape`
-  (H, W, C): the set-up the training loop, evaluation-only mode and the benchmarks share."""
+  (H, W, C): the set-up the training loop, evaluation-only mode and the benchmarks share.
+  `teacher`: (module, variables) of the distillation teacher (`load_teacher`), or None."""
   model = build_model(config, num_classes)
+  config_checks.model_shapes(model, image_shape)
   init_images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  init_params = lambda rng: model.init(rng, init_images, train=False)["params"]
+  init_variables = lambda rng: dict(model.init(rng, init_images, train=False))
+  init_params = lambda rng: init_variables(rng)["params"]
   abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
   tx, schedule = optim.make_optimizer(config, abstract_params, total_steps=total_steps,
                                       warmup_steps=warmup_steps)
-  runner = Runner(config, model, tx, schedule)
-  init_state = lambda rng: new_state(init_params(rng), tx)
+  teacher_module, teacher_vars = teacher if teacher is not None else (None, None)
+  runner = Runner(config, model, tx, schedule, teacher=teacher_module)
+  ema = bool(config.get("ema_decay", 0.0))
+  init_state = lambda rng: new_state(init_variables(rng), tx, ema=ema, teacher=teacher_vars)
   abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  return Trainer(model, tx, schedule, runner, init_params, init_state, abstract_state,
-                 runner.shardings(abstract_state))
+  return Trainer(model, tx, schedule, runner, init_params, init_variables, init_state,
+                 abstract_state, runner.shardings(abstract_state))
 
 
 class Runner:
   """Puts batches and state where the chosen parallel mode wants them and runs the steps."""
 
-  def __init__(self, config, model, tx, schedule):
+  def __init__(self, config, model, tx, schedule, teacher=None):
     self.mode = config.get("parallel", "jit")
     if self.mode not in ("jit", "pmap"):
       raise ValueError(f"Unknown parallel mode {self.mode!r}: use 'jit' or 'pmap'.")
@@ -183,11 +272,12 @@ class Runner:
     self._features = None
     if self.mode == "pmap":
       ax = parallel.PMAP_AXIS
-      self.update = jax.pmap(make_update_fn(model, tx, schedule, config, axis_name=ax),
+      self.update = jax.pmap(make_update_fn(model, tx, schedule, config, axis_name=ax,
+                                            teacher=teacher),
                              axis_name=ax, donate_argnums=(0,))
       self.eval_step = jax.pmap(make_eval_fn(model, axis_name=ax), axis_name=ax)
     else:
-      self.update = make_update_fn(model, tx, schedule, config)
+      self.update = make_update_fn(model, tx, schedule, config, teacher=teacher)
       self.eval_step = jax.jit(make_eval_fn(model))
 
   def shardings(self, abstract_state):
@@ -230,15 +320,16 @@ class Runner:
       return parallel.from_host(parallel.unreplicate(state), state_shardings)
     return state
 
-  def params_for_eval(self, state):
-    return state["params"]
+  def params_for_eval(self, state, ema: bool = False):
+    """The variables evaluators apply the model with (`ema`: the EMA of the params)."""
+    return model_variables(state, state["ema_params"] if ema else None)
 
   def features(self):
-    """(params, host batch) -> the model's pooled (pre-head) features; compiled once per runner,
-    so evaluations during training reuse it."""
+    """(variables, host batch) -> the model's pooled (pre-head) features; compiled once per
+    runner, so evaluations during training reuse it."""
     if self._features is None:
       pooled = self.model.clone(num_classes=0)
-      fn = lambda p, images: pooled.apply({"params": p}, images, train=False)
+      fn = lambda v, images: pooled.apply(v, images, train=False)
       fn = jax.pmap(fn, axis_name=parallel.PMAP_AXIS) if self.mode == "pmap" else jax.jit(fn)
       self._features = lambda p, b: fn(p, self.to_device_batch(b)["image"])
     return self._features
@@ -290,15 +381,20 @@ def split_name(split: str) -> str:
 
 
 def evaluate_all(runner: Runner, params, source, config,
-                 should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
-  """Every evaluator the config declares: top-1 on `eval_split`, few-shot when `fewshot.shots`.
-  Raises evaluators.Stopped when `should_stop()` turns true between two batches."""
+                 should_stop: Optional[Callable[[], bool]] = None, *,
+                 ema=None) -> Dict[str, float]:
+  """Every evaluator the config declares: top-1 on `eval_split`, few-shot when `fewshot.shots`,
+  on the model's variables `params`; and the same on `ema` (the EMA weights' variables, metrics
+  prefixed `ema_`) when given. Raises evaluators.Stopped when `should_stop()` turns true between
+  two batches."""
   out = {}
-  if config.eval_split:
-    ev = evaluate(runner, params, source, config, config.eval_split, should_stop)
-    out.update({f"{eval_prefix(config)}_{k}": v for k, v in ev.items()})
-  if config.fewshot.shots:
-    out.update(fewshot_evaluator(runner, source, config, should_stop).run(params))
+  for prefix, variables in [("", params)] + ([("ema_", ema)] if ema is not None else []):
+    if config.eval_split:
+      ev = evaluate(runner, variables, source, config, config.eval_split, should_stop)
+      out.update({f"{prefix}{eval_prefix(config)}_{k}": v for k, v in ev.items()})
+    if config.fewshot.shots:
+      fs = fewshot_evaluator(runner, source, config, should_stop).run(variables)
+      out.update({prefix + k: v for k, v in fs.items()})
   return out
 
 
@@ -482,13 +578,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter = data_lib.train_iterator(
       source, split=config.train_split, pp=config.pp_train, batch_size=batch_size,
       seed=int(config.seed), start_step=start_step, mixup=float(config.mixup),
-      cutmix=float(config.cutmix))
+      cutmix=float(config.cutmix), repeats=int(config.get("repeated_aug", 1)))
   first_batch = next(train_iter)
 
   # ----- Model and optimizer.
-  trainer = build_trainer(config, source.num_classes, first_batch["image"].shape[1:],
-                          total_steps=total_steps, warmup_steps=warmup)
+  image_shape = first_batch["image"].shape[1:]
+  teacher = load_teacher(config, source.num_classes, image_shape)
+  trainer = build_trainer(config, source.num_classes, image_shape, total_steps=total_steps,
+                          warmup_steps=warmup, teacher=teacher)
   tx, runner, shardings = trainer.tx, trainer.runner, trainer.shardings
+  ema = bool(config.get("ema_decay", 0.0))
 
   # ----- State: resumed, pretrained, or fresh; created directly with its sharding.
   if start_step:
@@ -498,11 +597,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     rng = jax.random.PRNGKey(int(config.seed))
     state = jax.jit(trainer.init_state, out_shardings=shardings)(rng)
     if config.pretrained.path:
-      params = checkpoint.load_pretrained(
-          config.pretrained.path, parallel.to_host(state["params"]),
+      params = pretrained.load_into(  # any source: .npz, Hugging Face directory, zoo name
+          config.pretrained.path, parallel.to_host(state["params"]), model=config.model_name,
           strict=bool(config.pretrained.strict))
       params = parallel.from_host(params, shardings["params"])
-      state = jax.jit(lambda p: new_state(p, tx), out_shardings=shardings)(params)
+      rebuild = lambda st, p: new_state(model_variables(st, p), tx, ema=ema,
+                                        teacher=st.get("teacher"))
+      state = jax.jit(rebuild, out_shardings=shardings, donate_argnums=(0,))(state, params)
   runner.compile(shardings)
   run_state = runner.to_run_state(state)
   del state
@@ -570,7 +671,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         with progress.excluded():
           try:
             writer.write_scalars(step, evaluate_all(
-                runner, runner.params_for_eval(run_state), source, config, stop))
+                runner, runner.params_for_eval(run_state), source, config, stop,
+                ema=runner.params_for_eval(run_state, ema=True) if ema else None))
           except evaluators.Stopped:
             return stopped(step, run_state, runner.fetch(step_metrics))
 
@@ -588,7 +690,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_seconds = progress.train_seconds()
     params = runner.params_for_eval(run_state)
     try:
-      final = evaluate_all(runner, params, source, config, stop)
+      final = evaluate_all(runner, params, source, config, stop,
+                           ema=runner.params_for_eval(run_state, ema=True) if ema else None)
       # The test split, once: choices are made on eval_split (validation), this is the report.
       if config.test_split and config.test_split != eval_split:
         test = evaluate(runner, params, source, config, config.test_split, stop)
@@ -608,8 +711,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     result.update(steps=step - start_step, examples=(step - start_step) * batch_size,
                   train_seconds=train_seconds)
     if config.export_npz:
-      export(runner.to_global_state(run_state, shardings)["params"],
-             os.path.join(workdir, "params.npz"))
+      global_state = runner.to_global_state(run_state, shardings)
+      export(global_state["params"], os.path.join(workdir, "params.npz"))
+      for key, name in (("ema_params", "params_ema.npz"), ("batch_stats", "batch_stats.npz")):
+        if key in global_state:
+          export(global_state[key], os.path.join(workdir, name))
     if jax.process_index() == 0:
       _write_json(complete_path, dict(
           {k: v for k, v in result.items() if k not in ("steps", "examples", "train_seconds")},
@@ -619,6 +725,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.flush()
     ckpt.close()
     stop.restore()
+
+
+def load_teacher(config, num_classes: int, image_shape):
+  """(module, variables) of `config.distill.teacher`, or None when it is empty.
+
+  The teacher is a workdir of ours (its config.json names the model, params.npz and, with
+  BatchNorm, batch_stats.npz hold the weights: what a finished run exports) or any source of
+  `vit_jax.pretrained.load` (an .npz with `distill.model` naming its model, a Hugging Face
+  directory, a zoo name). Its classes must be the data set's."""
+  distill = config.get("distill") or {}
+  source = distill.get("teacher") or ""
+  if not source:
+    return None
+  cfg_path = os.path.join(source, "config.json")
+  if os.path.isdir(source) and os.path.exists(cfg_path):
+    npz = os.path.join(source, "params.npz")
+    if not os.path.exists(npz):
+      raise FileNotFoundError(f"distill.teacher={source!r} is a workdir without params.npz: "
+                              "train it to the end (it exports params.npz) first.")
+    with open(cfg_path) as f:
+      tcfg = ml_collections.ConfigDict(json.load(f))
+    module = build_model(tcfg, num_classes)
+    init = jax.eval_shape(lambda: dict(module.init(
+        jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)), train=False)))
+    variables = {"params": checkpoint.load_pretrained(
+        npz, jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), init["params"]))}
+    stats = os.path.join(source, "batch_stats.npz")
+    if "batch_stats" in init:
+      if not os.path.exists(stats):
+        raise FileNotFoundError(f"distill.teacher={source!r}: its model has BatchNorm but the "
+                                f"workdir has no batch_stats.npz.")
+      variables["batch_stats"] = checkpoint.load_npz(stats)
+  else:
+    from vit_jax import pretrained  # pylint: disable=g-import-not-at-top
+    module, params = pretrained.load(source, model=distill.get("model") or None,
+                                     num_classes=num_classes)
+    variables = params if "params" in params else {"params": params}
+  head = [k for k in ("head",) if k in variables["params"]]
+  if head and variables["params"]["head"]["kernel"].shape[-1] != num_classes:
+    raise ValueError(f"distill.teacher={source!r} predicts "
+                     f"{variables['params']['head']['kernel'].shape[-1]} classes, the data set "
+                     f"has {num_classes}.")
+  return module, jax.tree_util.tree_map(jnp.asarray, variables)
 
 
 def export(params, path: str):
@@ -642,11 +791,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   ckpt = checkpoint.TrainCheckpointer(workdir)
   step = ckpt.latest_step()
   if step is not None:
-    params = ckpt.restore(trainer.abstract_state, shardings=trainer.shardings)["params"]
+    params = model_variables(ckpt.restore(trainer.abstract_state, shardings=trainer.shardings))
   elif config.get("pretrained") and config.pretrained.get("path"):
-    params = checkpoint.load_pretrained(config.pretrained.path,
-                                        jax.device_get(trainer.init_params(jax.random.PRNGKey(0))),
-                                        strict=bool(config.pretrained.get("strict", True)))
+    variables = jax.device_get(trainer.init_variables(jax.random.PRNGKey(0)))
+    variables["params"] = pretrained.load_into(
+        config.pretrained.path, variables["params"], model=config.model_name,
+        strict=bool(config.pretrained.get("strict", True)))
+    params = variables
   else:
     raise FileNotFoundError(f"No checkpoint in {workdir} and no config.pretrained.path to "
                             "evaluate; train first or point pretrained.path at an .npz file.")

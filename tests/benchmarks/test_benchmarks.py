@@ -89,6 +89,19 @@ def test_throughput_train_prints_the_documented_fields(capsys):
   assert "torch" not in rec
 
 
+@pytest.mark.slow  # imports torch and transformers
+def test_throughput_bfloat16_runs_both_sides_in_mixed_precision(capsys):
+  """--dtype=bfloat16: our model with dtype=bfloat16, torch under autocast, a bf16 -> f32 peak."""
+  pytest.importorskip("transformers")
+  throughput.main(["--models=ViT-Mu/7", "--batch_sizes=2", "--rounds=1", "--dtype=bfloat16",
+                   "--matmul_seconds=0", "--matmul_sizes=128"] + TINY)
+  rec = records(capsys)[1]
+  assert rec["dtype"] == "bfloat16" and rec["model_overrides"]["dtype"] == "bfloat16"
+  assert rec["matmul_peak"]["dtype"] == "bfloat16"
+  assert rec["matmul_peak"]["out_dtype"] == "float32"
+  assert rec["jax"]["mfu"] > 0 and rec["torch"]["img_per_s"] > 0
+
+
 @pytest.mark.slow  # compiles several steps: `make test-all` (the quick suite keeps one smoke test per script family)
 def test_throughput_counts_unrolled_flops_for_a_scanned_model(capsys):
   """XLA counts a scanned body once; the script must report the unrolled model's FLOPs."""
@@ -150,6 +163,15 @@ def test_ablations_step_and_kernel_variants(capsys):
   assert recs["no_donation"]["donate"] is False
   with pytest.raises(ValueError, match="Unknown variant"):
     ablations.step_variant("ViT-Mu/7", 2, "turbo")
+
+
+def test_ablations_matmul_dtypes_times_the_four_precision_paths(capsys):
+  ablations.main(["--model=ViT-Mu/7", "--batch=2", "--kernel_rounds=1",
+                  "--variants=matmul_dtypes"] + TINY)
+  recs = {r["variant"]: r for r in records(capsys) if r["benchmark"] == "ablation"}
+  assert set(recs) == {f"matmul_dtypes:{k}" for k in (
+      "f32", "bf16_out_bf16", "bf16_out_f32_autodiff", "bf16_out_f32_mixed_einsum")}
+  assert all(r["median_s"] > 0 for r in recs.values())
 
 
 @pytest.mark.slow  # compiles several steps: `make test-all` (the quick suite keeps one smoke test per script family)

@@ -365,3 +365,35 @@ def test_tfds_cutmix_resume_is_bitwise(tfds_source):
   fresh = _take(data.train_iterator(tfds_source, **kw), 4)
   _assert_same(next(data.train_iterator(tfds_source, start_step=3, **kw)), fresh[3])
   np.testing.assert_allclose(fresh[3]["label"].sum(1), 1, atol=1e-6)
+
+
+def test_repeated_augmentation_copies_are_strided_augmented_apart_and_cover_the_data(fakes):
+  src = fakes.array_source({"train": 60})
+  ids = _global_ids(fakes, src, "train", 12, 15, repeats=3)  # 15 steps of 4 distinct x 3
+  for step in ids:
+    np.testing.assert_array_equal(step[:4], step[4:8])  # copies B/3 rows apart
+    np.testing.assert_array_equal(step[:4], step[8:])
+    assert len(set(step[:4])) == 4  # mixup's partner (the previous row) is another example
+  # 60 examples in 60 x 3 / 12 = 15 steps: each seen 3 times (once per "epoch" on average).
+  np.testing.assert_array_equal(np.sort(ids[:, :4].ravel()), np.arange(60))
+  # Per-example (unbatched) chain: the copies get their own crops and flips.
+  batch = next(data.train_iterator(src, split="train", pp=AUG, batch_size=12, seed=0,
+                                   process_index=0, process_count=1, repeats=3))["image"]
+  assert not np.array_equal(batch[:4], batch[4:8])
+  # The same global batches with two hosts.
+  np.testing.assert_array_equal(ids, _global_ids(fakes, src, "train", 12, 15, num_p=2, repeats=3))
+  with pytest.raises(ValueError, match="multiple of repeats=5"):
+    next(data.train_iterator(src, split="train", pp="decode", batch_size=12, seed=0, repeats=5))
+
+
+def test_tfds_repeated_augmentation_strides_copies_and_resumes_bitwise(tfds_source):
+  kw = dict(split="train[:45]", pp=TFDS_AUG, batch_size=12, seed=4, process_index=0,
+            process_count=1, repeats=3)
+  fresh = _take(data.train_iterator(tfds_source, **kw), 5)
+  plain = _take(data.train_iterator(tfds_source, **dict(kw, pp="decode|resize(24)")), 5)
+  for batch in plain:  # the same example at rows r, r + 4, r + 8
+    np.testing.assert_array_equal(batch["label"][:4], batch["label"][4:8])
+    np.testing.assert_array_equal(batch["image"][:4], batch["image"][8:])
+  assert not np.array_equal(fresh[0]["image"][:4], fresh[0]["image"][4:8])  # own crops
+  resumed = _take(data.train_iterator(tfds_source, start_step=4, **kw), 1)
+  _assert_same(resumed[0], fresh[4])

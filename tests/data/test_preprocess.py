@@ -248,3 +248,23 @@ def test_randaugment_rows_independent_deterministic_and_in_range():
   assert gray.shape == (16, 8, 8, 1) and 0 <= gray.min() and gray.max() <= 255
   with pytest.raises(ValueError, match="1 or 3 channels"):
     _run("randaugment", _images(c=2))
+
+
+def test_random_erase_sets_one_rectangle_of_the_stated_area():
+  images = np.ones((64, 20, 30, 3), np.float32)
+  u = np.random.default_rng(0).uniform(size=(64, 5)).astype(np.float32)
+  u[:, 0] = 0.0  # always erase
+  out = _run("random_erase(1.0, value=-1.0)", images, u)
+  for img in out:
+    erased = np.all(img == -1.0, axis=-1)
+    ys, xs = np.nonzero(erased)
+    box = erased[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    assert box.all()  # one filled rectangle, all channels
+    assert erased.sum() == box.size
+    # area in [0.02, 1/3] of the image up to rounding and clipping of the sides
+    assert 0.01 * 600 <= erased.sum() <= 0.45 * 600
+  np.testing.assert_array_equal(out, _run("random_erase(1.0, value=-1.0)", images, u))
+  u[:, 0] = 0.5  # probability 0.25: nothing erased
+  np.testing.assert_array_equal(_run("random_erase(0.25)", images, u), images)
+  with pytest.raises(ValueError, match="probability must be in"):
+    preprocess.parse("random_erase(1.5)")

@@ -15,7 +15,7 @@ import pytest
 from experiments import aggregate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FMNIST_RESULTS = os.path.join(REPO_ROOT, "experiments", "results", "fmnist_data_scaling")
+FMNIST_RESULTS = os.path.join(REPO_ROOT, "experiments", "results", "fmnist_data_scaling_v1")
 
 
 def _write(workdir, rows, config=None):

@@ -8,6 +8,7 @@ import pytest
 from configs import common
 from experiments import sweep
 from vit_jax import optim
+from vit_jax.data import splits
 
 FMNIST = "configs/fashion_mnist.py:vit"
 
@@ -86,32 +87,90 @@ def test_parse_arg_types_and_errors():
     sweep.parse_arg("budget=3", d)
 
 
-def test_fmnist_data_scaling_points():
-  s = sweep.load_experiment(
-      "experiments/fmnist_data_scaling.py:models=vit,seeds=0/1,evals=1")
-  assert len(s.points) == 10
-  p = {q.name: q for q in s.points}["vit_n3000_s1"]
-  assert p.tags == {"family": "ViT", "model": "ViT-Mu/7", "train_size": 3000, "seed": 1,
-                    "budget_examples": 20480}
+STUDY = "experiments/fmnist_data_scaling.py"
+
+
+def test_fmnist_data_scaling_budget_grows_with_the_data_above_a_floor():
+  from experiments import fmnist_data_scaling as study
+  assert [study.budget_examples(n) for n in (1000, 3000, 10000, 54000)] == [
+      20480, 20480, 20480, 108000]  # 20, 6.8, 2 and 2 epochs
+  assert study.budget_examples(10241) == 20482
+
+
+def test_fmnist_data_scaling_subsets_are_nested_and_never_validation():
+  from experiments import fmnist_data_scaling as study
+  sizes = {"train": 60000}
+  (_, val), = splits.resolve(study.VAL, sizes)
+  subsets = {n: splits.resolve(study.train_split(n, 1), sizes)[0][1] for n in (1000, 3000, 54000)}
+  assert set(subsets[1000]) < set(subsets[3000]) < set(subsets[54000])
+  assert len(subsets[54000]) == 54000 and not set(subsets[54000]) & set(val)
+  assert len(val) == 6000 and val.min() == 54000
+  other_seed = splits.resolve(study.train_split(1000, 2), sizes)[0][1]
+  assert set(other_seed) != set(subsets[1000])
+
+
+def test_fmnist_data_scaling_selection_sees_the_validation_split_only():
+  s = sweep.load_experiment(f"{STUDY}:phase=select")
+  assert len(s.points) == 3 * 2 * 2 * 2  # families x sizes x lrs x wds
+  p = {q.name: q for q in s.points}["select_vit_n10000_lr0.003_wd0.5"]
+  assert p.tags["lr"] == 0.003 and p.tags["wd"] == 0.5 and p.tags["model"] == "ViT-Mu/7 (M)"
   c = sweep.build_config(p)
-  assert (c.train_split, c.seed, c.fewshot.shots) == ("train@seeded(3000, seed=1)", 1,
-                                                      (1, 5, 10, 25))
-  spe = math.ceil(3000 / c.batch_size)
-  d = lambda k: optim.durations(c, k, steps_per_epoch=spe, batch_size=c.batch_size)
-  assert c.batch_size == 128  # 20480 examples = 160 steps; warm-up 10%; one mid-run eval
-  assert (d("total"), d("lr.warmup"), d("eval_every")) == (160, 16, 80)
+  assert (c.train_split, c.eval_split, c.test_split) == (
+      "train[:54000]@seeded(10000, seed=0)", "train[54000:]", "")
+  assert c.fewshot.shots == () and (c.lr.base, c.wd) == (0.003, 0.5)
+  d = lambda k: optim.durations(c, k, steps_per_epoch=math.ceil(10000 / 128), batch_size=128)
+  assert (d("total"), d("lr.warmup")) == (160, 16)  # the 20,480-example floor
 
 
-def test_fmnist_data_scaling_default_has_three_families():
-  s = sweep.load_experiment("experiments/fmnist_data_scaling.py")
-  assert len(s.points) == 15
-  assert {p.tags["family"] for p in s.points} == {"ResNet", "ViT", "Hybrid"}
-  for p in s.points:
-    c = sweep.build_config(p)  # every command parses
-    assert (c.eval_every_steps, c.eval_every_epochs, c.eval_every_examples) == (None,) * 3
-    # The recipe of the committed results, whatever configs/fashion_mnist.py now says.
-    assert c.pp_train == "decode|flip_lr|value_range(-1,1)"
-    assert c.model.get("posemb", "learn") == "learn"
+def _selection_rows(best):
+  from experiments import fmnist_data_scaling as study
+  rows = []
+  for family in ("ResNet", "ViT", "Hybrid"):
+    for lr in study.LRS:
+      for wd in study.WDS:
+        for n in study.SELECT_SIZES:
+          acc = 0.8 + (0.05 if (lr, wd) == best[family] else 0.0) + n * 1e-6
+          rows.append({"name": f"{family}{lr}{wd}{n}", "family": family, "lr": str(lr),
+                       "wd": str(wd), "train_size": str(n), "eval_split": study.VAL,
+                       "accuracy": str(acc)})
+  return rows
+
+
+def test_fmnist_data_scaling_choice_is_the_best_mean_validation_accuracy():
+  from experiments import fmnist_data_scaling as study
+  best = {"ResNet": (0.003, 0.05), "ViT": (0.001, 0.5), "Hybrid": (0.003, 0.5)}
+  assert study.choose(_selection_rows(best)) == best
+  rows = _selection_rows(best)
+  rows[0]["eval_split"] = "test"
+  with pytest.raises(ValueError, match="not on the validation split"):
+    study.choose(rows)
+  with pytest.raises(ValueError, match="lacks lr=.*run phase=select to the end"):
+    study.choose(_selection_rows(best)[1:])
+
+
+def test_fmnist_data_scaling_final_points_use_the_choice_and_test_once(tmp_path):
+  import csv
+  best = {"ResNet": (0.003, 0.05), "ViT": (0.001, 0.5), "Hybrid": (0.003, 0.5)}
+  rows = _selection_rows(best)
+  with open(tmp_path / "results.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  with pytest.raises(ValueError, match="select_from"):
+    sweep.load_experiment(f"{STUDY}:phase=final")
+  s = sweep.load_experiment(f"{STUDY}:phase=final,select_from={tmp_path}")
+  assert len(s.points) == 3 * 4 * 3 * 2  # families x sizes x seeds x model sizes
+  assert [p.tags["seed"] for p in s.points[:12]] == [0] * 12  # seed-major
+  p = {q.name: q for q in s.points}["hybridS_n54000_s2"]
+  assert p.tags["model"] == "R+ViT-Mu/7 (S)" and p.tags["budget_examples"] == 108000
+  c = sweep.build_config(p)
+  assert (c.lr.base, c.wd, c.seed) == (0.003, 0.5, 2)
+  assert (c.eval_split, c.test_split, c.fewshot.test_split) == (
+      "train[54000:]", "test", "test")
+  assert (c.model.hidden_size, c.model.resnet["base_width"]) == (64, 8)
+  assert c.fewshot.shots == (1, 5, 10, 25)
+  d = lambda k: optim.durations(c, k, steps_per_epoch=math.ceil(54000 / 128), batch_size=128)
+  assert d("total") == 844  # 2 epochs of 422 steps
 
 
 def test_paper_scale_points_build():

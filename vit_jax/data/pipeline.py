@@ -195,7 +195,8 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
 def train_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_size: int,
                    seed: int, start_step: int = 0, process_index: Optional[int] = None,
                    process_count: Optional[int] = None, mixup: float = 0.0,
-                   cutmix: float = 0.0, prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
+                   cutmix: float = 0.0, repeats: int = 1,
+                   prefetch: int = 2) -> Iterator[Dict[str, np.ndarray]]:
   """Infinite, deterministic training batches for this host, starting at step `start_step`.
 
   Yields {"image": float32 (B/P, H, W, C), "label": float32 one-hot (B/P, K)} and, for in-memory
@@ -203,28 +204,40 @@ def train_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_siz
   P the process count. Batch k is the batch of step start_step + k, bitwise the same
   as in an uninterrupted run. `mixup` > 0 mixes each host batch with Beta(mixup, mixup);
   `cutmix` > 0 pastes boxes of the same partners (both on: one of them per batch, see `_finish`).
+  `repeats` > 1 is repeated augmentation (Hoffer et al. 2020; DeiT trains with 3): each global
+  batch holds B / repeats distinct examples, each `repeats` times with its own augmentation, the
+  copies B / repeats rows apart (on other devices, and never a mixup partner of each other); an
+  epoch then shows each example once on average, as DeiT's sampler does. (Streamed data sets
+  repeat each example in a row within a host and reorder the host's rows the same way.)
   """
   sources_lib.hide_accelerators()
   if seed < 0 or start_step < 0:
     raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be >= 0.")
   if mixup < 0 or cutmix < 0:
     raise ValueError(f"mixup ({mixup}) and cutmix ({cutmix}) must be >= 0 (0 disables them).")
+  if repeats < 1 or batch_size % repeats:
+    raise ValueError(f"repeated augmentation: batch_size {batch_size} must be a multiple of "
+                     f"repeats={repeats} (>= 1).")
   p, num_p = _processes(process_index, process_count)
   b = _local_batch(batch_size, num_p)
   parts = source.resolve(split)
   chain = _Chain(source, pp)
   if isinstance(source, sources_lib.ArraySource):
     ds, on_error = _train_in_memory(source, chain, source.table_indices(parts), batch_size, b, p,
-                                    seed, start_step, mixup, pp, cutmix)
+                                    seed, start_step, mixup, pp, cutmix, repeats)
   else:
+    if b % repeats:
+      raise ValueError(f"repeated augmentation: the batch per host ({b}) must be a multiple of "
+                       f"repeats={repeats} for a streamed data set.")
     ds, on_error = _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp,
-                                 cutmix)
+                                 cutmix, repeats)
   if prefetch:
     ds = ds.prefetch(prefetch)
   return _numpy_batches(_options(ds), on_error)
 
 
-def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, pp, cutmix=0.0):
+def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, pp, cutmix=0.0,
+                     repeats=1):
   """Global permutation per epoch of `indices` (into the source's table), host p takes its rows
   of each global batch (and, with mixup or cutmix, the row before them: its first row's
   partner)."""
@@ -237,15 +250,19 @@ def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, p
   rows = tf.constant((p * b - extra + np.arange(b + extra)) % B, tf.int64)  # rows of the global
   # batch this host loads: its own, after the partner row (the last one's for host 0).
 
+  distinct = B // repeats
+
   def lookup(step):  # (b + extra,) global stream positions of those rows, and their indices.
-    pos = tf.cast(step, tf.int64) * B + rows
+    pos = slot = tf.cast(step, tf.int64) * B + rows  # slot: keys the row's augmentation
+    if repeats > 1:  # row r shows the (r mod B/repeats)-th distinct example of the step
+      pos = tf.cast(step, tf.int64) * distinct + rows % distinct
     epoch = pos // n
     seeds = tf.stack([tf.fill([b + extra], tf.constant(perm_key, tf.int64)), epoch, 0 * epoch],
                      axis=1)
     # The raw op: tf.random.experimental.index_shuffle mishandles a batch of seeds (TF 2.21).
     order = tf.raw_ops.RandomIndexShuffle(index=pos % n, seed=seeds,  # seeds (b + extra, 3)
                                           max_index=tf.constant(n - 1, tf.int64), rounds=4)
-    return pos, tf.gather(idx, order)
+    return slot, tf.gather(idx, order)
 
   def finish(step, images, labels, ids):
     out = _finish(images, labels, source.num_classes, mixup, _seed(mix_key, step),
@@ -274,7 +291,8 @@ def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, p
   return ds, on_error
 
 
-def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp, cutmix=0.0):
+def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp, cutmix=0.0,
+                  repeats=1):
   """TFDS: host p streams its own part, shuffled per epoch with seed (K_perm(p) + epoch)."""
   chunk = splits_lib.host_chunk(parts, p, num_p)
   n = splits_lib.num_examples(chunk)
@@ -287,19 +305,30 @@ def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp
   buffer = min(n, source.shuffle_buffer)
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   first = start_step * b  # Position of the first example in this host's stream.
-  epoch, offset = divmod(first, n)
-  ds = tf.data.Dataset.counter(epoch).flat_map(
-      lambda e: host.shuffle(buffer, seed=perm_key + e, reshuffle_each_iteration=False))
+  epoch, offset = divmod(first, n * repeats)  # with repeats, each example `repeats` times in a row
+
+  def shuffled(e):
+    ds = host.shuffle(buffer, seed=perm_key + e, reshuffle_each_iteration=False)
+    if repeats > 1:
+      ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
+    return ds
+  ds = tf.data.Dataset.counter(epoch).flat_map(shuffled)
   ds = tf.data.Dataset.zip(ds.skip(offset), tf.data.Dataset.counter(first))
   ds = ds.map(lambda ex, j: (chain.example(ex["image"], _seed(aug_key, j)), ex["label"]),
               **parallel)
   chain.check_fixed(ds.element_spec[0], pp)
   ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds.batch(b, drop_remainder=True))
+  # Repeated copies arrive in a row; the rows (b / repeats, repeats) -> (repeats, b / repeats)
+  # put them b / repeats rows apart, as in memory.
+  order = np.arange(b).reshape(b // repeats, repeats).T.ravel() if repeats > 1 else None
 
   def batch_fn(step, ex):
+    images, labels = ex
+    if order is not None:
+      images, labels = tf.gather(images, order), tf.gather(labels, order)
     u = tf.random.stateless_uniform([b, chain.num_random], _seed(aug_key, step))
-    return _finish(chain.batch(ex[0], u), ex[1], source.num_classes, mixup, _seed(mix_key, step),
-                   cutmix=cutmix, cutmix_seed=_seed(cut_key, step))
+    return _finish(chain.batch(images, u), labels, source.num_classes, mixup,
+                   _seed(mix_key, step), cutmix=cutmix, cutmix_seed=_seed(cut_key, step))
   return ds.map(batch_fn, **parallel), None
 
 

@@ -9,7 +9,11 @@
                    TFDS's data_dir, cfg.manual_dir its manual_dir; cfg.image_key / cfg.label_key
                    ("image", "label") and cfg.shuffle_buffer (50_000 encoded records per host).
   "image_folder"   cfg.data_dir/<split>/<class>/*.{jpg,jpeg,png}; classes are the sorted union of
-                   the class folders of all splits; cfg.channels (3) is what images decode to.
+                   the class folders of all splits (a class may lack a split's folder: labels
+                   still agree between splits; a class folder without an image in any split is an
+                   error). cfg.channels (3) is what every image decodes to: grey ones are repeated
+                   to RGB, RGBA ones lose their alpha (channels=1: RGB ones become luma). An
+                   unreadable or truncated file is an error naming it.
 
 A source answers `num_examples(split)` after split arithmetic (`vit_jax.data.splits`). In-memory
 sources (`ArraySource`) give random access by index, so the pipeline can shuffle globally; TFDS
@@ -339,6 +343,15 @@ def image_folder(data_dir: Optional[str], *, channels: int = 3) -> Source:
   if not data:
     raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {data_dir} "
                      f"(expected layout {layout}).")
+  used = {int(label) for _, labels in data.values() for label in labels}
+  empty = [c for i, c in enumerate(classes) if i not in used]
+  if empty:
+    folders = [os.path.join(data_dir, s, c) for c in empty for s in split_names
+               if os.path.isdir(os.path.join(data_dir, s, c))]
+    raise ValueError(
+        f"Class folder(s) without any image ({', '.join(IMAGE_EXTENSIONS)}) in any split: "
+        f"{', '.join(folders)}. Each class folder counts as a class (the model's class count and "
+        "the labels follow them): add images or remove the folder(s).")
   return ArraySource(f"image_folder:{data_dir}", data, class_names=classes,
                      image_shape=(None, None, channels), encoded=True)
 

@@ -7,8 +7,13 @@ import dataclasses
 
 import flax.linen as nn
 
+from vit_jax.models import cvt
+from vit_jax.models import deit
+from vit_jax.models import detr
+from vit_jax.models import pvt
 from vit_jax.models import resnet
 from vit_jax.models import swin
+from vit_jax.models import t2t
 from vit_jax.models import vit
 
 # (family module, module class) in the order names are tried.
@@ -16,6 +21,11 @@ _FAMILIES = (
     (vit, vit.VisionTransformer),  # ViT-B/16 and the hybrids R50+ViT-B/16, ...
     (resnet, resnet.ResNet),
     (swin, swin.SwinTransformer),
+    (deit, deit.DeiT),  # DeiT-B/16, DeiT-B/16-distilled
+    (pvt, pvt.PyramidVisionTransformer),  # PVT-Tiny ... PVT-Large, PVTv2-B0 ... B5, PVTv2-B2-Li
+    (cvt, cvt.ConvolutionalVisionTransformer),  # CvT-13, CvT-21, CvT-W24
+    (t2t, t2t.T2TViT),  # T2T-ViT-14, -19, -24
+    (detr, detr.DETR),  # DETR-R50, DETR-R101, DETR-Mu (detection: outputs a dict)
 )
 
 

@@ -1,9 +1,11 @@
-"""Layers that more than one model family uses: attention, MLP block, stochastic depth, posembs.
+"""Layers that more than one model family uses: attention, MLP block, stochastic depth, posembs,
+and the mixed-precision policy (`dense_kwargs`, `activation_dtype`, `einsum`, `mixed_einsum`).
 
 Parameter names here are the published ones (docs/reference.md, "ViT checkpoint layout"):
 attention has `query`, `key`, `value` kernels of shape (D, H, D/H) and `out` of shape (H, D/H, D);
 the MLP has `Dense_0`, `Dense_1`.
 """
+import functools
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -13,6 +15,162 @@ import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
+
+
+# ------------------------------------------------------------------ mixed precision.
+# `dtype=bfloat16` on a model means: parameters stay float32 (`param_dtype`); every matmul (Dense,
+# DenseGeneral, PatchEmbed, the two attention einsums) takes bfloat16 operands and accumulates and
+# returns float32; LayerNorm, softmax, GELU, the residual stream and the loss stay float32, and so
+# do convolutions (ResNet roots, Swin's patch conv: on the CPUs measured, bf16 convolutions were
+# no faster than f32 ones). Why the output type matters: XLA's bf16 dot is fast only when it
+# accumulates and returns f32 (`preferred_element_type=float32`), which is also what GPU and TPU
+# tensor cores compute; a bf16 result adds a rounding and, on CPU, a slower kernel. And JAX's own
+# transpose of such a dot multiplies the f32 cotangent with a bf16 operand (a mixed, slow dot), so
+# `mixed_einsum` has its own backward pass that casts the cotangent to bf16 first. Whether bf16
+# pays at all depends on the hardware: on a CPU without AVX-512 BF16 XLA emulates bf16 and a bf16
+# dot runs at about half the f32 rate (benchmarks/README.md, "Mixed precision"): use float32 there.
+# A family adopts the policy with `dense_kwargs(dtype, param_dtype)` for its nn.Dense /
+# nn.DenseGeneral, `activation_dtype(dtype)` for its norms, convolutions and inputs, and
+# `einsum(spec, a, b, dtype)` for a matmul it writes by hand.
+MIXED_DTYPE = jnp.bfloat16
+
+
+def is_mixed(dtype) -> bool:
+  """True when `dtype` asks for mixed precision (bfloat16 matmuls, float32 elsewhere)."""
+  return dtype is not None and jnp.dtype(dtype) == jnp.dtype(MIXED_DTYPE)
+
+
+def activation_dtype(dtype):
+  """The dtype of everything that is not a matmul: float32 under mixed precision, else `dtype`."""
+  return jnp.float32 if is_mixed(dtype) else dtype
+
+
+def _check_spec(spec: str):
+  """Validates an explicit two-operand einsum spec for `mixed_einsum`; returns (a, b, out)."""
+  try:
+    ins, out = spec.replace(" ", "").split("->")
+    a, b = ins.split(",")
+  except ValueError:
+    raise ValueError(f"mixed_einsum needs an explicit two-operand spec 'ab,bc->ac', got {spec!r}.")
+  for name, s in (("first operand", a), ("second operand", b), ("output", out)):
+    if not s.isalpha() or len(set(s)) != len(s):
+      raise ValueError(f"mixed_einsum spec {spec!r}: the {name} {s!r} must be distinct letters "
+                       "(no '...', no repeated index).")
+  for s, other in ((a, b + out), (b, a + out), (out, a + b)):
+    missing = set(s) - set(other)
+    if missing:
+      raise ValueError(f"mixed_einsum spec {spec!r}: index {''.join(sorted(missing))} appears in "
+                       "one term only (a plain sum, not a matmul); sum it before the einsum.")
+  return a, b, out
+
+
+def _lowp_einsum(spec, x, y):
+  """bf16 x bf16 -> f32 einsum. A batched one (indices in all three terms) is computed as one
+  (X, M, K) x (X, K, N) matmul, X the batch indices flattened. Why not `jnp.einsum` there: XLA:CPU
+  (jax 0.10) runs some bf16 -> f32 batched dots, e.g. 'bqhd,bhqk->bkhd' (two batch dimensions,
+  not leading), through a kernel that fails at run time ("Unsupported element type for
+  DotThunk::Execute: BF16 x BF16 = F32") and upcasts others to f32; the 3-D form runs in bf16
+  (checked on the compiled train step by tests/models/test_layers.py)."""
+  sx, sy, so = spec.replace("->", ",").split(",")
+  batch = [c for c in sx if c in sy and c in so]
+  if not batch:  # plain matmuls run in bf16 as they are
+    return jnp.einsum(spec, x.astype(MIXED_DTYPE), y.astype(MIXED_DTYPE),
+                      preferred_element_type=jnp.float32)
+  contract = [c for c in sx if c in sy and c not in so]
+  free_x = [c for c in sx if c not in batch + contract]
+  free_y = [c for c in sy if c not in batch + contract]
+  size = dict(zip(sx, x.shape), **dict(zip(sy, y.shape)))
+  n = lambda cs: int(np.prod([size[c] for c in cs], dtype=np.int64))
+
+  x3 = jnp.transpose(x, [sx.index(c) for c in batch + free_x + contract])
+  y3 = jnp.transpose(y, [sy.index(c) for c in batch + contract + free_y])
+  x3 = x3.reshape(n(batch), n(free_x), n(contract)).astype(MIXED_DTYPE)
+  y3 = y3.reshape(n(batch), n(contract), n(free_y)).astype(MIXED_DTYPE)
+  out = jax.lax.dot_general(x3, y3, (((2,), (1,)), ((0,), (0,))),
+                            preferred_element_type=jnp.float32)  # (X, M, N)
+  out_order = batch + free_x + free_y
+  out = out.reshape([size[c] for c in out_order])
+  return jnp.transpose(out, [out_order.index(c) for c in so])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mixed_einsum(spec: str, a, b):
+  """einsum(spec, a, b) with bfloat16 operands, float32 accumulation and a float32 result.
+
+  The backward pass casts the cotangent to bfloat16 and computes both operand gradients as
+  bf16 x bf16 -> f32 einsums (cast back to the operands' dtypes), so no dot of the train step
+  mixes a float32 and a bfloat16 operand. `spec` is explicit ('bqhd,bkhd->bhqk'), every index in
+  at least two of its three terms.
+  """
+  _check_spec(spec)
+  return _lowp_einsum(spec, a, b)
+
+
+def _mixed_einsum_fwd(spec, a, b):
+  _check_spec(spec)
+  a16, b16 = a.astype(MIXED_DTYPE), b.astype(MIXED_DTYPE)
+  # The zero-size tokens carry the operands' dtypes to the backward pass.
+  return (_lowp_einsum(spec, a16, b16),
+          (a16, b16, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype)))
+
+
+def _mixed_einsum_bwd(spec, res, g):
+  a16, b16, a_token, b_token = res
+  sa, sb, so = _check_spec(spec)
+  g16 = g.astype(MIXED_DTYPE)
+  da = _lowp_einsum(f"{so},{sb}->{sa}", g16, b16).astype(a_token.dtype)
+  db = _lowp_einsum(f"{sa},{so}->{sb}", a16, g16).astype(b_token.dtype)
+  return da, db
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def dot_general_spec(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> str:
+  """`lax.dot_general` dimension numbers -> the equivalent einsum spec (output: batch dims, then
+  lhs free dims, then rhs free dims, as dot_general orders them)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc, lb, rb = (tuple(d % n for d in ds) for ds, n in
+                    ((lc, lhs_ndim), (rc, rhs_ndim), (lb, lhs_ndim), (rb, rhs_ndim)))
+  if len(lc) != len(rc) or len(lb) != len(rb):
+    raise ValueError(f"dot_general dimension_numbers {dimension_numbers}: contracting and batch "
+                     "dimensions must pair up between lhs and rhs.")
+  letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+  lhs = list(letters[:lhs_ndim])  # the lhs in order; the rhs shares its paired letters
+  rhs = [None] * rhs_ndim
+  for i, j in zip(lb + lc, rb + rc):
+    rhs[j] = lhs[i]
+  fresh = iter(letters[lhs_ndim:])
+  rhs = [c or next(fresh) for c in rhs]
+  batch = [lhs[i] for i in lb]
+  lfree = [c for i, c in enumerate(lhs) if i not in lb + lc]
+  rfree = [c for j, c in enumerate(rhs) if j not in rb + rc]
+  return f"{''.join(lhs)},{''.join(rhs)}->{''.join(batch + lfree + rfree)}"
+
+
+def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """A `lax.dot_general` replacement for flax's `nn.Dense(dot_general=...)`: bfloat16 operands,
+  float32 result, the `mixed_einsum` backward pass. `precision` and `preferred_element_type` are
+  accepted for the signature and ignored (the policy fixes both)."""
+  del precision, preferred_element_type
+  return mixed_einsum(dot_general_spec(lhs.ndim, rhs.ndim, dimension_numbers), lhs, rhs)
+
+
+def dense_kwargs(dtype, param_dtype=jnp.float32) -> dict:
+  """Keyword arguments for nn.Dense / nn.DenseGeneral under the precision policy: unchanged
+  (`dtype`, `param_dtype`) for float32 or any non-mixed dtype; for bfloat16, float32 in and out
+  with `mixed_dot_general` inside. Parameter names and shapes do not change."""
+  if is_mixed(dtype):
+    return dict(dtype=jnp.float32, param_dtype=param_dtype, dot_general=mixed_dot_general)
+  return dict(dtype=dtype, param_dtype=param_dtype)
+
+
+def einsum(spec: str, a, b, dtype):
+  """A hand-written matmul under the policy: `mixed_einsum` for bfloat16, else a plain einsum of
+  the operands cast to `dtype` (float32 unchanged from before the policy)."""
+  if is_mixed(dtype):
+    return mixed_einsum(spec, a, b)
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype))
 
 
 class DropPath(nn.Module):
@@ -46,9 +204,8 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     out_dim = self.out_dim or x.shape[-1]
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     kernel_init=self.kernel_init, bias_init=self.bias_init,
-                                     name=name)
+    dense = lambda n, name: nn.Dense(n, kernel_init=self.kernel_init, bias_init=self.bias_init,
+                                     name=name, **dense_kwargs(self.dtype, self.param_dtype))
     x = dense(self.mlp_dim, "Dense_0")(x)
     x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -82,28 +239,30 @@ class Attention(nn.Module):
       raise ValueError(f"width {d_model} is not divisible by num_heads={self.num_heads}")
     head_dim = d_model // self.num_heads
     proj = lambda name, use_bias: nn.DenseGeneral(
-        (self.num_heads, head_dim), use_bias=use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, kernel_init=self.kernel_init, bias_init=self.bias_init,
-        name=name)
+        (self.num_heads, head_dim), use_bias=use_bias, kernel_init=self.kernel_init,
+        bias_init=self.bias_init, name=name, **dense_kwargs(self.dtype, self.param_dtype))
     q = proj("query", self.qkv_bias)(x)  # (B, N, H, d)
     k = proj("key", self.qkv_bias)(kv)
     v = proj("value", self.qkv_bias)(kv)
 
     want_weights = self.is_mutable_collection("intermediates")
-    if want_weights or (self.dropout_rate > 0 and not deterministic):
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    # Under mixed precision the explicit form too: its two einsums are bf16 x bf16 -> f32 and the
+    # softmax stays f32 (the fused call would compute in whatever dtype q has).
+    if want_weights or (self.dropout_rate > 0 and not deterministic) or is_mixed(self.dtype):
+      logits = einsum("bqhd,bkhd->bhqk", q, k, self.dtype) / jnp.sqrt(head_dim).astype(q.dtype)
       if bias is not None:
         logits = logits + bias.astype(logits.dtype)
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(
+          activation_dtype(self.dtype))
       self.sow("intermediates", "attention_weights", weights)
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-      y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+      y = einsum("bhqk,bkhd->bqhd", weights, v, self.dtype)
     else:
       y = jax.nn.dot_product_attention(
           q, k, v, bias=None if bias is None else bias.astype(q.dtype))
-    return nn.DenseGeneral(d_model, axis=(-2, -1), dtype=self.dtype,
-                           param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                           bias_init=self.bias_init, name="out")(y)
+    return nn.DenseGeneral(d_model, axis=(-2, -1), kernel_init=self.kernel_init,
+                           bias_init=self.bias_init, name="out",
+                           **dense_kwargs(self.dtype, self.param_dtype))(y)
 
 
 class PatchEmbed(nn.Module):
@@ -116,18 +275,19 @@ class PatchEmbed(nn.Module):
   patch_size: Tuple[int, int]
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x):
     ph, pw = self.patch_size
     b, h, w, c = x.shape
     gh, gw = h // ph, w // pw
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (ph, pw, c, self.features),
+    kernel = self.param("kernel", self.kernel_init, (ph, pw, c, self.features),
                         self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     x = x[:, :gh * ph, :gw * pw].reshape(b, gh, ph, gw, pw, c)
-    x = jnp.einsum("bhpwqc,pqcd->bhwd", x.astype(self.dtype), kernel.astype(self.dtype))
-    return x + bias.astype(self.dtype)  # (B, H/P, W/P, D)
+    x = einsum("bhpwqc,pqcd->bhwd", x, kernel, self.dtype)
+    return x + bias.astype(x.dtype)  # (B, H/P, W/P, D)
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
@@ -155,12 +315,128 @@ class MAPHead(nn.Module):
   def __call__(self, x):
     b, _, d = x.shape
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
-    probe = jnp.tile(probe, [b, 1, 1]).astype(self.dtype)
+    probe = jnp.tile(probe, [b, 1, 1]).astype(activation_dtype(self.dtype))
     att = Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="MultiHeadDotProductAttention_0")
     x = att(probe, x)  # (B, 1, D): the probe queries, the tokens are keys and values
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="LayerNorm_0")(x)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=activation_dtype(self.dtype),
+                     param_dtype=self.param_dtype, name="LayerNorm_0")(x)
     x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="MlpBlock_0")(y, deterministic=True)
     return x[:, 0]
+
+
+class TorchStateDict:
+  """Reads a PyTorch (Hugging Face) state dict of numpy arrays into a Flax variable tree.
+
+  Every family's `from_hf_state_dict` uses it, so that the layout rules live in one place:
+  Linear (out, in) -> Dense kernel (in, out); Conv OIHW -> HWIO (a depth-wise (C, 1, k, k) becomes
+  (k, k, 1, C), the kernel of `nn.Conv(feature_group_count=C)`); LayerNorm weight -> scale;
+  BatchNorm weight/bias -> `params`, running_mean/var -> `batch_stats` mean/var; q/k/v/o Linears
+  -> the `Attention` layout above ((D, H, d), (H, d), (H, d, D)). `variables()` fails on any key
+  that was not read, so a silently dropped weight cannot pass as a conversion. No torch needed.
+  """
+
+  def __init__(self, state_dict, *, what: str, strip_prefix: str = "", renames=(), ignore=None):
+    """`renames`: (old, new) substring pairs applied to every key (legacy Hub names); `ignore`: a
+    compiled regex of keys that carry no weights (buffers such as `num_batches_tracked`)."""
+    self.what = what
+    self.sd = {}
+    for key, value in state_dict.items():
+      if strip_prefix and key.startswith(strip_prefix):
+        key = key[len(strip_prefix):]
+      for old, new in renames:
+        key = key.replace(old, new)
+      if ignore is None or not ignore.fullmatch(key):
+        self.sd[key] = np.asarray(value)
+    self.used = set()
+    self.tree = {}
+
+  def has(self, key: str) -> bool:
+    return key in self.sd
+
+  def take(self, key: str) -> np.ndarray:
+    if key not in self.sd:
+      raise ValueError(f"The {self.what} state dict lacks {key!r}; does the config match the "
+                       f"weights? Some keys it has: {sorted(self.sd)[:5]}")
+    self.used.add(key)
+    return self.sd[key]
+
+  def put(self, path, value, collection: str = "params"):
+    node = self.tree.setdefault(collection, {})
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = np.asarray(value)
+
+  def linear(self, src: str, dst):
+    self.put(tuple(dst) + ("kernel",), self.take(src + ".weight").T)
+    if self.has(src + ".bias"):
+      self.put(tuple(dst) + ("bias",), self.take(src + ".bias"))
+
+  def conv(self, src: str, dst):
+    self.put(tuple(dst) + ("kernel",), self.take(src + ".weight").transpose(2, 3, 1, 0))
+    if self.has(src + ".bias"):
+      self.put(tuple(dst) + ("bias",), self.take(src + ".bias"))
+
+  def layer_norm(self, src: str, dst):
+    self.put(tuple(dst) + ("scale",), self.take(src + ".weight"))
+    self.put(tuple(dst) + ("bias",), self.take(src + ".bias"))
+
+  def batch_norm(self, src: str, dst):
+    self.layer_norm(src, dst)
+    self.put(tuple(dst) + ("mean",), self.take(src + ".running_mean"), "batch_stats")
+    self.put(tuple(dst) + ("var",), self.take(src + ".running_var"), "batch_stats")
+
+  def attention(self, q: str, k: str, v: str, out: str, dst, num_heads: int):
+    """Four torch Linears (prefixes) -> `query`/`key`/`value`/`out` of `Attention` under `dst`."""
+    dst = tuple(dst)
+    for src, name in ((q, "query"), (k, "key"), (v, "value")):
+      w = self.take(src + ".weight").T  # (D_in, H * d)
+      d_in, width = w.shape
+      if width % num_heads:
+        raise ValueError(f"{src}: width {width} is not divisible by num_heads={num_heads}.")
+      self.put(dst + (name, "kernel"), w.reshape(d_in, num_heads, width // num_heads))
+      if self.has(src + ".bias"):
+        self.put(dst + (name, "bias"), self.take(src + ".bias").reshape(num_heads, -1))
+    w = self.take(out + ".weight").T  # (H * d, D_out)
+    self.put(dst + ("out", "kernel"), w.reshape(num_heads, -1, w.shape[1]))
+    self.put(dst + ("out", "bias"), self.take(out + ".bias"))
+
+  def variables(self) -> dict:
+    leftover = sorted(set(self.sd) - self.used)
+    if leftover:
+      raise ValueError(f"Unconverted keys in the {self.what} state dict: {leftover[:10]}"
+                       f"{' ...' if len(leftover) > 10 else ''}")
+    return self.tree
+
+
+_MISSING = object()
+
+
+def hf_config_get(config, key: str, default=_MISSING):
+  """`config.key` for a transformers config object, `config[key]` for a plain mapping (a
+  config.json, which may omit fields at their default: pass `default` for those)."""
+  if isinstance(config, dict):
+    if key in config:
+      return config[key]
+    if default is not _MISSING:
+      return default
+    raise ValueError(f"The config lacks {key!r}; pass the transformers config of the weights.")
+  return getattr(config, key)
+
+
+def flat_init(init: Initializer) -> Initializer:
+  """`init` sampled over the 2-D view (prod(shape[:-1]), shape[-1]) and reshaped to `shape`.
+
+  Why: XLA:CPU (jax 0.10) takes 10-30 s to compile random sampling over some 3-D and 4-D shapes,
+  e.g. a (4, 4, 16, 16) conv kernel or a (16, 16, 16) attention kernel, and well under a second
+  over their 2-D view. The distribution is unchanged for element-wise initialisers (normal,
+  truncated normal, uniform) and for fan-in scaled ones (lecun, he: fan_in = prod(shape[:-1])
+  either way); do not wrap fan-out or fan-avg initialisers (xavier) of N-D kernels.
+  """
+  def wrapped(key, shape, dtype=jnp.float32):
+    shape = tuple(shape)
+    if len(shape) <= 2:
+      return init(key, shape, dtype)
+    return init(key, (int(np.prod(shape[:-1])), shape[-1]), dtype).reshape(shape)
+  return wrapped

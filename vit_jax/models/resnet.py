@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import layers
+
 Dtype = Any
 
 # Units per stage for the standard depths (bottleneck units: depth = 3 * sum + 2).
@@ -174,15 +176,23 @@ def _check(num_layers, width, root, gn_groups):
   return num_layers
 
 
-def _features(x, *, num_layers, width, root, gn_groups, preact, dtype, param_dtype):
-  """Root and stages, instantiated in the caller's compact scope. (B, H, W, C) -> feature map."""
-  kw = dict(dtype=dtype, param_dtype=param_dtype)
+def _features(x, *, num_layers, width, root, gn_groups, preact, dtype, param_dtype,
+              zero_pad_pool=False):
+  """Root and stages, instantiated in the caller's compact scope. (B, H, W, C) -> feature map.
+
+  Under mixed precision (dtype=bfloat16) the convolutions and GroupNorms stay float32: on this
+  repository's CPU (no AVX-512 BF16 exposed) bf16 convolutions measured no faster, and mostly
+  slower, than f32 ones (benchmarks/README.md, "Mixed precision")."""
+  kw = dict(dtype=layers.activation_dtype(dtype), param_dtype=param_dtype)
   big = root == "imagenet"
   if preact:
     pad = ((3, 3), (3, 3)) if big else ((1, 1), (1, 1))
     x = StdConv(width, (7, 7) if big else (3, 3), (2, 2) if big else (1, 1), padding=pad,
                 eps=1e-10, eps_in_sqrt=True, name="conv_root", **kw)(x)
-    if big:
+    if big and zero_pad_pool:  # Hugging Face / timm: zeros around the (signed) conv output
+      x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    elif big:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   else:
     x = StdConv(width, (7, 7) if big else (3, 3), (2, 2) if big else (1, 1), name="conv_root",
@@ -226,6 +236,9 @@ class ResNet(nn.Module):
   root: str = "imagenet"  # see ROOTS
   gn_groups: int = 32
   preact: bool = True
+  # The pre-activation root's max-pool pads with -inf (big_vision); True pads with zeros, as
+  # Hugging Face's and timm's BiT do (vit_jax.pretrained sets it for their weights).
+  zero_pad_pool: bool = False
   head_bias_init: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -233,11 +246,12 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     del train  # No batch statistics and no dropout: train and eval are the same function.
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
     width = int(self.base_width * self.width_factor)
     num_layers = _check(self.num_layers, width, self.root, self.gn_groups)
-    x = _features(images.astype(self.dtype), num_layers=num_layers, width=width, root=self.root,
-                  gn_groups=self.gn_groups, preact=self.preact, **kw)  # (B, h, w, C)
+    x = _features(images.astype(kw["dtype"]), num_layers=num_layers, width=width, root=self.root,
+                  gn_groups=self.gn_groups, preact=self.preact,
+                  zero_pad_pool=self.zero_pad_pool, **kw)  # (B, h, w, C)
     if self.preact:
       x = nn.relu(nn.GroupNorm(num_groups=self.gn_groups, epsilon=1e-5, use_fast_variance=False,
                                name="norm-pre-head", **kw)(x))
@@ -245,7 +259,8 @@ class ResNet(nn.Module):
     if not self.num_classes:
       return x
     x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                 bias_init=nn.initializers.constant(self.head_bias_init), name="head", **kw)(x)
+                 bias_init=nn.initializers.constant(self.head_bias_init), name="head",
+                 **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
     return x.astype(jnp.float32)
 
 

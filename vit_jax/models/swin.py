@@ -170,7 +170,8 @@ class SwinBlock(nn.Module):
     win = self.window_size
     shift = win // 2 if self.shifted and min(h, w) > win else 0
 
-    y = nn.LayerNorm(epsilon=1e-5, name="norm1", **kw)(x)
+    ln_kw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
+    y = nn.LayerNorm(epsilon=1e-5, name="norm1", **ln_kw)(x)
     pad_h, pad_w = -h % win, -w % win
     y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     hp, wp = h + pad_h, w + pad_w
@@ -187,7 +188,7 @@ class SwinBlock(nn.Module):
     y = y[:, :h, :w]
     x = x + layers.DropPath(self.droppath_rate)(y, deterministic)
 
-    y = nn.LayerNorm(epsilon=1e-5, name="norm2", **kw)(x)
+    y = nn.LayerNorm(epsilon=1e-5, name="norm2", **ln_kw)(x)
     y = layers.MlpBlock(int(c * self.mlp_ratio), dropout_rate=self.dropout_rate,
                         approximate_gelu=False, kernel_init=_trunc_normal,
                         bias_init=nn.initializers.zeros, name="mlp", **kw)(
@@ -204,10 +205,10 @@ class PatchMerging(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     x = merge_patches(x)
-    x = nn.LayerNorm(epsilon=1e-5, name="norm", dtype=self.dtype,
+    x = nn.LayerNorm(epsilon=1e-5, name="norm", dtype=layers.activation_dtype(self.dtype),
                      param_dtype=self.param_dtype)(x)
-    return nn.Dense(2 * c, use_bias=False, kernel_init=_trunc_normal, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="reduction")(x)
+    return nn.Dense(2 * c, use_bias=False, kernel_init=_trunc_normal, name="reduction",
+                    **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
 
 
 class PatchEmbed(nn.Module):
@@ -219,7 +220,8 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # The patch convolution stays float32 under mixed precision, as resnet.py's convolutions.
+    kw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
     p = self.patch_size
     _, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (0, -h % p), (0, -w % p), (0, 0)))
@@ -286,7 +288,7 @@ class SwinTransformer(nn.Module):
     rates = np.linspace(0.0, self.droppath_rate, sum(depths)).tolist()
 
     x = PatchEmbed(self.patch_size, self.embed_dim, name="patch_embed", **kw)(
-        images.astype(self.dtype))  # (B, H/4, W/4, C)
+        images.astype(layers.activation_dtype(self.dtype)))  # (B, H/4, W/4, C)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     for i, (depth, h, win) in enumerate(zip(depths, heads, windows)):
       start = sum(depths[:i])
@@ -295,11 +297,13 @@ class SwinTransformer(nn.Module):
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, name=f"layers_{i}",
                     **kw)(x, not train)
-    x = nn.LayerNorm(epsilon=1e-5, name="norm", **kw)(x)
+    x = nn.LayerNorm(epsilon=1e-5, name="norm", dtype=layers.activation_dtype(self.dtype),
+                     param_dtype=self.param_dtype)(x)
     x = jnp.mean(x, axis=(1, 2))  # (B, D)
     if not self.num_classes:
       return x
-    x = nn.Dense(self.num_classes, kernel_init=_trunc_normal, name="head", **kw)(x)
+    x = nn.Dense(self.num_classes, kernel_init=_trunc_normal, name="head",
+                 **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
     return x.astype(jnp.float32)
 
 

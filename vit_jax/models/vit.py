@@ -41,6 +41,28 @@ HYBRID_STEMS = {
     ("50", 32): ((3, 4, 6, 3), 1),
 }
 
+# Initialisers by `init_style`. "vit": the JAX release's (xavier_uniform Dense kernels, MLP biases
+# normal(1e-6), position embedding normal(0.02), cls and head zeros). "deit": timm's, which DeiT
+# trains with (truncated normal(0.02) for every Dense kernel including the head, the cls token and
+# the position embedding; zero biases).
+# (Sampled over 2-D views: layers.flat_init says why.)
+_TRUNC = layers.flat_init(nn.initializers.truncated_normal(stddev=0.02))
+INITS = {
+    "vit": dict(dense=nn.initializers.xavier_uniform(), attn_bias=nn.initializers.zeros,
+                mlp_bias=nn.initializers.normal(stddev=1e-6),
+                posemb=nn.initializers.normal(stddev=0.02), token=nn.initializers.zeros,
+                head=nn.initializers.zeros),
+    "deit": dict(dense=_TRUNC, attn_bias=nn.initializers.zeros, mlp_bias=nn.initializers.zeros,
+                 posemb=_TRUNC, token=_TRUNC, head=_TRUNC),
+}
+
+
+def inits(style: str) -> dict:
+  if style not in INITS:
+    raise ValueError(f"Unknown init_style {style!r}; known: {', '.join(INITS)}.")
+  return INITS[style]
+
+
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
 
@@ -52,21 +74,28 @@ class Encoder1DBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: Any = 0.0  # float, or a traced scalar under nn.scan
+  init_style: str = "vit"  # vit | deit: see INITS
+  approximate_gelu: bool = True  # tanh GELU (the JAX release); False: exact erf GELU (DeiT)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_0", **kw)(x)
+    ln_kw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
+    init = inits(self.init_style)
+    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_0", **ln_kw)(x)
     y = layers.Attention(self.num_heads, dropout_rate=self.attention_dropout_rate,
+                         kernel_init=init["dense"], bias_init=init["attn_bias"],
                          name="MultiHeadDotProductAttention_1", **kw)(
                              y, deterministic=deterministic)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     x = x + layers.DropPath(self.droppath_rate)(y, deterministic)
-    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_2", **kw)(x)
-    y = layers.MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate, name="MlpBlock_3", **kw)(
-        y, deterministic=deterministic)
+    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_2", **ln_kw)(x)
+    y = layers.MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate,
+                        approximate_gelu=self.approximate_gelu, kernel_init=init["dense"],
+                        bias_init=init["mlp_bias"], name="MlpBlock_3", **kw)(
+                            y, deterministic=deterministic)
     x = x + layers.DropPath(self.droppath_rate)(y, deterministic)
     # Per-layer tokens for probing/visualisation; a no-op unless `intermediates` is mutable.
     self.sow("intermediates", "tokens", x)
@@ -101,6 +130,8 @@ class Encoder(nn.Module):
   droppath_rate: float = 0.0  # linearly increasing from 0 at the first block to this at the last
   scan: bool = False
   remat_policy: Optional[str] = None
+  init_style: str = "vit"
+  approximate_gelu: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -108,7 +139,8 @@ class Encoder(nn.Module):
   def __call__(self, x, *, train: bool):
     _, n, d = x.shape
     if self.posemb == "learn":
-      pe = PosEmbed(name="posembed_input", param_dtype=self.param_dtype)(n, d)
+      pe = PosEmbed(name="posembed_input", param_dtype=self.param_dtype,
+                    initializer=inits(self.init_style)["posemb"])(n, d)
     elif self.posemb == "sincos2d":
       pe = layers.posemb_sincos_2d(*self.grid, d)
       if self.num_prefix_tokens:
@@ -121,6 +153,7 @@ class Encoder(nn.Module):
     block_kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                         dropout_rate=self.dropout_rate,
                         attention_dropout_rate=self.attention_dropout_rate,
+                        init_style=self.init_style, approximate_gelu=self.approximate_gelu,
                         dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan:
       block = _ScanBlock
@@ -138,18 +171,19 @@ class Encoder(nn.Module):
       for i in range(self.num_layers):
         rate = self.droppath_rate * i / max(self.num_layers - 1, 1)
         x = block(droppath_rate=rate, name=f"encoderblock_{i}", **block_kwargs)(x, not train)
-    return nn.LayerNorm(epsilon=1e-6, name="encoder_norm", dtype=self.dtype,
+    return nn.LayerNorm(epsilon=1e-6, name="encoder_norm",
+                        dtype=layers.activation_dtype(self.dtype),
                         param_dtype=self.param_dtype)(x)
 
 
 class PosEmbed(nn.Module):
-  """Learned position embedding `pos_embedding` of shape (1, N, D), normal(0.02)."""
+  """Learned position embedding `pos_embedding` of shape (1, N, D), normal(0.02) by default."""
   param_dtype: Dtype = jnp.float32
+  initializer: Any = nn.initializers.normal(stddev=0.02)
 
   @nn.compact
   def __call__(self, n, d):
-    return self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, n, d),
-                      self.param_dtype)
+    return self.param("pos_embedding", self.initializer, (1, n, d), self.param_dtype)
 
 
 def _policy(name: str):
@@ -180,13 +214,16 @@ class VisionTransformer(nn.Module):
   scan: bool = False
   remat_policy: Optional[str] = None
   resnet: Optional[Any] = None
+  init_style: str = "vit"  # vit | deit: see INITS (DeiT's models use "deit")
+  approximate_gelu: bool = True  # False: exact erf GELU, as DeiT (timm) and HF's ViT/DeiT use
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = images.astype(self.dtype)
+    init = inits(self.init_style)
+    x = images.astype(layers.activation_dtype(self.dtype))  # f32 under mixed precision
     if self.resnet is not None:
       from vit_jax.models import resnet  # the hybrid's stem; resnet.py never imports vit.py
       x = resnet.stem(x, **dict(self.resnet), **kw)
@@ -196,7 +233,7 @@ class VisionTransformer(nn.Module):
     x = jnp.reshape(x, (b, h * w, d))  # (B, N, D)
 
     if self.classifier == "token":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype)
+      cls = self.param("cls", init["token"], (1, 1, d), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls, [b, 1, 1]).astype(x.dtype), x], axis=1)
     elif self.classifier not in ("gap", "map"):
       raise ValueError(f"Unknown classifier {self.classifier!r}: use 'token', 'gap' or 'map'.")
@@ -207,7 +244,9 @@ class VisionTransformer(nn.Module):
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 droppath_rate=self.droppath_rate, scan=self.scan,
-                remat_policy=self.remat_policy, name="Transformer", **kw)(x, train=train)
+                remat_policy=self.remat_policy, init_style=self.init_style,
+                approximate_gelu=self.approximate_gelu, name="Transformer", **kw)(
+                    x, train=train)
 
     if self.classifier == "token":
       x = x[:, 0]
@@ -217,11 +256,13 @@ class VisionTransformer(nn.Module):
       x = layers.MAPHead(self.num_heads, self.mlp_dim, name="MAPHead_0", **kw)(x)
 
     if self.representation_size is not None:
-      x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits", **kw)(x))
+      x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits",
+                           **layers.dense_kwargs(self.dtype, self.param_dtype))(x))
     if not self.num_classes:
       return x
-    x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                 bias_init=nn.initializers.constant(self.head_bias_init), name="head", **kw)(x)
+    x = nn.Dense(self.num_classes, kernel_init=init["head"],
+                 bias_init=nn.initializers.constant(self.head_bias_init), name="head",
+                 **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
     return x.astype(jnp.float32)
 
 

@@ -1,0 +1,51 @@
+r"""DETR-Mu on multi-object Fashion-MNIST canvases (vit_jax/data/canvases.py), on a CPU.
+
+  python -m vit_jax.main --config=configs/detr_fashion_mnist.py --workdir=workdirs/detr_fmnist
+
+Not trainable through train.py yet: the trainer still needs DETR's loss
+(vit_jax.detection.loss.detr_loss), the canvas source under `dataset.name` and the mAP evaluator
+(vit_jax.evaluators.detection); the config only sets keys configs/common.py declares.
+
+Task: 128x128 grey canvases with 1-6 garments of 24-56 px (max IoU 0.3 between them), 10 classes,
+boxes and labels known; canvases are a function of (seed, split, index): `train` draws garments
+from Fashion-MNIST train[:54000], `val` from train[54000:], `test` from the test images.
+Model: `DETR-Mu`: our BiT ResNet stem (7x7/2 conv + 3x3/2 pool, stages (1, 1, 1) at width 16:
+output stride 16, an 8x8 map of 256 channels), a 1x1 projection to 64, 2 encoder and 2 decoder
+post-norm layers (4 heads, MLP 256), 16 object queries, no dropout; the DETR loss (class 1 with
+"no object" weight 0.1, L1 5, GIoU 2, auxiliary losses of the first decoder layer).
+Schedule: AdamW (wd 1e-4 on kernels), lr 3e-4 with 300 warm-up steps and cosine decay, batch 32,
+6,000 steps (192,000 canvases), global-norm clipping 0.1 (DETR's). DETR's own recipe (lr 1e-4,
+backbone 1e-5, 500 epochs) assumes a pre-trained backbone; this one trains from scratch.
+Result: not yet measured (the target: mAP@0.5 on the 1,000 `test` canvases within an hour on
+2 CPU cores).
+"""
+from configs import common
+
+CANVASES = dict(name="fashion_mnist_canvases", train="train", val="val[:1000]",
+                test="test[:1000]")
+
+
+def get_config(arg: str = ""):
+  if arg:
+    raise ValueError(f"Unknown detr_fashion_mnist config arg {arg!r}; it takes none (override "
+                     "keys with --config.KEY=VALUE).")
+  c = common.base_config()
+  c.model_name = "DETR-Mu"
+  c.dataset.name = CANVASES["name"]
+  c.train_split, c.eval_split, c.test_split = CANVASES["train"], CANVASES["val"], CANVASES["test"]
+  c.pp_train = "value_range(-1,1)"
+  c.pp_eval = "value_range(-1,1)"
+  c.batch_size = 32
+  c.eval_batch_size = 100
+  c.total_steps = 6000
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 500
+  c.optax.name = "adamw"
+  c.lr.base = 3e-4
+  c.lr.warmup_steps = 300
+  c.lr.decay = "cosine"
+  c.wd = 1e-4
+  c.grad_clip_norm = 0.1
+  c.label_smoothing = 0.0
+  return c
