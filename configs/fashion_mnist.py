@@ -1,14 +1,29 @@
 r"""Fashion-MNIST from scratch on a CPU: the README's `make demo`.
 
-  python -m vit_jax.main --config=configs/fashion_mnist.py:hybrid --workdir=workdirs/demo
+  python -m vit_jax.main --config=configs/fashion_mnist.py:demo --workdir=workdirs/demo
 
-Args (after the colon): `hybrid` (the default: ViT-Mu/7 on a 16-channel 3x3 ResNet root, 1.29M
-parameters, 42.8 MFLOPs per image forward), `vit` (pure ViT-Mu/7, 1.20M parameters, 39.5 MFLOPs),
-`resnet` (a 0.22M-parameter BiT ResNet, stages (2,2,2), 52.0 MFLOPs), `swin` (a two-stage Swin).
-`vit` and `hybrid` train for about 10 minutes on 2 CPU cores (2D sin-cos position embeddings, no
-augmentation); `resnet` and `swin` are not tuned, nor are `deit`, `pvt`, `cvt` and `t2t` (small
-versions of ViT's successors, see MODELS).
+Args (after the colon): `demo` (the default: the `hybrid` root under a wider, shallower ViT: width
+192, MLP 768, 6 heads, 3 layers, 7 epochs), `hybrid` (ViT-Mu/7 on a 16-channel 3x3 ResNet root,
+1.29M parameters, 42.8 MFLOPs per image forward), `vit` (pure ViT-Mu/7, 1.20M parameters, 39.5
+MFLOPs), `resnet` (a 0.22M-parameter BiT ResNet, stages (2,2,2), 52.0 MFLOPs), `swin` (a
+two-stage Swin). `vit` and `hybrid` were sized for about 10 minutes of training on the 2-core Zen 4
+machine of the earlier sessions (2D sin-cos position embeddings, no augmentation); `resnet` and
+`swin` are not tuned, nor are `deit`, `pvt`, `cvt` and `t2t` (small versions of ViT's
+successors, see MODELS).
 
+Validation discipline: training uses the first 54,000 training images; choices are made on the
+last 6,000 (`val_*` metrics); the 10,000 test images are evaluated once, at the end
+(`final_test_*`). Recipe search for `demo` (experiments/demo_search.py, 2 epochs each, validation
+accuracy): `hybrid` 88.45%, `demo` 88.88%, `demo` at batch 256 and lr 3e-3 87.92%.
+Measured on this session's machine (2 cores, AVX2 only: about half the earlier machine's img/s),
+with `make test` running beside it for most of the run: `demo`, 7 epochs of 54,000 images: final
+validation accuracy 90.48%, test accuracy 90.14% (once, at the end); validation per epoch 83.48,
+86.82, 88.10, 88.77, 89.03, 90.13, 90.48; 2954 steps at 165 img/s under that load (a quiet run of
+the same code here: ~290 img/s, so ~22 minutes of training: over the 10-minute budget on this
+machine). Not met: 91% within 10 training minutes.
+
+The figures below were measured before the validation split existed (training on all 60,000
+images, choices made on the test split) on the earlier, faster machine:
 Measured on this project's 2-core AMD EPYC machine, quiet, all 10,000 test images:
 - `hybrid` (4.75 epochs): test accuracy 0.8949; trained 2228 steps in 566 s (504 img/s; 590 s in
   all). `make demo` on a fresh clone: 0.8949 again, in 583 s (489 img/s; 636 s in all).
