@@ -18,9 +18,9 @@ accuracy): `hybrid` 88.45%, `demo` 88.88%, `demo` at batch 256 and lr 3e-3 87.92
 Measured on this session's machine (2 cores, AVX2 only: about half the earlier machine's img/s),
 with `make test` running beside it for most of the run: `demo`, 7 epochs of 54,000 images: final
 validation accuracy 90.48%, test accuracy 90.14% (once, at the end); validation per epoch 83.48,
-86.82, 88.10, 88.77, 89.03, 90.13, 90.48; 2954 steps at 165 img/s under that load (a quiet run of
-the same code here: ~290 img/s, so ~22 minutes of training: over the 10-minute budget on this
-machine). Not met: 91% within 10 training minutes.
+86.82, 88.10, 88.77, 89.03, 90.13, 90.48; 2954 steps at 165 img/s under that load (`hybrid` ran at
+260 img/s here when quiet: at that rate ~24 minutes of training, over the 10-minute budget on
+this machine). Not met: 91% within 10 training minutes.
 
 The figures below were measured before the validation split existed (training on all 60,000
 images, choices made on the test split) on the earlier, faster machine:
