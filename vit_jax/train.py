@@ -762,11 +762,10 @@ def load_teacher(config, num_classes: int, image_shape):
     module, params = pretrained.load(source, model=distill.get("model") or None,
                                      num_classes=num_classes)
     variables = params if "params" in params else {"params": params}
-  head = [k for k in ("head",) if k in variables["params"]]
-  if head and variables["params"]["head"]["kernel"].shape[-1] != num_classes:
-    raise ValueError(f"distill.teacher={source!r} predicts "
-                     f"{variables['params']['head']['kernel'].shape[-1]} classes, the data set "
-                     f"has {num_classes}.")
+  classes = variables["params"].get("head", {}).get("kernel", np.zeros((0, num_classes))).shape[-1]
+  if classes != num_classes:
+    raise ValueError(f"distill.teacher={source!r} predicts {classes} classes, the data set has "
+                     f"{num_classes}.")
   return module, jax.tree_util.tree_map(jnp.asarray, variables)
 
 
