@@ -21,6 +21,9 @@ Kernel variants (forward + backward of one op at the model's shapes, alone):
   matmul_dtypes   the MLP's first matmul (tokens x D @ D x mlp_dim): f32; bf16 -> bf16; bf16 -> f32
                   with JAX's own transpose (f32 x bf16 backward dots); bf16 -> f32 through
                   `layers.mixed_einsum` (bf16 x bf16 -> f32 backward dots, the bf16 policy)
+  conv1x1         a 1x1 convolution at the Fashion-MNIST ResNet's shapes (batch x 28 x 28,
+                  16 -> 64 and 64 -> 16 channels; --model is ignored): `lax.conv_general_dilated`
+                  against `layers.conv_general_dilated` (the same contraction as a dot)
 """
 import argparse
 import sys
@@ -36,7 +39,7 @@ from vit_jax.models import layers
 FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 OPT0 = {"xla_backend_optimization_level": 0}
 STEP_VARIANTS = ("scan", "unrolled", "bf16", "no_donation", "fast_compile", "opt0")
-KERNEL_VARIANTS = ("attention", "gelu", "matmul_dtypes")
+KERNEL_VARIANTS = ("attention", "gelu", "matmul_dtypes", "conv1x1")
 
 
 def step_variant(name: str, batch: int, variant: str):
@@ -67,6 +70,8 @@ def step_variant(name: str, batch: int, variant: str):
 
 def kernel_fns(name: str, batch: int, variant: str, image_size: int) -> dict:
   """{label: compiled fwd+bwd closure} for a kernel variant at the model's token shapes."""
+  if variant == "conv1x1":
+    return _conv1x1_fns(batch)
   m = models.get_model(name, num_classes=1000)
   tokens = (image_size // m.patch_size[0]) * (image_size // m.patch_size[1]) + 1
   heads, d = m.num_heads, m.hidden_size // m.num_heads
@@ -98,6 +103,23 @@ def kernel_fns(name: str, batch: int, variant: str, image_size: int) -> dict:
     args = (x, w)
   else:
     raise ValueError(f"Unknown kernel variant {variant!r}; known: {', '.join(KERNEL_VARIANTS)}.")
+  return _grad_fns(variant, impls, args)
+
+
+def _conv1x1_fns(batch: int) -> dict:
+  fns = {}
+  for cin, cout in ((16, 64), (64, 16)):
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, 28, 28, cin))
+    w = jax.random.normal(jax.random.PRNGKey(1), (1, 1, cin, cout)) * 0.1
+    impls = {name: lambda x, w, conv=conv: conv(x, w, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+             for name, conv in (("lax", jax.lax.conv_general_dilated),
+                                ("dot", layers.conv_general_dilated))}
+    fns.update(_grad_fns(f"conv1x1_{cin}to{cout}", impls, (x, w)))
+  return fns
+
+
+def _grad_fns(variant: str, impls: dict, args) -> dict:
   fns = {}
   for label, f in impls.items():
     grad = jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=tuple(range(len(args)))))

@@ -17,8 +17,8 @@ the time at least one kernel was running (kernels on the two cores overlap, so t
 the union of their intervals): dispatch, thunk scheduling, waiting between kernels. Kernel times
 are wall times on a shared machine: read the shares, and the load average printed with them.
 
-`fmnist` is the Fashion-MNIST demo model, built from `configs/fashion_mnist.py:hybrid` (28x28x1,
-10 classes). One JSON line per model; `--table` also prints a Markdown table, whose shares are of
+`fmnist` is the Fashion-MNIST hybrid, built from `configs/fashion_mnist.py:hybrid` (28x28x1,
+10 classes); `fmnist-ARG` the config's model ARG (`fmnist-resnet`, `fmnist-demo`). One JSON line per model; `--table` also prints a Markdown table, whose shares are of
 the summed thread time (kernel times on both cores plus the overhead), so they add up to 100%.
 """
 import argparse
@@ -132,9 +132,9 @@ def profile_step(step: jax_side.JaxStep, steps: int) -> dict:
 def build(spec: str, dtype: str) -> jax_side.JaxStep:
   name, batch = spec.rsplit(":", 1)
   batch = int(batch)
-  if name == "fmnist":
+  if name.split("-")[0] == "fmnist":
     from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
-    config = fashion_mnist.get_config("hybrid")
+    config = fashion_mnist.get_config(name.partition("-")[2] or "hybrid")
     config.batch_size = batch
     if dtype != "float32":
       config.model.dtype = dtype

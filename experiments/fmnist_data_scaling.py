@@ -6,24 +6,31 @@ where do hybrids sit? (The question of the ViT paper's figures 3 and 4, at Fashi
       --out=workdirs/fmf
 
 Models (configs/fashion_mnist.py args `resnet`, `vit`, `hybrid`) at two sizes of matched forward
-FLOPs per image (XLA's cost analysis, 28x28x1, 10 classes):
-  size M: ResNet (BiT-R26x1, stages 2/2/2, width 16) 53.3 MFLOPs, 0.22M parameters; ViT-Mu/7
-          39.5 MFLOPs, 1.20M; hybrid (ViT-Mu/7 on a 16-channel 3x3 root) 42.8 MFLOPs, 1.29M.
-  size S: the same with width 8 (ResNet, hybrid root) and ViT width 64, MLP 256, 2 heads:
-          14.0, 10.3 and 11.2 MFLOPs; 56k, 304k and 326k parameters.
+FLOPs per image (XLA's cost analysis of the forward pass, 28x28x1, 10 classes):
+  size M: ResNet (BiT-R26x1, stages 2/2/2, width 14, 7 GroupNorm groups) 41.5 MFLOPs, 0.17M
+          parameters; ViT-Mu/7 39.5 MFLOPs, 1.20M; hybrid (ViT-Mu/7 on a 16-channel 3x3 root)
+          42.8 MFLOPs, 1.29M.
+  size S: ResNet width 7: 11.1 MFLOPs, 43k; ViT width 64, MLP 256, 2 heads: 10.3 MFLOPs, 304k;
+          hybrid (that ViT on an 8-channel root): 11.2 MFLOPs, 326k.
 Training sets: nested seeded subsets `train[:54000]@seeded(N, seed=S)` (the N-subset is contained
 in every larger one of the same seed; the last 6,000 training images are the validation split
 and never trained on), N in 1000, 3000, 10000, 54000.
 Budget (`budget_examples`): max(FLOOR_EXAMPLES, EPOCHS * N) training examples: the budget grows
-with the data (2 epochs), with a floor of 20,480 examples (160 steps of 128) so that the smallest
-sets still train to convergence (20 epochs of 1k). Warm-up is 10% of it, cosine decay to 0.
-Selection (phase=select, size M, seed 0, validation accuracy only): per family, learning rate x
-weight decay on the grid LRS x WDS at N = 1000 and 10000; `choose` takes the pair with the best
-mean validation accuracy over the two sizes, and phase=final freezes it for both model sizes.
+with the data (1 epoch of 54k), with a floor of 20,480 examples (160 steps of 128) so that the
+smallest sets still train to convergence (20 epochs of 1k, 2 of 10k). Warm-up is 10% of it,
+cosine decay to 0.
+Selection (phase=select, model size S, seed 0, validation accuracy only): per family, learning
+rate x weight decay on the grid LRS x WDS at N = 1000 and 10000; `choose` takes the pair with the
+best mean validation accuracy over the two data sizes, and phase=final freezes it for both model
+sizes (selecting on S keeps the selection at a quarter of the cost of M's).
+Cost (measured by the runner before it starts, experiments/cost.py): on this repository's 2-core
+VM a ResNet step costs 4x a ViT step of the same FLOPs (XLA:CPU convolutions), so ResNet M is most
+of the study; `--plan` prints the estimate without running anything.
 Final (phase=final): every family x size x N x seed 0/1/2; validation top-1 during training, then
 the test split once at the end (`final_test_accuracy`) and the papers' linear few-shot probe
-(big_vision's estimator, 1/5/10/25 shots from the first 5,000 training images, 3 draws) on the
-test split. The runner skips finished points and resumes interrupted ones from their checkpoints.
+(big_vision's estimator, 1/5/10/25 shots drawn from the first 1,000 training images, 3 draws) on
+the test split. Points run seed-major (every point of seed 0, then of seed 1, ...), so a study
+stopped part-way has whole seeds. The runner skips finished points and resumes interrupted ones from their checkpoints.
 
 Arg (after the colon, comma-separated key=value, lists joined by "/"): phase (select|final),
 select_from (the --out folder of the selection, phase=final), sizes, models, model_sizes, seeds.
@@ -38,18 +45,20 @@ CONFIG = "configs/fashion_mnist.py"
 FAMILIES = {"resnet": "ResNet", "vit": "ViT", "hybrid": "Hybrid"}
 TRAIN, VAL, TEST = "train[:54000]", "train[54000:]", "test"
 FLOOR_EXAMPLES = 20480
-EPOCHS = 2
+EPOCHS = 1
 LRS = (1e-3, 3e-3)
 WDS = (0.05, 0.5)
 SELECT_SIZES = (1000, 10000)
+SELECT_MODEL_SIZE = "S"
+FEWSHOT_TRAIN = "train[:1000]"
 # Model-size overrides of the configs' models (size M is the config as it is).
 MODEL_SIZES = {
-    "M": {},
+    "M": {"resnet": {"base_width": 14, "gn_groups": 7}},
     "S": {"vit": {"hidden_size": 64, "mlp_dim": 256, "num_heads": 2},
           "hybrid": {"hidden_size": 64, "mlp_dim": 256, "num_heads": 2,
                      "resnet": {"num_layers": (), "base_width": 8, "root": "small",
                                 "gn_groups": 4}},
-          "resnet": {"base_width": 8, "gn_groups": 4}},
+          "resnet": {"base_width": 7, "gn_groups": 7}},
 }
 DEFAULTS = dict(phase="select", select_from="", sizes=(1000, 3000, 10000, 54000),
                 models=("resnet", "vit", "hybrid"), model_sizes=("M", "S"), seeds=(0, 1, 2))
@@ -120,7 +129,7 @@ def _point(model, size, n, seed, lr, wd, *, final: bool, name: str) -> sweep.Poi
   over.update(sweep.examples_budget(base, "lr.warmup", budget // 10, n))
   over.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, n))
   if final:
-    over.update({"fewshot.shots": (1, 5, 10, 25), "fewshot.train_split": "train[:5000]",
+    over.update({"fewshot.shots": (1, 5, 10, 25), "fewshot.train_split": FEWSHOT_TRAIN,
                  "fewshot.test_split": TEST, "fewshot.num_trials": 3})
   label = _label(base, size) if not model_over else None
   tags = {"family": FAMILIES.get(model, model), "model": label, "model_size": size,
@@ -139,7 +148,7 @@ def get_sweep(arg=None) -> sweep.Sweep:
       for n in SELECT_SIZES:
         for lr in LRS:
           for wd in WDS:
-            points.append(_point(model, "M", n, 0, lr, wd, final=False,
+            points.append(_point(model, SELECT_MODEL_SIZE, n, 0, lr, wd, final=False,
                                  name=f"select_{model}_n{n}_lr{lr:g}_wd{wd:g}"))
     return sweep.Sweep("fmnist_data_scaling_select", points,
                        "Fashion-MNIST data scaling: lr x wd per family on the validation split.")
@@ -149,8 +158,8 @@ def get_sweep(arg=None) -> sweep.Sweep:
     raise ValueError("phase=final needs select_from=DIR, the --out folder of phase=select.")
   chosen = read_choice(a["select_from"])
   # Seed-major order: an interrupted study has every point of seed 0 before any of seed 1.
-  for size in a["model_sizes"]:
-    for seed in a["seeds"]:
+  for seed in a["seeds"]:
+    for size in a["model_sizes"]:
       for n in a["sizes"]:
         for model in a["models"]:
           lr, wd = chosen[FAMILIES.get(model, model)]

@@ -1,7 +1,8 @@
 r"""Runs a sweep, point by point or several at once, each in its own workdir; or prints the commands.
 
   python -m experiments.runner experiments/fmnist_data_scaling.py[:ARG] --out=DIR \
-      [--parallel=N] [--only=REGEX] [--print-commands] [--in-process] [--no-aggregate]
+      [--parallel=N] [--only=REGEX] [--print-commands] [--in-process] [--no-aggregate] \
+      [--plan | --no-plan]
 
 Each point runs `python -m vit_jax.main --config=... --workdir=DIR/points/NAME --config.k=v ...`
 as a subprocess in the repository root (a crash in one point does not stop the others), its output
@@ -18,7 +19,9 @@ command for a cluster scheduler (run it from the repository root; add `--distrib
 multi-host jobs), and writes DIR/sweep.json; `python -m experiments.aggregate DIR` then collects
 whatever finished. `--only=REGEX` selects points whose name matches (re.search).
 
-At the end the runner aggregates all finished points: DIR/results.csv, results.json and the plots
+Before it starts, the runner measures each model set-up of the unfinished points with a short
+timed run and prints the sweep's planned cost (experiments/cost.py; cached in DIR/plan.json);
+`--plan` prints it and exits, `--no-plan` skips it. At the end the runner aggregates all finished points: DIR/results.csv, results.json and the plots
 (see experiments/aggregate.py). Exit status: 0 when every selected point is finished, 1 if any
 failed, 3 if any was stopped (rerun to resume).
 """
@@ -40,6 +43,7 @@ import traceback
 from typing import Callable, Dict, List, Optional, Sequence
 
 from experiments import aggregate
+from experiments import cost
 from experiments import sweep as sweep_lib
 
 DONE, FINISHED, STOPPED, FAILED = "done", "finished", "stopped", "failed"
@@ -291,6 +295,10 @@ def main(argv=None) -> int:
                       help="train in this process, one point after another")
   parser.add_argument("--no-aggregate", dest="aggregate", action="store_false",
                       help="skip the results table and plots at the end")
+  parser.add_argument("--plan", action="store_true",
+                      help="measure each model set-up's speed, print the sweep's cost and exit")
+  parser.add_argument("--no-plan", dest="plan_first", action="store_false",
+                      help="start without measuring and printing the cost first")
   parser.add_argument("--python", default=sys.executable,
                       help="Python interpreter of the point commands")
   args = parser.parse_args(argv)
@@ -299,6 +307,13 @@ def main(argv=None) -> int:
   if args.print_commands:
     print("\n".join(commands(sweep, out, only=args.only, python=args.python)))
     return 0
+  if args.plan or (args.plan_first and not args.in_process):
+    points = select(sweep, args.only)
+    done = lambda name: os.path.exists(os.path.join(out, "points", name, "result.json"))
+    p = cost.plan(points, out, finished=done)
+    print(cost.describe(p), flush=True)
+    if args.plan:
+      return 0
   status = run_sweep(sweep, out, parallel=args.parallel, only=args.only,
                      in_process=args.in_process, python=args.python,
                      aggregate_results=args.aggregate)

@@ -239,3 +239,22 @@ def test_every_family_takes_the_policy(family):
   assert got.dtype == jnp.float32
   err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
   assert 0 < err < 3e-2, err
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [
+    (1, 1, "SAME"), (1, 2, "SAME"), (1, 2, "VALID"), (1, 2, ((0, 0), (0, 0))),
+    (3, 2, "SAME"), (1, 1, ((1, 1), (1, 1)))])
+def test_conv_general_dilated_matches_lax_with_its_gradients(kernel, stride, padding):
+  # 1x1 kernels go through a dot; the rest (and padding that adds pixels) through lax.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 5))
+  ref = nn.Conv(7, (kernel, kernel), strides=(stride, stride), padding=padding)
+  ours = ref.clone(conv_general_dilated=layers.conv_general_dilated)
+  v = ref.init(jax.random.PRNGKey(1), x)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+  np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), atol=1e-6)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(v, x)
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(v, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda x: ours.apply(v, x))(x))
+  assert ("conv_general_dilated" in jaxpr) == (kernel != 1 or padding == ((1, 1), (1, 1)))

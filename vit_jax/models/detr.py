@@ -97,7 +97,7 @@ def _conv(features, kernel, stride, name):
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                 name=name)
+                 conv_general_dilated=layers.conv_general_dilated, name=name)
 
 
 class FrozenBNBottleneck(nn.Module):
@@ -345,7 +345,8 @@ class DETR(nn.Module):
     d = self.hidden_size
     if d % 2:
       raise ValueError(f"DETR hidden_size {d} must be even (half the sine channels are y, half x).")
-    x = nn.Conv(d, (1, 1), name="input_proj")(feats).reshape(b, h * w, d)  # (B, N, D)
+    x = nn.Conv(d, (1, 1), conv_general_dilated=layers.conv_general_dilated,
+                name="input_proj")(feats).reshape(b, h * w, d)  # (B, N, D)
     feat_mask = downsample_mask(mask.astype(bool), h, w)  # (B, h, w)
     pos = sine_position_encoding(feat_mask, d // 2).reshape(b, h * w, d)
     key_mask = feat_mask.reshape(b, h * w)

@@ -112,7 +112,8 @@ class SpatialReductionAttention(nn.Module):
     if self.linear:
       ph, pw = adaptive_avg_pool_matrix(h, 7), adaptive_avg_pool_matrix(w, 7)
       kv = jnp.einsum("ih,bhwc,jw->bijc", ph.astype(kv.dtype), kv, pw.astype(kv.dtype))
-      kv = nn.Conv(c, (1, 1), kernel_init=_conv_init(), name="sr", **kw)(kv)
+      kv = nn.Conv(c, (1, 1), kernel_init=_conv_init(), name="sr",
+                   conv_general_dilated=layers.conv_general_dilated, **kw)(kv)
     else:
       if min(h, w) < self.sr_ratio:
         raise ValueError(f"a {h}x{w} map is smaller than the spatial reduction {self.sr_ratio}; "

@@ -72,7 +72,7 @@ class StdConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
     w = weight_standardize(kernel.astype(jnp.float32), eps=self.eps, eps_in_sqrt=self.eps_in_sqrt)
-    return jax.lax.conv_general_dilated(
+    return layers.conv_general_dilated(
         x.astype(self.dtype), w.astype(self.dtype), window_strides=self.strides,
         padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
