@@ -35,7 +35,7 @@ def workdir(tmp_path_factory):
   c = fashion_mnist.get_config("vit")
   c.model.update(hidden_size=16, mlp_dim=32, num_heads=2, num_layers=2, classifier="token",
                  posemb="learn")
-  c.train_split, c.eval_split = "train[:256]", "test[:64]"
+  c.train_split, c.eval_split, c.test_split = "train[:256]", "test[:64]", ""
   c.total_epochs = None
   c.total_steps = 4
   c.lr.warmup_epochs = None

@@ -199,13 +199,14 @@ def test_every_family_trains_from_its_fashion_mnist_config(tmp_path, arg):
     pytest.skip("Fashion-MNIST files missing: apt-get install dataset-fashion-mnist")
   from configs import fashion_mnist
   cfg = fashion_mnist.get_config(arg)
-  cfg.train_split, cfg.eval_split = "train[:64]", "test[:40]"
+  cfg.train_split, cfg.eval_split, cfg.test_split = "train[:64]", "test[:40]", "test[40:56]"
   cfg.batch_size = cfg.eval_batch_size = 16
   cfg.total_epochs, cfg.total_steps = None, 2
   cfg.lr.warmup_epochs = None
   cfg.checkpoint_every_steps = 2
   result = train.train_and_evaluate(cfg, str(tmp_path))
   assert result["num_examples"] == 40 and np.isfinite(result["loss"])
+  assert result["test_num_examples"] == 16
   assert checkpoint.TrainCheckpointer(str(tmp_path)).latest_step() == 2
 
 
