@@ -7,30 +7,35 @@ where do hybrids sit? (The question of the ViT paper's figures 3 and 4, at Fashi
 
 Models (configs/fashion_mnist.py args `resnet`, `vit`, `hybrid`) at two sizes of matched forward
 FLOPs per image (XLA's cost analysis of the forward pass, 28x28x1, 10 classes):
-  size M: ResNet (BiT-R26x1, stages 2/2/2, width 14, 7 GroupNorm groups) 41.5 MFLOPs, 0.17M
-          parameters; ViT-Mu/7 39.5 MFLOPs, 1.20M; hybrid (ViT-Mu/7 on a 16-channel 3x3 root)
-          42.8 MFLOPs, 1.29M.
-  size S: ResNet width 7: 11.1 MFLOPs, 43k; ViT width 64, MLP 256, 2 heads: 10.3 MFLOPs, 304k;
-          hybrid (that ViT on an 8-channel root): 11.2 MFLOPs, 326k.
+  size S: ResNet (BiT-R26x1 stages 2/2/2 on a 3x3 stride-1 root, width 7, 7 GroupNorm groups)
+          11.1 MFLOPs, 43k parameters; ViT (ViT-Mu/7's 6 layers at width 64, MLP 256, 2 heads)
+          10.3 MFLOPs, 304k; hybrid (that ViT on an 8-channel 3x3 root) 11.2 MFLOPs, 326k.
+  size XS: ResNet width 3 (3 groups) 2.3 MFLOPs, 9k; ViT width 32, MLP 128, 2 heads 2.8 MFLOPs,
+          78k; hybrid (on a 4-channel root) 3.0 MFLOPs, 83k.
+(ViT-Mu/7 itself, 39.5 MFLOPs, and a ResNet of its FLOPs would cost 3-4x size S: out of reach of
+this machine's budget for three seeds.)
 Training sets: nested seeded subsets `train[:54000]@seeded(N, seed=S)` (the N-subset is contained
 in every larger one of the same seed; the last 6,000 training images are the validation split
-and never trained on), N in 1000, 3000, 10000, 54000.
+and never trained on), N in 1000, 7000, 54000 (steps of ~7.5x).
 Budget (`budget_examples`): max(FLOOR_EXAMPLES, EPOCHS * N) training examples: the budget grows
-with the data (1 epoch of 54k), with a floor of 20,480 examples (160 steps of 128) so that the
-smallest sets still train to convergence (20 epochs of 1k, 2 of 10k). Warm-up is 10% of it,
-cosine decay to 0.
+with the data (2 epochs of 54k), with a floor of 64,000 examples (500 steps of 128: 64 epochs of
+1k, 9 of 7k) so that the small sets train to convergence. Warm-up is 10% of it, cosine decay to 0.
+A first design with a 20,480-example floor left every model under-trained: the ResNet ended at
+train loss 1.3-1.4 and 44% validation accuracy on 1k after 20 epochs, and the first study's
+points (experiments/results/fmnist_data_scaling_v1) sat at 66-77% whatever the data.
 Selection (phase=select, model size S, seed 0, validation accuracy only): per family, learning
-rate x weight decay on the grid LRS x WDS at N = 1000 and 10000; `choose` takes the pair with the
+rate x weight decay on the grid LRS x WDS at N = 1000 and 7000; `choose` takes the pair with the
 best mean validation accuracy over the two data sizes, and phase=final freezes it for both model
-sizes (selecting on S keeps the selection at a quarter of the cost of M's).
-Cost (measured by the runner before it starts, experiments/cost.py): on this repository's 2-core
-VM a ResNet step costs 4x a ViT step of the same FLOPs (XLA:CPU convolutions), so ResNet M is most
-of the study; `--plan` prints the estimate without running anything.
-Final (phase=final): every family x size x N x seed 0/1/2; validation top-1 during training, then
-the test split once at the end (`final_test_accuracy`) and the papers' linear few-shot probe
+sizes.
+Cost (measured by the runner before it starts, experiments/cost.py; `--plan` prints it without
+running anything): on this repository's 2-core VM a ResNet step costs ~4x a ViT step of the same
+FLOPs (XLA:CPU convolutions and GroupNorm), so the ResNets are most of the study.
+Final (phase=final): every family x model size x N x seed 0/1/2; validation top-1 at the end,
+then the test split once (`final_test_accuracy`) and the papers' linear few-shot probe
 (big_vision's estimator, 1/5/10/25 shots drawn from the first 1,000 training images, 3 draws) on
 the test split. Points run seed-major (every point of seed 0, then of seed 1, ...), so a study
-stopped part-way has whole seeds. The runner skips finished points and resumes interrupted ones from their checkpoints.
+stopped part-way has whole seeds. The runner skips finished points and resumes interrupted ones
+from their checkpoints.
 
 Arg (after the colon, comma-separated key=value, lists joined by "/"): phase (select|final),
 select_from (the --out folder of the selection, phase=final), sizes, models, model_sizes, seeds.
@@ -44,24 +49,28 @@ from experiments import sweep
 CONFIG = "configs/fashion_mnist.py"
 FAMILIES = {"resnet": "ResNet", "vit": "ViT", "hybrid": "Hybrid"}
 TRAIN, VAL, TEST = "train[:54000]", "train[54000:]", "test"
-FLOOR_EXAMPLES = 20480
-EPOCHS = 1
+FLOOR_EXAMPLES = 64000
+EPOCHS = 2
 LRS = (1e-3, 3e-3)
 WDS = (0.05, 0.5)
-SELECT_SIZES = (1000, 10000)
+SELECT_SIZES = (1000, 7000)
 SELECT_MODEL_SIZE = "S"
 FEWSHOT_TRAIN = "train[:1000]"
 # Model-size overrides of the configs' models (size M is the config as it is).
 MODEL_SIZES = {
-    "M": {"resnet": {"base_width": 14, "gn_groups": 7}},
     "S": {"vit": {"hidden_size": 64, "mlp_dim": 256, "num_heads": 2},
           "hybrid": {"hidden_size": 64, "mlp_dim": 256, "num_heads": 2,
                      "resnet": {"num_layers": (), "base_width": 8, "root": "small",
                                 "gn_groups": 4}},
           "resnet": {"base_width": 7, "gn_groups": 7}},
+    "XS": {"vit": {"hidden_size": 32, "mlp_dim": 128, "num_heads": 2},
+           "hybrid": {"hidden_size": 32, "mlp_dim": 128, "num_heads": 2,
+                      "resnet": {"num_layers": (), "base_width": 4, "root": "small",
+                                 "gn_groups": 4}},
+           "resnet": {"base_width": 3, "gn_groups": 3}},
 }
-DEFAULTS = dict(phase="select", select_from="", sizes=(1000, 3000, 10000, 54000),
-                models=("resnet", "vit", "hybrid"), model_sizes=("M", "S"), seeds=(0, 1, 2))
+DEFAULTS = dict(phase="select", select_from="", sizes=(1000, 7000, 54000),
+                models=("resnet", "vit", "hybrid"), model_sizes=("S", "XS"), seeds=(0, 1, 2))
 
 
 def budget_examples(n: int) -> int:

@@ -92,9 +92,9 @@ STUDY = "experiments/fmnist_data_scaling.py"
 
 def test_fmnist_data_scaling_budget_grows_with_the_data_above_a_floor():
   from experiments import fmnist_data_scaling as study
-  assert [study.budget_examples(n) for n in (1000, 3000, 10000, 54000)] == [
-      20480, 20480, 20480, 54000]  # 20, 6.8, 2 and 1 epochs
-  assert study.budget_examples(20481) == 20481
+  assert [study.budget_examples(n) for n in (1000, 7000, 54000)] == [
+      64000, 64000, 108000]  # 64, 9.1 and 2 epochs
+  assert study.budget_examples(32001) == 64002
 
 
 def test_fmnist_data_scaling_subsets_are_nested_and_never_validation():
@@ -112,15 +112,15 @@ def test_fmnist_data_scaling_subsets_are_nested_and_never_validation():
 def test_fmnist_data_scaling_selection_sees_the_validation_split_only():
   s = sweep.load_experiment(f"{STUDY}:phase=select")
   assert len(s.points) == 3 * 2 * 2 * 2  # families x sizes x lrs x wds
-  p = {q.name: q for q in s.points}["select_vit_n10000_lr0.003_wd0.5"]
+  p = {q.name: q for q in s.points}["select_vit_n7000_lr0.003_wd0.5"]
   assert p.tags["lr"] == 0.003 and p.tags["wd"] == 0.5 and p.tags["model"] == "ViT-Mu/7 (S)"
   c = sweep.build_config(p)
   assert (c.model.hidden_size, c.model.mlp_dim) == (64, 256)  # selected at model size S
   assert (c.train_split, c.eval_split, c.test_split) == (
-      "train[:54000]@seeded(10000, seed=0)", "train[54000:]", "")
+      "train[:54000]@seeded(7000, seed=0)", "train[54000:]", "")
   assert c.fewshot.shots == () and (c.lr.base, c.wd) == (0.003, 0.5)
-  d = lambda k: optim.durations(c, k, steps_per_epoch=math.ceil(10000 / 128), batch_size=128)
-  assert (d("total"), d("lr.warmup")) == (160, 16)  # the 20,480-example floor
+  d = lambda k: optim.durations(c, k, steps_per_epoch=math.ceil(7000 / 128), batch_size=128)
+  assert (d("total"), d("lr.warmup")) == (500, 50)  # the 64,000-example floor
 
 
 def _selection_rows(best):
@@ -160,11 +160,11 @@ def test_fmnist_data_scaling_final_points_use_the_choice_and_test_once(tmp_path)
   with pytest.raises(ValueError, match="select_from"):
     sweep.load_experiment(f"{STUDY}:phase=final")
   s = sweep.load_experiment(f"{STUDY}:phase=final,select_from={tmp_path}")
-  assert len(s.points) == 3 * 4 * 3 * 2  # families x sizes x seeds x model sizes
-  assert [p.tags["seed"] for p in s.points[:24]] == [0] * 24  # seed-major
-  assert {p.tags["model_size"] for p in s.points[:24]} == {"M", "S"}
+  assert len(s.points) == 3 * 3 * 3 * 2  # families x sizes x seeds x model sizes
+  assert [p.tags["seed"] for p in s.points[:18]] == [0] * 18  # seed-major
+  assert {p.tags["model_size"] for p in s.points[:18]} == {"XS", "S"}
   p = {q.name: q for q in s.points}["hybridS_n54000_s2"]
-  assert p.tags["model"] == "R+ViT-Mu/7 (S)" and p.tags["budget_examples"] == 54000
+  assert p.tags["model"] == "R+ViT-Mu/7 (S)" and p.tags["budget_examples"] == 108000
   c = sweep.build_config(p)
   assert (c.lr.base, c.wd, c.seed) == (0.003, 0.5, 2)
   assert (c.eval_split, c.test_split, c.fewshot.test_split) == (
@@ -172,9 +172,9 @@ def test_fmnist_data_scaling_final_points_use_the_choice_and_test_once(tmp_path)
   assert (c.model.hidden_size, c.model.resnet["base_width"]) == (64, 8)
   assert c.fewshot.shots == (1, 5, 10, 25) and c.fewshot.train_split == "train[:1000]"
   d = lambda k: optim.durations(c, k, steps_per_epoch=math.ceil(54000 / 128), batch_size=128)
-  assert d("total") == 422  # 1 epoch
-  r = sweep.build_config({q.name: q for q in s.points}["resnetM_n1000_s0"])
-  assert (r.model.base_width, r.model.gn_groups, r.model.num_layers) == (14, 7, (2, 2, 2))
+  assert d("total") == 844  # 2 epochs
+  r = sweep.build_config({q.name: q for q in s.points}["resnetXS_n1000_s0"])
+  assert (r.model.base_width, r.model.gn_groups, r.model.num_layers) == (3, 3, (2, 2, 2))
 
 
 def test_paper_scale_points_build():

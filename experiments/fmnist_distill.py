@@ -1,0 +1,98 @@
+r"""DeiT's distillation at Fashion-MNIST scale: does a tiny ViT learn more from a ResNet teacher than
+from the labels alone, at 6k, 20k and 54k training images?
+
+  python -m experiments.runner experiments/fmnist_distill.py:phase=teacher --out=workdirs/fmd_t
+  python -m experiments.runner experiments/fmnist_distill.py:phase=student,teachers=workdirs/fmd_t \
+      --out=workdirs/fmd_s
+
+Teachers (phase=teacher): the study's ResNet of size S at width 8 (configs/fashion_mnist.py:resnet,
+BiT stages 2/2/2 at 28x28, 14 MFLOPs, 56k parameters), one per subset, trained on that subset
+for TEACHER_EPOCHS epochs (at least TEACHER_FLOOR examples); each exports params.npz.
+Students (phase=student), all DeiT-Mu/7 (ViT-Mu/7 with DeiT's initialisation: width 128, 6
+layers, 4 heads, 7x7 patches, class token; configs/fashion_mnist.py:deit), on the same subset
+with the same budget, max(STUDENT_FLOOR, N) examples, learning rate and weight decay:
+  - `vit`: DeiT-Mu/7 without the distillation token, labels only (the baseline);
+  - `dist_token`: DeiT-Mu/7-distilled without a teacher (both heads learn the labels): what the
+    extra token alone does;
+  - `distilled`: DeiT-Mu/7-distilled with the subset's teacher, DeiT's hard distillation (alpha
+    0.5; the teacher sees the same batch, under stop_gradient).
+Subsets are the data-scaling study's nested seeded ones (`train[:54000]@seeded(N, seed=S)`); the
+last 6,000 training images are the validation split, evaluated at the end of every run; the test
+split is evaluated once, at the end. The learning rate and weight decay are the configs' (2e-3,
+0.05), not tuned here: no choice is made on the test split.
+
+Arg (after the colon, comma-separated key=value, lists joined by "/"): phase (teacher|student),
+teachers (the teacher phase's --out folder), sizes, seeds.
+"""
+import os
+from typing import List
+
+from experiments import sweep
+from experiments import fmnist_data_scaling as study
+
+CONFIG = "configs/fashion_mnist.py"
+TEACHER_EPOCHS = 2
+TEACHER_FLOOR = 40960
+STUDENT_FLOOR = 20480
+TEACHER_MODEL = {"base_width": 8, "gn_groups": 4}
+STUDENTS = {
+    "vit": {"model_name": "DeiT-Mu/7"},
+    "dist_token": {},
+    "distilled": {"distill.type": "hard", "distill.alpha": 0.5},
+}
+DEFAULTS = dict(phase="teacher", teachers="", sizes=(6000, 20000, 54000), seeds=(0,))
+
+
+def teacher_budget(n: int) -> int:
+  return max(TEACHER_FLOOR, TEACHER_EPOCHS * n)
+
+
+def student_budget(n: int) -> int:
+  return max(STUDENT_FLOOR, n)
+
+
+def teacher_name(n: int, seed: int) -> str:
+  return f"teacher_n{n}_s{seed}"
+
+
+def _common(base, n: int, seed: int, budget: int) -> dict:
+  over = {"seed": seed, "train_split": study.train_split(n, seed), "eval_split": study.VAL,
+          "test_split": study.TEST}
+  over.update(sweep.examples_budget(base, "total", budget, n))
+  over.update(sweep.examples_budget(base, "lr.warmup", budget // 10, n))
+  over.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, n))
+  return over
+
+
+def get_sweep(arg=None) -> sweep.Sweep:
+  a = sweep.parse_arg(arg, DEFAULTS)
+  points: List[sweep.Point] = []
+  if a["phase"] == "teacher":
+    base = sweep.load_config(f"{CONFIG}:resnet")
+    model = dict(base.model.to_dict(), **TEACHER_MODEL)
+    for seed in a["seeds"]:
+      for n in a["sizes"]:
+        over = dict(_common(base, n, seed, teacher_budget(n)), model=model)
+        points.append(sweep.Point(teacher_name(n, seed), f"{CONFIG}:resnet", over, {
+            "family": "ResNet", "model": "BiT-R26x1 (width 8)", "student": "teacher",
+            "train_size": n, "seed": seed, "budget_examples": teacher_budget(n)}))
+    return sweep.Sweep("fmnist_distill_teachers", points,
+                       "ResNet teachers for the distillation study, one per subset.")
+  if a["phase"] != "student":
+    raise ValueError(f"phase must be teacher or student, not {a['phase']!r}.")
+  if not a["teachers"]:
+    raise ValueError("phase=student needs teachers=DIR, the --out folder of phase=teacher.")
+  base = sweep.load_config(f"{CONFIG}:deit")
+  for seed in a["seeds"]:
+    for n in a["sizes"]:
+      for student, extra in STUDENTS.items():
+        over = dict(_common(base, n, seed, student_budget(n)), **extra)
+        if student == "distilled":
+          over["distill.teacher"] = os.path.join(os.path.abspath(a["teachers"]), "points",
+                                                 teacher_name(n, seed))
+        model = over.get("model_name", base.model_name)
+        points.append(sweep.Point(f"{student}_n{n}_s{seed}", f"{CONFIG}:deit", over, {
+            "family": "DeiT", "model": model, "student": student, "train_size": n,
+            "seed": seed, "budget_examples": student_budget(n)}))
+  return sweep.Sweep("fmnist_distill", points,
+                     "DeiT-Mu/7 with and without a ResNet teacher, equal budgets.")
