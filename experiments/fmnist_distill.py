@@ -5,12 +5,16 @@ from the labels alone, at 6k, 20k and 54k training images?
   python -m experiments.runner experiments/fmnist_distill.py:phase=student,teachers=workdirs/fmd_t \
       --out=workdirs/fmd_s
 
-Teachers (phase=teacher): the study's ResNet of size S at width 8 (configs/fashion_mnist.py:resnet,
-BiT stages 2/2/2 at 28x28, 14 MFLOPs, 56k parameters), one per subset, trained on that subset
-for TEACHER_EPOCHS epochs (at least TEACHER_FLOOR examples); each exports params.npz.
-Students (phase=student), all DeiT-Mu/7 (ViT-Mu/7 with DeiT's initialisation: width 128, 6
-layers, 4 heads, 7x7 patches, class token; configs/fashion_mnist.py:deit), on the same subset
-with the same budget, max(STUDENT_FLOOR, N) examples, learning rate and weight decay:
+Budget of every run (teachers and students): the data-scaling study's rule
+(experiments/fmnist_data_scaling.py), max(64,000, 2 N) training examples: 500 steps of 128 at 6k
+and 20k, 2 epochs (844 steps) at 54k.
+Teachers (phase=teacher): a BiT ResNet (configs/fashion_mnist.py:resnet, stages 2/2/2 on a 3x3
+stride-1 root, width 8: 14 MFLOPs, 56k parameters), one per subset, trained on that subset; each
+exports params.npz.
+Students (phase=student), all DeiT-Mu/7 with the data-scaling study's size-S widths (6 layers,
+width 64, MLP 256, 2 heads, 7x7 patches, class token, DeiT's initialisation: 10 MFLOPs;
+configs/fashion_mnist.py:deit), on the same subset with the same budget, learning rate and
+weight decay:
   - `vit`: DeiT-Mu/7 without the distillation token, labels only (the baseline);
   - `dist_token`: DeiT-Mu/7-distilled without a teacher (both heads learn the labels): what the
     extra token alone does;
@@ -31,10 +35,8 @@ from experiments import sweep
 from experiments import fmnist_data_scaling as study
 
 CONFIG = "configs/fashion_mnist.py"
-TEACHER_EPOCHS = 2
-TEACHER_FLOOR = 40960
-STUDENT_FLOOR = 20480
 TEACHER_MODEL = {"base_width": 8, "gn_groups": 4}
+STUDENT_MODEL = {"hidden_size": 64, "mlp_dim": 256, "num_heads": 2}
 STUDENTS = {
     "vit": {"model_name": "DeiT-Mu/7"},
     "dist_token": {},
@@ -43,12 +45,8 @@ STUDENTS = {
 DEFAULTS = dict(phase="teacher", teachers="", sizes=(6000, 20000, 54000), seeds=(0,))
 
 
-def teacher_budget(n: int) -> int:
-  return max(TEACHER_FLOOR, TEACHER_EPOCHS * n)
-
-
-def student_budget(n: int) -> int:
-  return max(STUDENT_FLOOR, n)
+def budget(n: int) -> int:
+  return study.budget_examples(n)
 
 
 def teacher_name(n: int, seed: int) -> str:
@@ -72,10 +70,10 @@ def get_sweep(arg=None) -> sweep.Sweep:
     model = dict(base.model.to_dict(), **TEACHER_MODEL)
     for seed in a["seeds"]:
       for n in a["sizes"]:
-        over = dict(_common(base, n, seed, teacher_budget(n)), model=model)
+        over = dict(_common(base, n, seed, budget(n)), model=model)
         points.append(sweep.Point(teacher_name(n, seed), f"{CONFIG}:resnet", over, {
             "family": "ResNet", "model": "BiT-R26x1 (width 8)", "student": "teacher",
-            "train_size": n, "seed": seed, "budget_examples": teacher_budget(n)}))
+            "train_size": n, "seed": seed, "budget_examples": budget(n)}))
     return sweep.Sweep("fmnist_distill_teachers", points,
                        "ResNet teachers for the distillation study, one per subset.")
   if a["phase"] != "student":
@@ -86,13 +84,14 @@ def get_sweep(arg=None) -> sweep.Sweep:
   for seed in a["seeds"]:
     for n in a["sizes"]:
       for student, extra in STUDENTS.items():
-        over = dict(_common(base, n, seed, student_budget(n)), **extra)
+        over = dict(_common(base, n, seed, budget(n)), **extra)
+        over["model"] = dict(base.model.to_dict(), **STUDENT_MODEL)
         if student == "distilled":
           over["distill.teacher"] = os.path.join(os.path.abspath(a["teachers"]), "points",
                                                  teacher_name(n, seed))
         model = over.get("model_name", base.model_name)
         points.append(sweep.Point(f"{student}_n{n}_s{seed}", f"{CONFIG}:deit", over, {
             "family": "DeiT", "model": model, "student": student, "train_size": n,
-            "seed": seed, "budget_examples": student_budget(n)}))
+            "seed": seed, "budget_examples": budget(n)}))
   return sweep.Sweep("fmnist_distill", points,
                      "DeiT-Mu/7 with and without a ResNet teacher, equal budgets.")

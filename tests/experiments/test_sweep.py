@@ -184,3 +184,27 @@ def test_paper_scale_points_build():
   for p in s.points:
     c = sweep.build_config(p)
     assert c.model_name == p.tags["model"]
+
+
+def test_fmnist_distill_students_share_everything_but_the_teacher(tmp_path):
+  t = sweep.load_experiment("experiments/fmnist_distill.py:phase=teacher")
+  assert [p.name for p in t.points] == ["teacher_n6000_s0", "teacher_n20000_s0",
+                                        "teacher_n54000_s0"]
+  assert all(sweep.build_config(p).export_npz for p in t.points)  # the students load params.npz
+  with pytest.raises(ValueError, match="teachers=DIR"):
+    sweep.load_experiment("experiments/fmnist_distill.py:phase=student")
+  s = sweep.load_experiment(f"experiments/fmnist_distill.py:phase=student,teachers={tmp_path}")
+  by = {p.name: sweep.build_config(p) for p in s.points}
+  assert len(by) == 3 * 3
+  vit, token, dist = by["vit_n20000_s0"], by["dist_token_n20000_s0"], by["distilled_n20000_s0"]
+  assert (vit.model_name, token.model_name, dist.model_name) == (
+      "DeiT-Mu/7", "DeiT-Mu/7-distilled", "DeiT-Mu/7-distilled")
+  assert (vit.distill.teacher, token.distill.teacher) == ("", "")
+  assert dist.distill.teacher == str(tmp_path / "points" / "teacher_n20000_s0")
+  for c in (vit, token, dist):  # equal budgets, data, widths and recipe
+    assert (c.total_epochs, c.train_split, c.eval_split, c.test_split, c.lr.base, c.wd,
+            c.model.hidden_size) == (
+        dist.total_epochs, "train[:54000]@seeded(20000, seed=0)", "train[54000:]", "test",
+        dist.lr.base, dist.wd, 64)
+  d = optim.durations(dist, "total", steps_per_epoch=math.ceil(20000 / 128), batch_size=128)
+  assert d == 500  # the study's 64,000-example floor
