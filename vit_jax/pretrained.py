@@ -48,6 +48,7 @@ import numpy as np
 
 from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax.models import layers
 from vit_jax.models import resnet
 from vit_jax.models import swin
 from vit_jax.models import vit
@@ -537,9 +538,9 @@ def _gelu_option(cfg) -> bool:
   return _GELU[act]
 
 
-def _vit_name(d, mlp, heads, layers, patch) -> str:
+def _vit_name(d, mlp, heads, depth, patch) -> str:
   for v, dims in vit.VARIANTS.items():
-    if dims == (d, mlp, heads, layers):
+    if dims == (d, mlp, heads, depth):
       return f"ViT-{v}/{patch}"
   return f"ViT-B/{patch}"  # any; the fields are overridden
 
@@ -548,88 +549,24 @@ def _vit_kwargs(cfg) -> Tuple[str, dict]:
   if not cfg.get("qkv_bias", True):
     raise NotImplementedError("ViT configs with qkv_bias=False are not supported.")
   d, mlp = int(cfg.get("hidden_size", 768)), int(cfg.get("intermediate_size", 3072))
-  heads, layers = int(cfg.get("num_attention_heads", 12)), int(cfg.get("num_hidden_layers", 12))
+  heads, depth = int(cfg.get("num_attention_heads", 12)), int(cfg.get("num_hidden_layers", 12))
   p = int(cfg.get("patch_size", 16))
-  kwargs = dict(hidden_size=d, mlp_dim=mlp, num_heads=heads, num_layers=layers, patch_size=(p, p),
+  kwargs = dict(hidden_size=d, mlp_dim=mlp, num_heads=heads, num_layers=depth, patch_size=(p, p),
                 approximate_gelu=_gelu_option(cfg))
-  return _vit_name(d, mlp, heads, layers, p), kwargs
-
-
-def _transformer_from_hf(sd, prefix, heads) -> Tuple[dict, set]:
-  """ViT/DeiT encoder (`{prefix}layers.{i}...`) -> our `Transformer` subtree; returns used keys."""
-  used = set()
-
-  def take(k):
-    used.add(k)
-    return np.asarray(sd[k])
-
-  enc = {}
-  layer_re = re.compile(rf"{re.escape(prefix)}layers\.(\d+)\.")
-  layer_ids = sorted({int(m[1]) for k in sd if (m := layer_re.match(k))})
-  for i in layer_ids:
-    src = f"{prefix}layers.{i}."
-    blk = {}
-    ln = lambda n: {"scale": take(src + n + ".weight"), "bias": take(src + n + ".bias")}
-    blk["LayerNorm_0"], blk["LayerNorm_2"] = ln("layernorm_before"), ln("layernorm_after")
-    att = {}
-    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-      w = take(f"{src}attention.{theirs}.weight").T  # (D, D) in -> out
-      d = w.shape[0]
-      att[ours] = {"kernel": w.reshape(d, heads, d // heads),
-                   "bias": take(f"{src}attention.{theirs}.bias").reshape(heads, d // heads)}
-    w = take(f"{src}attention.o_proj.weight").T
-    att["out"] = {"kernel": w.reshape(heads, -1, w.shape[1]),
-                  "bias": take(f"{src}attention.o_proj.bias")}
-    blk["MultiHeadDotProductAttention_1"] = att
-    blk["MlpBlock_3"] = {
-        "Dense_0": {"kernel": take(src + "mlp.fc1.weight").T, "bias": take(src + "mlp.fc1.bias")},
-        "Dense_1": {"kernel": take(src + "mlp.fc2.weight").T, "bias": take(src + "mlp.fc2.bias")}}
-    enc[f"encoderblock_{i}"] = blk
-  enc["encoder_norm"] = {"scale": take(prefix + "layernorm.weight"),
-                         "bias": take(prefix + "layernorm.bias")}
-  return enc, used
-
-
-# transformers < 5 names (which `save_pretrained` still writes) -> current ones; order matters.
-_HF_VIT_LEGACY = (
-    ("encoder.layer.", "layers."),
-    (".attention.attention.query.", ".attention.q_proj."),
-    (".attention.attention.key.", ".attention.k_proj."),
-    (".attention.attention.value.", ".attention.v_proj."),
-    (".attention.output.dense.", ".attention.o_proj."),
-    (".intermediate.dense.", ".mlp.fc1."),
-    (".output.dense.", ".mlp.fc2."),
-)
-
-
-def _renamed(sd, renames) -> dict:
-  out = {}
-  for k, v in sd.items():
-    for old, new in renames:
-      k = k.replace(old, new)
-    out[k] = v
-  return out
+  return _vit_name(d, mlp, heads, depth, p), kwargs
 
 
 def _vit_from_hf(sd, cfg) -> Tuple[dict, Tuple[str, dict]]:
   """HF ViTForImageClassification / ViTModel state dict -> our ViT tree (published names)."""
   name, kwargs = _vit_kwargs(cfg)
-  sd = _renamed(sd, _HF_VIT_LEGACY)
   pre = "vit." if any(k.startswith("vit.") for k in sd) else ""
-  enc, used = _transformer_from_hf(sd, pre, kwargs["num_heads"])
-  take = lambda k: (used.add(k), np.asarray(sd[k]))[1]
-  enc["posembed_input"] = {"pos_embedding": take(pre + "embeddings.position_embeddings")}
-  tree = {"cls": take(pre + "embeddings.cls_token"), "Transformer": enc,
-          "embedding": {"kernel": take(pre + "embeddings.patch_embeddings.projection.weight")
-                                  .transpose(2, 3, 1, 0),
-                        "bias": take(pre + "embeddings.patch_embeddings.projection.bias")}}
-  if "classifier.weight" in sd:
-    tree["head"] = {"kernel": take("classifier.weight").T, "bias": take("classifier.bias")}
   # ViTModel's pooler (dense + tanh on the class token) is not used by the classifier.
-  leftover = sorted(k for k in set(sd) - used if not k.startswith(pre + "pooler."))
-  if leftover:
-    raise ValueError(f"Unconverted keys in the ViT state dict: {leftover[:10]}")
-  return tree, (name, kwargs)
+  sd = layers.TorchStateDict(sd, what="ViT", renames=vit.HF_LEGACY_NAMES,
+                             ignore=re.compile(re.escape(pre) + r"pooler\..*"))
+  vit.read_hf_backbone(sd, pre, kwargs["num_layers"], kwargs["num_heads"])
+  if sd.has("classifier.weight"):
+    sd.linear("classifier", ("head",))
+  return sd.variables()["params"], (name, kwargs)
 
 
 def _deit_family():
@@ -657,9 +594,9 @@ def _deit_from_hf(sd, cfg):
   kwargs = deit.model_kwargs_from_hf({"num_labels": len(cfg.get("id2label") or {}), **cfg})
   kwargs.pop("num_classes", None)
   kwargs.update(distill_head="head_dist" in tree, droppath_rate=0.0)
-  d, mlp, heads, layers = (kwargs[k] for k in ("hidden_size", "mlp_dim", "num_heads",
-                                                "num_layers"))
-  name = _vit_name(d, mlp, heads, layers, kwargs["patch_size"][0]).replace("ViT-", "DeiT-")
+  d, mlp, heads, depth = (kwargs[k] for k in ("hidden_size", "mlp_dim", "num_heads",
+                                               "num_layers"))
+  name = _vit_name(d, mlp, heads, depth, kwargs["patch_size"][0]).replace("ViT-", "DeiT-")
   return tree, (name + "-distilled", kwargs)
 
 
@@ -700,32 +637,20 @@ def _bit_kwargs(cfg, log) -> Tuple[str, dict]:
 def _bit_from_hf(sd, cfg, log):
   """HF BitForImageClassification (pre-activation) state dict -> our ResNet tree."""
   kw = _bit_kwargs(cfg, log)
-  used = set()
-
-  def take(k):
-    used.add(k)
-    return np.asarray(sd[k])
-
-  conv = lambda k: take(k).transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  gn = lambda k: {"scale": take(k + ".weight"), "bias": take(k + ".bias")}
-  tree = {"conv_root": {"kernel": conv("bit.embedder.convolution.weight")}}
+  sd = layers.TorchStateDict(sd, what="BiT")
+  sd.conv("bit.embedder.convolution", ("conv_root",))
   for s, depth in enumerate(kw[1]["num_layers"]):
-    block = {}
     for u in range(depth):
-      src = f"bit.encoder.stages.{s}.layers.{u}."
-      unit = {f"conv{i}": {"kernel": conv(f"{src}conv{i}.weight")} for i in (1, 2, 3)}
-      unit.update({f"gn{i}": gn(f"{src}norm{i}") for i in (1, 2, 3)})
-      if src + "downsample.conv.weight" in sd:
-        unit["conv_proj"] = {"kernel": conv(src + "downsample.conv.weight")}
-      block[f"unit{u + 1}"] = unit
-    tree[f"block{s + 1}"] = block
-  tree["norm-pre-head"] = gn("bit.norm")
-  if "classifier.1.weight" in sd:
-    tree["head"] = {"kernel": take("classifier.1.weight").T, "bias": take("classifier.1.bias")}
-  leftover = sorted(set(sd) - used)
-  if leftover:
-    raise ValueError(f"Unconverted keys in the BiT state dict: {leftover[:10]}")
-  return tree, kw
+      src, dst = f"bit.encoder.stages.{s}.layers.{u}.", (f"block{s + 1}", f"unit{u + 1}")
+      for i in (1, 2, 3):
+        sd.conv(f"{src}conv{i}", dst + (f"conv{i}",))
+        sd.layer_norm(f"{src}norm{i}", dst + (f"gn{i}",))  # GroupNorm: LayerNorm's names
+      if sd.has(src + "downsample.conv.weight"):
+        sd.conv(src + "downsample.conv", dst + ("conv_proj",))
+  sd.layer_norm("bit.norm", ("norm-pre-head",))
+  if sd.has("classifier.1.weight"):
+    sd.linear("classifier.1", ("head",))
+  return sd.variables()["params"], kw
 
 
 # ------------------------------------------------------------------------------ DETR (detection).
@@ -796,6 +721,24 @@ def _linear(sd, name, dense):
     sd[name + ".bias"] = np.asarray(dense["bias"], np.float32)
 
 
+def _block_to_hf(sd, dst, norm_before, attention, norm_after, mlp):
+  """One pre-LN block (its LayerNorms, `Attention` and `MlpBlock` params) -> the current Hugging
+  Face ViT/DeiT/Swin names under `dst`: layernorm_before/after, attention.{q,k,v,o}_proj,
+  mlp.fc1/fc2."""
+  for norm, theirs in ((norm_before, "layernorm_before"), (norm_after, "layernorm_after")):
+    sd[dst + theirs + ".weight"] = np.asarray(norm["scale"])
+    sd[dst + theirs + ".bias"] = np.asarray(norm["bias"])
+  for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+    k = np.asarray(attention[ours]["kernel"])
+    sd[f"{dst}attention.{theirs}.weight"] = k.reshape(k.shape[0], -1).T
+    sd[f"{dst}attention.{theirs}.bias"] = np.asarray(attention[ours]["bias"]).reshape(-1)
+  k = np.asarray(attention["out"]["kernel"])
+  sd[f"{dst}attention.o_proj.weight"] = k.reshape(-1, k.shape[-1]).T
+  sd[f"{dst}attention.o_proj.bias"] = np.asarray(attention["out"]["bias"])
+  _linear(sd, dst + "mlp.fc1", mlp["Dense_0"])
+  _linear(sd, dst + "mlp.fc2", mlp["Dense_1"])
+
+
 def _vit_to_hf(m, params, transformers, deit=False):
   """ViT -> ViTForImageClassification; distilled DeiT -> DeiTForImageClassificationWithTeacher
   (DeiTForImageClassification without `head_dist`)."""
@@ -823,20 +766,9 @@ def _vit_to_hf(m, params, transformers, deit=False):
     sd[pre + "embeddings.distillation_token"] = np.asarray(params["dist"])
   enc = params["Transformer"]
   for i in range(m.num_layers):
-    blk, dst = enc[f"encoderblock_{i}"], f"{pre}layers.{i}."
-    for ours, theirs in (("LayerNorm_0", "layernorm_before"), ("LayerNorm_2", "layernorm_after")):
-      sd[dst + theirs + ".weight"] = np.asarray(blk[ours]["scale"])
-      sd[dst + theirs + ".bias"] = np.asarray(blk[ours]["bias"])
-    att = blk["MultiHeadDotProductAttention_1"]
-    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-      k = np.asarray(att[ours]["kernel"])
-      sd[f"{dst}attention.{theirs}.weight"] = k.reshape(k.shape[0], -1).T
-      sd[f"{dst}attention.{theirs}.bias"] = np.asarray(att[ours]["bias"]).reshape(-1)
-    k = np.asarray(att["out"]["kernel"])
-    sd[f"{dst}attention.o_proj.weight"] = k.reshape(-1, k.shape[-1]).T
-    sd[f"{dst}attention.o_proj.bias"] = np.asarray(att["out"]["bias"])
-    _linear(sd, dst + "mlp.fc1", blk["MlpBlock_3"]["Dense_0"])
-    _linear(sd, dst + "mlp.fc2", blk["MlpBlock_3"]["Dense_1"])
+    blk = enc[f"encoderblock_{i}"]
+    _block_to_hf(sd, f"{pre}layers.{i}.", blk["LayerNorm_0"], blk["MultiHeadDotProductAttention_1"],
+                 blk["LayerNorm_2"], blk["MlpBlock_3"])
   sd[pre + "layernorm.weight"] = np.asarray(enc["encoder_norm"]["scale"])
   sd[pre + "layernorm.bias"] = np.asarray(enc["encoder_norm"]["bias"])
   if num_classes and "head_dist" in params:
@@ -871,24 +803,12 @@ def _swin_to_hf(m, params, transformers):
     stage = params[f"layers_{i}"]
     for j in range(depth):
       blk, dst = stage[f"blocks_{j}"], f"swin.encoder.layers.{i}.blocks.{j}."
-      for ours, theirs in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
-        sd[dst + theirs + ".weight"] = np.asarray(blk[ours]["scale"])
-        sd[dst + theirs + ".bias"] = np.asarray(blk[ours]["bias"])
-      att = blk["attn"]
-      table = np.asarray(att["relative_position_bias_table"])
+      _block_to_hf(sd, dst, blk["norm1"], blk["attn"], blk["norm2"], blk["mlp"])
+      table = np.asarray(blk["attn"]["relative_position_bias_table"])
       sd[dst + "attention.relative_position_bias.relative_position_bias_table"] = table
       win = (int(np.sqrt(table.shape[0])) + 1) // 2
       sd[dst + "attention.relative_position_bias.relative_position_index"] = (
           swin.relative_position_index(win).reshape(-1).astype(np.int64))
-      for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-        k = np.asarray(att[ours]["kernel"])
-        sd[f"{dst}attention.{theirs}.weight"] = k.reshape(k.shape[0], -1).T
-        sd[f"{dst}attention.{theirs}.bias"] = np.asarray(att[ours]["bias"]).reshape(-1)
-      k = np.asarray(att["out"]["kernel"])
-      sd[f"{dst}attention.o_proj.weight"] = k.reshape(-1, k.shape[-1]).T
-      sd[f"{dst}attention.o_proj.bias"] = np.asarray(att["out"]["bias"])
-      _linear(sd, dst + "mlp.fc1", blk["mlp"]["Dense_0"])
-      _linear(sd, dst + "mlp.fc2", blk["mlp"]["Dense_1"])
     if "downsample" in stage:
       dst = f"swin.encoder.layers.{i}.downsample."
       _linear(sd, dst + "reduction", stage["downsample"]["reduction"])

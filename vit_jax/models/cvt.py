@@ -51,9 +51,6 @@ DROPPATH = {"13": 0.1, "21": 0.1}  # official configs' last-stage rate; W24's is
 NAMES = tuple(f"CvT-{v}" for v in VARIANTS)
 NAME_RE = re.compile(r"^CvT-(?P<variant>[A-Za-z0-9]+)$")
 
-_trunc_normal = layers.flat_init(nn.initializers.truncated_normal(stddev=0.02))
-
-
 class ConvProjection(nn.Module):
   """3x3 depth-wise conv (no bias), then BatchNorm; (B, H, W, C) -> (B, H', W', C)."""
   stride: int
@@ -66,7 +63,7 @@ class ConvProjection(nn.Module):
   def __call__(self, x, train: bool):
     c, k = x.shape[-1], self.kernel_size
     x = nn.Conv(c, (k, k), strides=(self.stride,) * 2, padding=((k // 2, k // 2),) * 2,
-                feature_group_count=c, use_bias=False, kernel_init=_trunc_normal, name="conv",
+                feature_group_count=c, use_bias=False, kernel_init=layers.trunc_normal, name="conv",
                 dtype=self.dtype, param_dtype=self.param_dtype)(x)
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         axis_name=self.bn_axis_name, name="bn",
@@ -103,12 +100,12 @@ class ConvAttention(nn.Module):
       qkv[name] = jnp.concatenate([cls, t], axis=1) if self.with_cls else t
     heads, d = self.num_heads, c // self.num_heads
     proj = lambda name, use_bias: nn.DenseGeneral((heads, d), use_bias=use_bias,
-                                                  kernel_init=_trunc_normal, name=name, **dkw)
+                                                  kernel_init=layers.trunc_normal, name=name, **dkw)
     q = proj("query", self.qkv_bias)(qkv["q"])  # (B, Nq, H, d)
     k = proj("key", self.qkv_bias)(qkv["k"])
     v = proj("value", self.qkv_bias)(qkv["v"])
     y = jax.nn.dot_product_attention(q, k, v, scale=float(c) ** -0.5)  # full-width scale
-    return nn.DenseGeneral(c, axis=(-2, -1), kernel_init=_trunc_normal, name="out", **dkw)(y)
+    return nn.DenseGeneral(c, axis=(-2, -1), kernel_init=layers.trunc_normal, name="out", **dkw)(y)
 
 
 class CvTBlock(nn.Module):
@@ -126,18 +123,15 @@ class CvTBlock(nn.Module):
   @nn.compact
   def __call__(self, x, h: int, w: int, train: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
-    y = nn.LayerNorm(epsilon=1e-5, name="norm1", **nkw)(x)
-    y = ConvAttention(self.num_heads, with_cls=self.with_cls, qkv_bias=self.qkv_bias,
-                      bn_axis_name=self.bn_axis_name, name="attn", **kw)(y, h, w, train)
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-    x = x + layers.DropPath(self.droppath_rate)(y, not train)
-    y = nn.LayerNorm(epsilon=1e-5, name="norm2", **nkw)(x)
-    y = layers.MlpBlock(int(x.shape[-1] * self.mlp_ratio), dropout_rate=self.dropout_rate,
-                        approximate_gelu=False, kernel_init=_trunc_normal,
-                        bias_init=nn.initializers.zeros, name="mlp", **kw)(
-                            y, deterministic=not train)
-    return x + layers.DropPath(self.droppath_rate)(y, not train)
+    attention = ConvAttention(self.num_heads, with_cls=self.with_cls, qkv_bias=self.qkv_bias,
+                              bn_axis_name=self.bn_axis_name, name="attn", **kw)
+    mlp = layers.MlpBlock(int(x.shape[-1] * self.mlp_ratio), dropout_rate=self.dropout_rate,
+                          approximate_gelu=False, kernel_init=layers.trunc_normal,
+                          bias_init=nn.initializers.zeros, name="mlp", **kw)
+    return layers.pre_norm_block(
+        x, lambda y: attention(y, h, w, train), lambda y: mlp(y, deterministic=not train),
+        epsilon=1e-5, dropout_rate=self.dropout_rate, droppath_rate=self.droppath_rate,
+        deterministic=not train, **kw)
 
 
 class ConvEmbed(nn.Module):
@@ -155,7 +149,7 @@ class ConvEmbed(nn.Module):
     nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
     k, p = self.patch_size, self.padding
     x = nn.Conv(self.features, (k, k), strides=(self.stride,) * 2, padding=((p, p), (p, p)),
-                kernel_init=_trunc_normal, name="proj", **kw)(x)
+                kernel_init=layers.trunc_normal, name="proj", **kw)(x)
     return nn.LayerNorm(epsilon=1e-5, name="norm", **nkw)(x)
 
 
@@ -188,7 +182,7 @@ class CvTStage(nn.Module):
                        f"or smaller patch_sizes/patch_strides.")
     x = nn.Dropout(self.dropout_rate)(x.reshape(b, h * w, c), deterministic=not train)
     if self.with_cls:
-      cls = self.param("cls_token", _trunc_normal, (1, 1, c), self.param_dtype)
+      cls = self.param("cls_token", layers.trunc_normal, (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls, [b, 1, 1]).astype(x.dtype), x], axis=1)
     for j in range(self.depth):
       x = CvTBlock(self.num_heads, self.mlp_ratio, with_cls=self.with_cls,
@@ -228,8 +222,6 @@ class ConvolutionalVisionTransformer(nn.Module):
       raise ValueError(f"per-stage settings must all have {n_stages} entries (len(depths)); "
                        f"got {bad}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
-    dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
     x = images.astype(layers.activation_dtype(self.dtype))
     for i in range(n_stages):
       last = i == n_stages - 1
@@ -241,21 +233,14 @@ class ConvolutionalVisionTransformer(nn.Module):
                          bn_axis_name=self.bn_axis_name, name=f"stage_{i}", **kw)(x, train)
       if not last:
         x = x.reshape(x.shape[0], h, w, -1)
-    x = nn.LayerNorm(epsilon=1e-5, name="norm", **nkw)(x[:, 0])  # the cls token
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=_trunc_normal, name="head", **dkw)(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(x, self.num_classes, pool="token", norm_epsilon=1e-5, **kw)
 
 
 def config_from_name(name: str) -> Optional[dict]:
   """`CvT-13`, `CvT-21`, `CvT-W24` -> ConvolutionalVisionTransformer kwargs; None otherwise."""
-  m = NAME_RE.match(name)
+  m = layers.match_variant(name, NAME_RE, VARIANTS, "CvT", ", ".join(NAMES))
   if not m:
     return None
-  if m["variant"] not in VARIANTS:
-    raise ValueError(f"Unknown CvT variant {m['variant']!r} in {name!r}; known: "
-                     f"{', '.join(NAMES)}.")
   dims, depths, heads = VARIANTS[m["variant"]]
   return dict(embed_dims=dims, depths=depths, num_heads=heads,
               droppath_rate=DROPPATH.get(m["variant"], 0.0))

@@ -88,12 +88,10 @@ class DeiT(vit.VisionTransformer):
 
 def config_from_name(name: str) -> Optional[dict]:
   """`DeiT-S/16` or `DeiT-S/16-distilled` -> DeiT kwargs; None for other names."""
-  m = NAME_RE.match(name)
+  m = layers.match_variant(name, NAME_RE, vit.VARIANTS, "DeiT",
+                           f"{', '.join(NAMES)} (or any of {', '.join(vit.VARIANTS)})")
   if not m:
     return None
-  if m["variant"] not in vit.VARIANTS:
-    raise ValueError(f"Unknown DeiT variant {m['variant']!r} in {name!r}; known: "
-                     f"{', '.join(NAMES)} (or any of {', '.join(vit.VARIANTS)}).")
   d, mlp, heads, depth = vit.VARIANTS[m["variant"]]
   p = int(m["patch"])
   return dict(hidden_size=d, mlp_dim=mlp, num_heads=heads, num_layers=depth, patch_size=(p, p),
@@ -101,18 +99,6 @@ def config_from_name(name: str) -> Optional[dict]:
 
 
 # ------------------------------------------------------------------ Hugging Face import.
-# Hub checkpoints written by transformers < 5 use the older names on the left.
-_HF_LEGACY = (
-    ("deit.encoder.layer.", "deit.layers."),
-    (".attention.attention.query.", ".attention.q_proj."),
-    (".attention.attention.key.", ".attention.k_proj."),
-    (".attention.attention.value.", ".attention.v_proj."),
-    (".attention.output.dense.", ".attention.o_proj."),
-    (".intermediate.dense.", ".mlp.fc1."),
-    (".output.dense.", ".mlp.fc2."),
-)
-
-
 def model_kwargs_from_hf(config) -> dict:
   """DeiT kwargs matching a transformers `DeiTConfig` (num_classes from its `num_labels`)."""
   get = lambda k, *default: layers.hf_config_get(config, k, *default)
@@ -130,24 +116,11 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], config) -> dict:
   only: build the model with `distill_head=False`) or `DeiTModel` (no head: `num_classes=0`).
   `config` is the transformers `DeiTConfig` (or a dict with its fields), read for the head count.
   Current and legacy (transformers < 5) key names are both accepted."""
-  sd = layers.TorchStateDict(state_dict, what="DeiT", renames=_HF_LEGACY,
+  sd = layers.TorchStateDict(state_dict, what="DeiT", renames=vit.HF_LEGACY_NAMES,
                              ignore=re.compile(r".*mask_token|deit\.pooler\..*"))
-  heads = layers.hf_config_get(config, "num_attention_heads")
-  num_layers = layers.hf_config_get(config, "num_hidden_layers")
-  e = "deit.embeddings."
-  sd.put(("cls",), sd.take(e + "cls_token"))
-  sd.put(("dist",), sd.take(e + "distillation_token"))
-  sd.put(("Transformer", "posembed_input", "pos_embedding"), sd.take(e + "position_embeddings"))
-  sd.conv(e + "patch_embeddings.projection", ("embedding",))
-  for i in range(num_layers):
-    src, dst = f"deit.layers.{i}", ("Transformer", f"encoderblock_{i}")
-    sd.layer_norm(src + ".layernorm_before", dst + ("LayerNorm_0",))
-    sd.attention(*(f"{src}.attention.{n}_proj" for n in "qkvo"),
-                 dst + ("MultiHeadDotProductAttention_1",), heads)
-    sd.layer_norm(src + ".layernorm_after", dst + ("LayerNorm_2",))
-    sd.linear(src + ".mlp.fc1", dst + ("MlpBlock_3", "Dense_0"))
-    sd.linear(src + ".mlp.fc2", dst + ("MlpBlock_3", "Dense_1"))
-  sd.layer_norm("deit.layernorm", ("Transformer", "encoder_norm"))
+  vit.read_hf_backbone(sd, "deit.", layers.hf_config_get(config, "num_hidden_layers"),
+                       layers.hf_config_get(config, "num_attention_heads"))
+  sd.put(("dist",), sd.take("deit.embeddings.distillation_token"))
   if sd.has("cls_classifier.weight"):
     sd.linear("cls_classifier", ("head",))
     sd.linear("distillation_classifier", ("head_dist",))

@@ -6,6 +6,7 @@ attention has `query`, `key`, `value` kernels of shape (D, H, D/H) and `out` of 
 the MLP has `Dense_0`, `Dense_1`.
 """
 import functools
+import re
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -215,6 +216,22 @@ class DropPath(nn.Module):
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+def pre_norm_block(x, attention: Callable, mlp: Callable, *, epsilon: float, dropout_rate: float,
+                   droppath_rate: Any, deterministic: bool, dtype: Dtype = jnp.float32,
+                   param_dtype: Dtype = jnp.float32, norm_names=("norm1", "norm2")):
+  """The pre-LN residual block body: x + DropPath(Dropout(attention(LN(x)))), then
+  x + DropPath(mlp(LN(x))). `attention` and `mlp` map (B, N, D) to (B, N, D) and make their own
+  (named) modules. Call it inside a block's compact `__call__`: the norms, dropout and drop paths
+  are the block's own, so parameter names and dropout streams stay those of the block."""
+  norm = lambda name: nn.LayerNorm(epsilon=epsilon, name=name, dtype=activation_dtype(dtype),
+                                   param_dtype=param_dtype)
+  y = attention(norm(norm_names[0])(x))
+  y = nn.Dropout(dropout_rate)(y, deterministic=deterministic)
+  x = x + DropPath(droppath_rate)(y, deterministic)
+  y = mlp(norm(norm_names[1])(x))
+  return x + DropPath(droppath_rate)(y, deterministic)
 
 
 class MlpBlock(nn.Module):
@@ -467,3 +484,49 @@ def flat_init(init: Initializer) -> Initializer:
       return init(key, shape, dtype)
     return init(key, (int(np.prod(shape[:-1])), shape[-1]), dtype).reshape(shape)
   return wrapped
+
+
+# Truncated normal(0.02): the Dense, token and table initialiser of the timm-style families (Swin,
+# PVT, CvT, T2T), sampled over 2-D views (the same values as the plain initialiser, faster to
+# compile).
+trunc_normal = flat_init(nn.initializers.truncated_normal(stddev=0.02))
+
+
+def classifier_head(x, num_classes: int, *, pool: Optional[str] = None,
+                    norm_epsilon: Optional[float] = None, kernel_init: Initializer = trunc_normal,
+                    bias_init: Initializer = nn.initializers.zeros, dtype: Dtype = jnp.float32,
+                    param_dtype: Dtype = jnp.float32) -> jax.Array:
+  """The tail every classifier here shares: [final LayerNorm `norm`] -> pooling -> Dense `head`.
+
+  Call it inside the model's compact `__call__`: the layers it makes are the model's own, so the
+  parameters keep their top-level names `norm` and `head` (checkpoints and the Hugging Face
+  converters read them). `pool`: "token" takes the first token of (B, N, D), and before the norm
+  (a LayerNorm is per token, so the numbers are the same and the other tokens are not
+  normalised for nothing); "mean" averages every axis between batch and channels, after the
+  norm; None takes `x` as pooled. `norm_epsilon=None`: no norm (the model has normalised).
+  Returns float32 logits (B, num_classes), or with `num_classes=0` the float32 pre-logits.
+  """
+  if pool == "token":
+    x = x[:, 0]
+  elif pool not in ("mean", None):
+    raise ValueError(f"Unknown pool {pool!r}: use 'token', 'mean' or None.")
+  if norm_epsilon is not None:
+    x = nn.LayerNorm(epsilon=norm_epsilon, name="norm", dtype=activation_dtype(dtype),
+                     param_dtype=param_dtype)(x)
+  if pool == "mean":
+    x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+  if num_classes:
+    x = nn.Dense(num_classes, kernel_init=kernel_init, bias_init=bias_init, name="head",
+                 **dense_kwargs(dtype, param_dtype))(x)
+  return x.astype(jnp.float32)
+
+
+def match_variant(name: str, name_re: re.Pattern, variants, family: str,
+                  known: str) -> Optional[re.Match]:
+  """`name_re.match(name)` for a family's `config_from_name`: None when the name is not the
+  family's; a ValueError naming the `known` ones when it is, but its `variant` group is not a key
+  of `variants`."""
+  m = name_re.match(name)
+  if m and m["variant"] not in variants:
+    raise ValueError(f"Unknown {family} variant {m['variant']!r} in {name!r}; known: {known}.")
+  return m

@@ -58,7 +58,6 @@ NAMES = (tuple(f"PVT-{v}" for v in _V1_DEPTHS) + tuple(f"PVTv2-{v}" for v in _V2
          + ("PVTv2-B2-Li",))
 NAME_RE = re.compile(r"^PVT(?P<v2>v2)?-(?P<variant>[A-Za-z0-9]+?)(?P<li>-Li)?$")
 
-_trunc_normal = layers.flat_init(nn.initializers.truncated_normal(stddev=0.02))
 
 
 def _conv_init(groups: int = 1):
@@ -95,7 +94,8 @@ class SpatialReductionAttention(nn.Module):
   def setup(self):
     self.attention = layers.Attention(
         self.num_heads, qkv_bias=self.qkv_bias, dropout_rate=self.dropout_rate, dtype=self.dtype,
-        param_dtype=self.param_dtype, kernel_init=_trunc_normal, bias_init=nn.initializers.zeros)
+        param_dtype=self.param_dtype, kernel_init=layers.trunc_normal,
+        bias_init=nn.initializers.zeros)
     nn.share_scope(self, self.attention)
 
   @nn.compact
@@ -119,7 +119,7 @@ class SpatialReductionAttention(nn.Module):
         raise ValueError(f"a {h}x{w} map is smaller than the spatial reduction {self.sr_ratio}; "
                          f"use a larger input or smaller sr_ratios.")
       # A stride-sr sr x sr conv: layers.PatchEmbed has its parameters and is cheaper on CPU.
-      kv = layers.PatchEmbed(c, (self.sr_ratio,) * 2, kernel_init=_trunc_normal, name="sr",
+      kv = layers.PatchEmbed(c, (self.sr_ratio,) * 2, kernel_init=layers.trunc_normal, name="sr",
                              **kw)(kv)
     kv = nn.LayerNorm(epsilon=self.layernorm_eps, name="sr_norm", **nkw)(
         kv.reshape(b, -1, c))
@@ -141,7 +141,7 @@ class ConvMlp(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
     b, _, c = x.shape
-    y = nn.Dense(self.mlp_dim, kernel_init=_trunc_normal, name="Dense_0", **dkw)(x)
+    y = nn.Dense(self.mlp_dim, kernel_init=layers.trunc_normal, name="Dense_0", **dkw)(x)
     if self.linear:
       y = nn.relu(y)
     y = nn.Conv(self.mlp_dim, (3, 3), padding=((1, 1), (1, 1)),
@@ -149,7 +149,7 @@ class ConvMlp(nn.Module):
                 name="dwconv", **kw)(y.reshape(b, h, w, self.mlp_dim))
     y = nn.gelu(y.reshape(b, h * w, self.mlp_dim), approximate=False)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = nn.Dense(c, kernel_init=_trunc_normal, name="Dense_1", **dkw)(y)
+    y = nn.Dense(c, kernel_init=layers.trunc_normal, name="Dense_1", **dkw)(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -171,25 +171,23 @@ class PVTBlock(nn.Module):
   @nn.compact
   def __call__(self, x, h: int, w: int, deterministic: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
-    c = x.shape[-1]
-    y = nn.LayerNorm(epsilon=self.layernorm_eps, name="norm1", **nkw)(x)
-    y = SpatialReductionAttention(self.num_heads, self.sr_ratio, linear=self.linear,
-                                  qkv_bias=self.qkv_bias, layernorm_eps=self.layernorm_eps,
-                                  dropout_rate=self.attention_dropout_rate, name="attn", **kw)(
-                                      y, h, w, deterministic=deterministic)
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    x = x + layers.DropPath(self.droppath_rate)(y, deterministic)
-    y = nn.LayerNorm(epsilon=self.layernorm_eps, name="norm2", **nkw)(x)
-    mlp_dim = int(c * self.mlp_ratio)
+    attention = SpatialReductionAttention(
+        self.num_heads, self.sr_ratio, linear=self.linear, qkv_bias=self.qkv_bias,
+        layernorm_eps=self.layernorm_eps, dropout_rate=self.attention_dropout_rate, name="attn",
+        **kw)
+    mlp_dim = int(x.shape[-1] * self.mlp_ratio)
     if self.version == 1:
-      y = layers.MlpBlock(mlp_dim, dropout_rate=self.dropout_rate, approximate_gelu=False,
-                          kernel_init=_trunc_normal, bias_init=nn.initializers.zeros,
-                          name="mlp", **kw)(y, deterministic=deterministic)
+      mlp = layers.MlpBlock(mlp_dim, dropout_rate=self.dropout_rate, approximate_gelu=False,
+                            kernel_init=layers.trunc_normal, bias_init=nn.initializers.zeros,
+                            name="mlp", **kw)
+      mlp_fn = lambda y: mlp(y, deterministic=deterministic)
     else:
-      y = ConvMlp(mlp_dim, linear=self.linear, dropout_rate=self.dropout_rate, name="mlp", **kw)(
-          y, h, w, deterministic=deterministic)
-    return x + layers.DropPath(self.droppath_rate)(y, deterministic)
+      mlp = ConvMlp(mlp_dim, linear=self.linear, dropout_rate=self.dropout_rate, name="mlp", **kw)
+      mlp_fn = lambda y: mlp(y, h, w, deterministic=deterministic)
+    return layers.pre_norm_block(
+        x, lambda y: attention(y, h, w, deterministic=deterministic), mlp_fn,
+        epsilon=self.layernorm_eps, dropout_rate=self.dropout_rate,
+        droppath_rate=self.droppath_rate, deterministic=deterministic, **kw)
 
 
 class PatchEmbed(nn.Module):
@@ -211,7 +209,7 @@ class PatchEmbed(nn.Module):
       x = nn.Conv(self.features, (k, k), strides=(self.stride,) * 2,
                   padding=((k // 2, k // 2),) * 2, kernel_init=_conv_init(), name="proj", **kw)(x)
     elif k == self.stride:  # the same parameters as a VALID conv, cheaper on CPU
-      x = layers.PatchEmbed(self.features, (k, k), kernel_init=_trunc_normal, name="proj",
+      x = layers.PatchEmbed(self.features, (k, k), kernel_init=layers.trunc_normal, name="proj",
                             **kw)(x)
     else:
       raise ValueError(f"PVT v1 patch embeddings need kernel == stride; got {k} and "
@@ -254,10 +252,10 @@ class PVTStage(nn.Module):
                        f"or smaller patch_sizes/strides.")
     x = x.reshape(b, h * w, c)
     if self.with_cls:
-      cls = self.param("cls_token", _trunc_normal, (1, 1, c), self.param_dtype)
+      cls = self.param("cls_token", layers.trunc_normal, (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls, [b, 1, 1]).astype(x.dtype), x], axis=1)
     if v1:
-      pe = self.param("pos_embed", _trunc_normal, (1, x.shape[1], c), self.param_dtype)
+      pe = self.param("pos_embed", layers.trunc_normal, (1, x.shape[1], c), self.param_dtype)
       x = nn.Dropout(self.dropout_rate)(x + pe.astype(x.dtype), deterministic=deterministic)
     for j in range(self.depth):
       x = PVTBlock(self.num_heads, self.mlp_ratio, self.sr_ratio, self.version,
@@ -310,8 +308,6 @@ class PyramidVisionTransformer(nn.Module):
     if self.linear_attention and self.version == 1:
       raise ValueError("linear_attention is a PVT v2 option; set version=2.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
-    dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
     v1 = self.version == 1
     rates = np.linspace(0.0, self.droppath_rate, sum(self.depths)).tolist()
     x = images.astype(layers.activation_dtype(self.dtype))
@@ -328,14 +324,9 @@ class PyramidVisionTransformer(nn.Module):
                          name=f"stage_{i}", **kw)(x, not train)
       if i < n_stages - 1:
         x = x.reshape(x.shape[0], h, w, -1)
-    if v1:
-      x = nn.LayerNorm(epsilon=self.layernorm_eps, name="norm", **nkw)(x)[:, 0]
-    else:
-      x = jnp.mean(x, axis=1)
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=_trunc_normal, name="head", **dkw)(x)
-    return x.astype(jnp.float32)
+    # v1: the normalised cls token; v2: the mean token (each stage has its own final norm).
+    return layers.classifier_head(x, self.num_classes, pool="token" if v1 else "mean",
+                                  norm_epsilon=self.layernorm_eps if v1 else None, **kw)
 
 
 def config_from_name(name: str) -> Optional[dict]:

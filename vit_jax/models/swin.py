@@ -46,7 +46,6 @@ NAME_RE = re.compile(r"^Swin-(?P<variant>[A-Za-z]+)$")
 # against '/'-joined names such as 'layers_0/blocks_1/attn/relative_position_bias_table'.
 NO_WEIGHT_DECAY = r"(.*/)?(relative_position_bias_table|bias|scale)"
 
-_trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 # torch's default Conv2d init (kaiming_uniform, a=sqrt(5)), which the reference keeps for the stem.
 _torch_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
@@ -133,14 +132,15 @@ class WindowAttention(nn.Module):
   def setup(self):
     self.attention = layers.Attention(
         self.num_heads, qkv_bias=True, dropout_rate=self.dropout_rate, dtype=self.dtype,
-        param_dtype=self.param_dtype, kernel_init=_trunc_normal, bias_init=nn.initializers.zeros)
+        param_dtype=self.param_dtype, kernel_init=layers.trunc_normal,
+        bias_init=nn.initializers.zeros)
     nn.share_scope(self, self.attention)
 
   @nn.compact
   def __call__(self, x, mask=None, *, deterministic: bool):
     """x: (B * nW, w*w, D) windows; mask: (nW, w*w, w*w) or None."""
     win, n = self.window_size, self.window_size ** 2
-    table = self.param("relative_position_bias_table", _trunc_normal,
+    table = self.param("relative_position_bias_table", layers.trunc_normal,
                        ((2 * win - 1) ** 2, self.num_heads), self.param_dtype)
     bias = table[relative_position_index(win).reshape(-1)].reshape(n, n, self.num_heads)
     bias = jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)  # (1, H, N, N)
@@ -190,7 +190,7 @@ class SwinBlock(nn.Module):
 
     y = nn.LayerNorm(epsilon=1e-5, name="norm2", **ln_kw)(x)
     y = layers.MlpBlock(int(c * self.mlp_ratio), dropout_rate=self.dropout_rate,
-                        approximate_gelu=False, kernel_init=_trunc_normal,
+                        approximate_gelu=False, kernel_init=layers.trunc_normal,
                         bias_init=nn.initializers.zeros, name="mlp", **kw)(
                             y, deterministic=deterministic)
     return x + layers.DropPath(self.droppath_rate)(y, deterministic)
@@ -207,7 +207,7 @@ class PatchMerging(nn.Module):
     x = merge_patches(x)
     x = nn.LayerNorm(epsilon=1e-5, name="norm", dtype=layers.activation_dtype(self.dtype),
                      param_dtype=self.param_dtype)(x)
-    return nn.Dense(2 * c, use_bias=False, kernel_init=_trunc_normal, name="reduction",
+    return nn.Dense(2 * c, use_bias=False, kernel_init=layers.trunc_normal, name="reduction",
                     **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
 
 
@@ -297,24 +297,14 @@ class SwinTransformer(nn.Module):
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, name=f"layers_{i}",
                     **kw)(x, not train)
-    x = nn.LayerNorm(epsilon=1e-5, name="norm", dtype=layers.activation_dtype(self.dtype),
-                     param_dtype=self.param_dtype)(x)
-    x = jnp.mean(x, axis=(1, 2))  # (B, D)
-    if not self.num_classes:
-      return x
-    x = nn.Dense(self.num_classes, kernel_init=_trunc_normal, name="head",
-                 **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(x, self.num_classes, pool="mean", norm_epsilon=1e-5, **kw)
 
 
 def config_from_name(name: str) -> Optional[dict]:
   """`Swin-T` -> SwinTransformer kwargs (with the published drop path); None if not a Swin name."""
-  m = NAME_RE.match(name)
+  m = layers.match_variant(name, NAME_RE, VARIANTS, "Swin", ", ".join(NAMES))
   if not m:
     return None
-  if m["variant"] not in VARIANTS:
-    raise ValueError(f"Unknown Swin variant {m['variant']!r} in {name!r}; "
-                     f"known: {', '.join(NAMES)}.")
   dim, depths, heads, droppath = VARIANTS[m["variant"]]
   return dict(embed_dim=dim, depths=depths, num_heads=heads, droppath_rate=droppath)
 
@@ -391,78 +381,32 @@ def from_hf_state_dict(state_dict: Mapping[str, Any]) -> dict:
   """Params (nested dict of numpy arrays) from a Hugging Face `SwinForImageClassification` (or
   `SwinModel`, then without `head`) state dict of numpy arrays. Current and legacy Hub names are
   both accepted; head counts are read from the bias tables. Raises ValueError on leftover keys."""
-  sd = {}
-  for k, v in state_dict.items():
-    k = k[len("swin."):] if k.startswith("swin.") else k
-    for old, new in _HF_LEGACY:
-      k = k.replace(old, new)
-    if not _HF_IGNORED.fullmatch(k):
-      sd[k] = np.asarray(v)
-  params = {}
-  used = set()
-
-  def take(key):
-    if key not in sd:
-      raise ValueError(f"Swin state dict lacks {key!r} (after stripping 'swin.' and renaming "
-                       f"legacy names); is it a SwinForImageClassification/SwinModel state dict?")
-    used.add(key)
-    return sd[key]
-
-  def put(path, value):
-    node = params
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-
-  def linear(src, dst):  # torch Linear (out, in) -> flax Dense kernel (in, out)
-    put(dst + ("kernel",), take(src + ".weight").T)
-    if src + ".bias" in sd:
-      put(dst + ("bias",), take(src + ".bias"))
-
-  def norm(src, dst):
-    put(dst + ("scale",), take(src + ".weight"))
-    put(dst + ("bias",), take(src + ".bias"))
-
-  put(("patch_embed", "proj", "kernel"),
-      take("embeddings.patch_embeddings.projection.weight").transpose(2, 3, 1, 0))  # OIHW->HWIO
-  put(("patch_embed", "proj", "bias"), take("embeddings.patch_embeddings.projection.bias"))
-  norm("embeddings.norm", ("patch_embed", "norm"))
-
-  for key in sorted(sd):
+  sd = layers.TorchStateDict(state_dict, what="Swin", strip_prefix="swin.", renames=_HF_LEGACY,
+                             ignore=_HF_IGNORED)
+  sd.conv("embeddings.patch_embeddings.projection", ("patch_embed", "proj"))
+  sd.layer_norm("embeddings.norm", ("patch_embed", "norm"))
+  for key in sorted(sd.sd):
     if m := _HF_BLOCK.fullmatch(key):
       if not m[3].startswith("attention.relative_position_bias."):
         continue
       src, dst = f"encoder.layers.{m[1]}.blocks.{m[2]}", (f"layers_{m[1]}", f"blocks_{m[2]}")
-      table = take(key)
-      heads = table.shape[1]
-      put(dst + ("attn", "relative_position_bias_table"), table)
-      norm(src + ".layernorm_before", dst + ("norm1",))
-      norm(src + ".layernorm_after", dst + ("norm2",))
-      for name in ("q", "k", "v"):
-        w = take(f"{src}.attention.{name}_proj.weight").T  # (D, D)
-        d = w.shape[0]
-        full = {"q": "query", "k": "key", "v": "value"}[name]
-        put(dst + ("attn", full, "kernel"), w.reshape(d, heads, d // heads))
-        b = f"{src}.attention.{name}_proj.bias"
-        if b in sd:
-          put(dst + ("attn", full, "bias"), take(b).reshape(heads, d // heads))
-      w = take(f"{src}.attention.o_proj.weight").T  # (D_in, D_out)
-      put(dst + ("attn", "out", "kernel"), w.reshape(heads, -1, w.shape[1]))
-      put(dst + ("attn", "out", "bias"), take(f"{src}.attention.o_proj.bias"))
-      linear(src + ".mlp.fc1", dst + ("mlp", "Dense_0"))
-      linear(src + ".mlp.fc2", dst + ("mlp", "Dense_1"))
-    elif m := _HF_DOWN.fullmatch(key):
-      if m[2] == "reduction.weight":
-        src, dst = f"encoder.layers.{m[1]}.downsample", (f"layers_{m[1]}", "downsample")
-        linear(src + ".reduction", dst + ("reduction",))
-        norm(src + ".norm", dst + ("norm",))
-
-  norm("layernorm", ("norm",))
-  if "classifier.weight" in sd:
-    linear("classifier", ("head",))
-  leftover = sorted(set(sd) - used)
-  if leftover:
-    raise ValueError(f"Unconverted keys in the Swin state dict (absolute position embeddings and "
-                     f"mask tokens are not supported): {leftover[:10]}"
-                     f"{' ...' if len(leftover) > 10 else ''}")
-  return params
+      table = sd.take(key)
+      sd.put(dst + ("attn", "relative_position_bias_table"), table)
+      sd.layer_norm(src + ".layernorm_before", dst + ("norm1",))
+      sd.layer_norm(src + ".layernorm_after", dst + ("norm2",))
+      sd.attention(*(f"{src}.attention.{n}_proj" for n in "qkvo"), dst + ("attn",),
+                   num_heads=table.shape[1])
+      sd.linear(src + ".mlp.fc1", dst + ("mlp", "Dense_0"))
+      sd.linear(src + ".mlp.fc2", dst + ("mlp", "Dense_1"))
+    elif (m := _HF_DOWN.fullmatch(key)) and m[2] == "reduction.weight":
+      src, dst = f"encoder.layers.{m[1]}.downsample", (f"layers_{m[1]}", "downsample")
+      sd.linear(src + ".reduction", dst + ("reduction",))
+      sd.layer_norm(src + ".norm", dst + ("norm",))
+  sd.layer_norm("layernorm", ("norm",))
+  if sd.has("classifier.weight"):
+    sd.linear("classifier", ("head",))
+  try:
+    return sd.variables()["params"]
+  except ValueError as e:  # keys left over
+    raise ValueError(f"{e} (absolute position embeddings and mask tokens are not supported)"
+                     ) from None

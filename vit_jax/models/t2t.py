@@ -50,9 +50,6 @@ NAME_RE = re.compile(r"^T2T-ViT-(?P<variant>\d+)$")
 # (kernel, stride, padding) of the three soft splits.
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
-_trunc_normal = layers.flat_init(nn.initializers.truncated_normal(stddev=0.02))
-
-
 def soft_split(x, kernel: int, stride: int, padding: int) -> Tuple[jax.Array, int, int]:
   """torch's nn.Unfold on (B, H, W, C): -> (B, h*w, C*k*k) tokens (channel-major), h, w."""
   b, hi, wi, c = x.shape
@@ -95,7 +92,7 @@ class TokenPerformer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
     dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
-    dense = lambda n, name: nn.Dense(n, kernel_init=_trunc_normal, name=name, **dkw)
+    dense = lambda n, name: nn.Dense(n, kernel_init=layers.trunc_normal, name=name, **dkw)
     m = int(self.emb * self.kernel_ratio)
     w = jax.lax.stop_gradient(self.param("w", _performer_w_init, (m, self.emb),
                                          self.param_dtype)).astype(jnp.float32)
@@ -113,7 +110,7 @@ class TokenPerformer(nn.Module):
     y = dense(self.emb, "proj")(y)
     x = v + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=1e-5, name="norm2", **nkw)(x)
-    y = layers.MlpBlock(self.emb, approximate_gelu=False, kernel_init=_trunc_normal,
+    y = layers.MlpBlock(self.emb, approximate_gelu=False, kernel_init=layers.trunc_normal,
                         bias_init=nn.initializers.zeros, name="mlp", **kw)(y, deterministic=True)
     return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
@@ -136,7 +133,7 @@ class TokensToToken(nn.Module):
         x = TokenPerformer(self.token_dim, dropout_rate=self.dropout_rate,
                            name=f"attention{i + 1}", **kw)(x, deterministic)
         x = x.reshape(x.shape[0], h, w, self.token_dim)
-    return nn.Dense(self.embed_dim, kernel_init=_trunc_normal, name="project", **dkw)(x)
+    return nn.Dense(self.embed_dim, kernel_init=layers.trunc_normal, name="project", **dkw)(x)
 
 
 class T2TBlock(nn.Module):
@@ -152,18 +149,17 @@ class T2TBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
-    y = nn.LayerNorm(epsilon=1e-5, name="norm1", **nkw)(x)
-    y = layers.Attention(self.num_heads, qkv_bias=False,
-                         dropout_rate=self.attention_dropout_rate, kernel_init=_trunc_normal,
-                         name="attn", **kw)(y, deterministic=deterministic)
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    x = x + layers.DropPath(self.droppath_rate)(y, deterministic)
-    y = nn.LayerNorm(epsilon=1e-5, name="norm2", **nkw)(x)
-    y = layers.MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate, approximate_gelu=False,
-                        kernel_init=_trunc_normal, bias_init=nn.initializers.zeros, name="mlp",
-                        **kw)(y, deterministic=deterministic)
-    return x + layers.DropPath(self.droppath_rate)(y, deterministic)
+    attention = layers.Attention(self.num_heads, qkv_bias=False,
+                                 dropout_rate=self.attention_dropout_rate,
+                                 kernel_init=layers.trunc_normal, name="attn", **kw)
+    mlp = layers.MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate, approximate_gelu=False,
+                          kernel_init=layers.trunc_normal, bias_init=nn.initializers.zeros,
+                          name="mlp", **kw)
+    return layers.pre_norm_block(
+        x, lambda y: attention(y, deterministic=deterministic),
+        lambda y: mlp(y, deterministic=deterministic), epsilon=1e-5,
+        dropout_rate=self.dropout_rate, droppath_rate=self.droppath_rate,
+        deterministic=deterministic, **kw)
 
 
 class T2TViT(nn.Module):
@@ -186,13 +182,11 @@ class T2TViT(nn.Module):
     if images.ndim != 4:
       raise ValueError(f"images must be (B, H, W, C); got shape {images.shape}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
-    dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
     x = images.astype(layers.activation_dtype(self.dtype))
     x = TokensToToken(self.embed_dim, self.token_dim, self.t2t_dropout_rate,
                       name="tokens_to_token", **kw)(x, not train)
     b, n, d = x.shape
-    cls = self.param("cls_token", _trunc_normal, (1, 1, d), self.param_dtype)
+    cls = self.param("cls_token", layers.trunc_normal, (1, 1, d), self.param_dtype)
     x = jnp.concatenate([jnp.tile(cls, [b, 1, 1]).astype(x.dtype), x], axis=1)
     table = lambda *_: jnp.asarray(sinusoid_table(n + 1, d), self.param_dtype)
     pe = jax.lax.stop_gradient(self.param("pos_embed", table, (1, n + 1, d), self.param_dtype))
@@ -202,20 +196,13 @@ class T2TViT(nn.Module):
       x = T2TBlock(self.num_heads, int(d * self.mlp_ratio), dropout_rate=self.dropout_rate,
                    attention_dropout_rate=self.attention_dropout_rate, droppath_rate=rates[i],
                    name=f"blocks_{i}", **kw)(x, not train)
-    x = nn.LayerNorm(epsilon=1e-5, name="norm", **nkw)(x)[:, 0]
-    if not self.num_classes:
-      return x.astype(jnp.float32)
-    x = nn.Dense(self.num_classes, kernel_init=_trunc_normal, name="head", **dkw)(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(x, self.num_classes, pool="token", norm_epsilon=1e-5, **kw)
 
 
 def config_from_name(name: str) -> Optional[dict]:
   """`T2T-ViT-14` -> T2TViT kwargs; None for other names."""
-  m = NAME_RE.match(name)
+  m = layers.match_variant(name, NAME_RE, VARIANTS, "T2T-ViT", ", ".join(NAMES))
   if not m:
     return None
-  if m["variant"] not in VARIANTS:
-    raise ValueError(f"Unknown T2T-ViT variant {m['variant']!r} in {name!r}; known: "
-                     f"{', '.join(NAMES)}.")
   d, depth, heads, mlp_ratio = VARIANTS[m["variant"]]
   return dict(embed_dim=d, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio)

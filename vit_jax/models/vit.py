@@ -82,21 +82,18 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ln_kw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
     init = inits(self.init_style)
-    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_0", **ln_kw)(x)
-    y = layers.Attention(self.num_heads, dropout_rate=self.attention_dropout_rate,
-                         kernel_init=init["dense"], bias_init=init["attn_bias"],
-                         name="MultiHeadDotProductAttention_1", **kw)(
-                             y, deterministic=deterministic)
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    x = x + layers.DropPath(self.droppath_rate)(y, deterministic)
-    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_2", **ln_kw)(x)
-    y = layers.MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate,
-                        approximate_gelu=self.approximate_gelu, kernel_init=init["dense"],
-                        bias_init=init["mlp_bias"], name="MlpBlock_3", **kw)(
-                            y, deterministic=deterministic)
-    x = x + layers.DropPath(self.droppath_rate)(y, deterministic)
+    attention = layers.Attention(self.num_heads, dropout_rate=self.attention_dropout_rate,
+                                 kernel_init=init["dense"], bias_init=init["attn_bias"],
+                                 name="MultiHeadDotProductAttention_1", **kw)
+    mlp = layers.MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate,
+                          approximate_gelu=self.approximate_gelu, kernel_init=init["dense"],
+                          bias_init=init["mlp_bias"], name="MlpBlock_3", **kw)
+    x = layers.pre_norm_block(
+        x, lambda y: attention(y, deterministic=deterministic),
+        lambda y: mlp(y, deterministic=deterministic), epsilon=1e-6,
+        dropout_rate=self.dropout_rate, droppath_rate=self.droppath_rate,
+        deterministic=deterministic, norm_names=("LayerNorm_0", "LayerNorm_2"), **kw)
     # Per-layer tokens for probing/visualisation; a no-op unless `intermediates` is mutable.
     self.sow("intermediates", "tokens", x)
     return x
@@ -258,22 +255,17 @@ class VisionTransformer(nn.Module):
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits",
                            **layers.dense_kwargs(self.dtype, self.param_dtype))(x))
-    if not self.num_classes:
-      return x
-    x = nn.Dense(self.num_classes, kernel_init=init["head"],
-                 bias_init=nn.initializers.constant(self.head_bias_init), name="head",
-                 **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
-    return x.astype(jnp.float32)
+    return layers.classifier_head(x, self.num_classes, kernel_init=init["head"],
+                                  bias_init=nn.initializers.constant(self.head_bias_init), **kw)
 
 
 def config_from_name(name: str) -> Optional[dict]:
   """`ViT-B/16` or `R50+ViT-B/16` -> VisionTransformer kwargs; None for other names."""
-  m = NAME_RE.match(name) or HYBRID_RE.match(name)
+  known = f"{', '.join(VARIANTS)} (e.g. ViT-B/16)"
+  m = (layers.match_variant(name, NAME_RE, VARIANTS, "ViT", known)
+       or layers.match_variant(name, HYBRID_RE, VARIANTS, "ViT", known))
   if not m:
     return None
-  if m["variant"] not in VARIANTS:
-    raise ValueError(f"Unknown ViT variant {m['variant']!r} in {name!r}; "
-                     f"known: {', '.join(VARIANTS)} (e.g. ViT-B/16).")
   d, mlp, heads, depth = VARIANTS[m["variant"]]
   p = int(m["patch"])
   kwargs = dict(hidden_size=d, mlp_dim=mlp, num_heads=heads, num_layers=depth, patch_size=(p, p))
@@ -313,3 +305,38 @@ def unrolled_to_scan(params):
   enc["encoderblock"] = {"block": jax.tree_util.tree_map(lambda *a: jnp.stack(a), *blocks)}
   params["Transformer"] = enc
   return params
+
+
+# ------------------------------------------------------------------ Hugging Face import.
+# Hub checkpoints written by transformers < 5 (which `save_pretrained` still writes) use the
+# older names on the left; order matters. The same for ViT (`vit.`) and DeiT (`deit.`) keys.
+HF_LEGACY_NAMES = (
+    ("encoder.layer.", "layers."),
+    (".attention.attention.query.", ".attention.q_proj."),
+    (".attention.attention.key.", ".attention.k_proj."),
+    (".attention.attention.value.", ".attention.v_proj."),
+    (".attention.output.dense.", ".attention.o_proj."),
+    (".intermediate.dense.", ".mlp.fc1."),
+    (".output.dense.", ".mlp.fc2."),
+)
+
+
+def read_hf_backbone(sd: layers.TorchStateDict, prefix: str, num_layers: int, num_heads: int):
+  """Reads the part of a Hugging Face ViT or DeiT state dict (current names, keys under `prefix`,
+  e.g. 'vit.' or 'deit.') that a ViT with a class token has: the class token, the learned position
+  embedding, the patch embedding, the blocks and the final norm, into `sd`'s tree under this
+  module's names (`cls`, `embedding`, `Transformer/...`). Heads and extra tokens are the
+  caller's."""
+  e = prefix + "embeddings."
+  sd.put(("cls",), sd.take(e + "cls_token"))
+  sd.put(("Transformer", "posembed_input", "pos_embedding"), sd.take(e + "position_embeddings"))
+  sd.conv(e + "patch_embeddings.projection", ("embedding",))
+  for i in range(num_layers):
+    src, dst = f"{prefix}layers.{i}", ("Transformer", f"encoderblock_{i}")
+    sd.layer_norm(src + ".layernorm_before", dst + ("LayerNorm_0",))
+    sd.attention(*(f"{src}.attention.{n}_proj" for n in "qkvo"),
+                 dst + ("MultiHeadDotProductAttention_1",), num_heads)
+    sd.layer_norm(src + ".layernorm_after", dst + ("LayerNorm_2",))
+    sd.linear(src + ".mlp.fc1", dst + ("MlpBlock_3", "Dense_0"))
+    sd.linear(src + ".mlp.fc2", dst + ("MlpBlock_3", "Dense_1"))
+  sd.layer_norm(prefix + "layernorm", ("Transformer", "encoder_norm"))
