@@ -6,7 +6,6 @@ global numbering:
 With `scan=True` the blocks live stacked under `Transformer/encoderblock` (leading axis = layer);
 `scan_to_unrolled` / `unrolled_to_scan` convert between the two layouts.
 """
-import dataclasses
 import re
 from typing import Any, Optional, Tuple
 
