@@ -76,6 +76,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
   c.label_smoothing = 0.0
   c.freeze = ""  # regex of frozen parameters
+  # The training loss: "classification" (softmax cross-entropy on one-hot labels; evaluation:
+  # top-1) or "detr" (DETR's set loss on boxes and labels, vit_jax/detection/loss.py: a DETR
+  # model on a detection data set; evaluation: COCO-style mAP). `detr` holds the weights of its
+  # terms (DETR's): "no object" class weight, class, L1 and GIoU weights (matching cost and
+  # loss), and the auxiliary losses of the earlier decoder layers.
+  c.loss = "classification"
+  c.detr = ml_collections.ConfigDict(dict(eos_coef=0.1, class_weight=1.0, bbox_weight=5.0,
+                                          giou_weight=2.0, aux=True))
 
   c.parallel = "jit"  # jit (NamedSharding over the mesh) | pmap
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1: all that is left

@@ -2,9 +2,9 @@ r"""DETR-Mu on multi-object Fashion-MNIST canvases (vit_jax/data/canvases.py), o
 
   python -m vit_jax.main --config=configs/detr_fashion_mnist.py --workdir=workdirs/detr_fmnist
 
-Not trainable through train.py yet: the trainer still needs DETR's loss
-(vit_jax.detection.loss.detr_loss), the canvas source under `dataset.name` and the mAP evaluator
-(vit_jax.evaluators.detection); the config only sets keys configs/common.py declares.
+The trainer runs it with `loss="detr"`: DETR's set loss (vit_jax/detection/loss.py), the
+canvas source `fashion_mnist_canvases` and COCO-style mAP on `val` during training and on `test`
+at the end (metrics val_map, val_map50, final_test_map, final_test_map50, ...).
 
 Task: 128x128 grey canvases with 1-6 garments of 24-56 px (max IoU 0.3 between them), 10 classes,
 boxes and labels known; canvases are a function of (seed, split, index): `train` draws garments
@@ -48,4 +48,10 @@ def get_config(arg: str = ""):
   c.wd = 1e-4
   c.grad_clip_norm = 0.1
   c.label_smoothing = 0.0
+  c.loss = "detr"
+  c.detr.eos_coef = 0.1
+  c.detr.class_weight = 1.0
+  c.detr.bbox_weight = 5.0
+  c.detr.giou_weight = 2.0
+  c.detr.aux = True
   return c

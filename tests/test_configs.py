@@ -18,7 +18,8 @@ from vit_jax import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_ARGS = {
     "fashion_mnist": list(fashion_mnist.MODELS),
-    # Loads only: train.py does not take DETR's loss and canvases yet, so no two-step run.
+    # Loads only here (a DETR step compiles for minutes on 2 cores); tests/test_train_detr.py
+    # trains a shrunk DETR-Mu through the trainer.
     "detr_fashion_mnist": [""],
     "deit": ["DeiT-S/16", "DeiT-Ti/16-distilled", "DeiT-B/16-distilled,epochs=100"],
     "finetune": ["cifar10,ViT-B/16", "pets,ViT-S/16", "imagenet1k,ViT-L/16", "flowers,ViT-Ti/16",

@@ -42,3 +42,11 @@ def test_progress_after_resume_counts_from_the_resumed_step(monkeypatch):
   assert m["img_per_sec"] == pytest.approx(5 * 4 / 2.0)
   assert m["examples_seen"] == 35 * 4
   assert m["eta_sec"] == pytest.approx(2.0)
+
+
+def test_progress_line_names_accuracy_only_when_the_loss_has_one():
+  line = metrics.format_progress(5, 10, {"train_loss": 0.5, "train_accuracy": 0.25, "lr": 1e-3,
+                                         "img_per_sec": 12.0, "eta_sec": 65})
+  assert line == "step 5/10 (50%) loss 0.5000 acc 0.2500 lr 1.00e-03 12 img/s ETA 0:01:05"
+  detr = metrics.format_progress(5, 10, {"train_loss": 0.5, "lr": 1e-3})
+  assert "acc" not in detr and "nan" not in detr

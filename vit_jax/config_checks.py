@@ -33,10 +33,17 @@ RESUME_FREE = ("log_every_", "eval_every_", "checkpoint_every_", "keep_checkpoin
 # Values that mean "off": a key missing from an older run's config.json with one of them is no
 # change (keys are added with such defaults).
 NEUTRAL = (None, 0, 0.0, "", False, [], {})
-# Groups of keys that do nothing while their switch key is neutral.
-SWITCHES = {"distill.": "distill.teacher"}
+# Groups of keys that do nothing while their switch key is neutral (or has one of the values
+# listed with it).
+SWITCHES = {"distill.": ("distill.teacher", ()), "detr.": ("loss", ("classification",))}
 # Keys added to the code with a default that is not in NEUTRAL but changes nothing.
-ADDED_DEFAULTS = {"repeated_aug": 1}
+ADDED_DEFAULTS = {"repeated_aug": 1, "loss": "classification"}
+LOSSES = ("classification", "detr")
+DETR_KEYS = ("eos_coef", "class_weight", "bbox_weight", "giou_weight", "aux")
+# Data sets whose examples are boxes and labels (loss="detr"), and the pp ops that keep them
+# valid: those that do not move pixels (the boxes are not transformed with the image).
+DETECTION_DATASETS = ("fashion_mnist_canvases",)
+DETECTION_PP_OPS = ("decode", "value_range")
 
 
 class ConfigError(ValueError):
@@ -201,6 +208,8 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
       except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
 
+  _check_loss(config, need)
+
   if model_fields is not None:
     unknown = sorted(set(config.model.keys()) - set(model_fields))
     need(not unknown, f"model.{unknown[0] if unknown else ''}: {config.model_name} has no such "
@@ -213,6 +222,50 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
   need(not (config.pretrained.required and not config.pretrained.path),
        "This config fine-tunes pretrained weights and none were given: pass "
        "--config.pretrained.path=/path/to/weights.npz (e.g. ViT-B_16.npz of the ViT release).")
+
+
+def _check_loss(config, need) -> None:
+  """config.loss, and with "detr" its weights and what DETR's loss cannot take: images mixed or
+  repeated, class targets (smoothing, distillation, few-shot probes), pixels moved by the pp."""
+  loss = config.get("loss", "classification")
+  need(loss in LOSSES, f"loss={loss!r}: use {' or '.join(LOSSES)}.")
+  detection_data = config.dataset.name in DETECTION_DATASETS
+  if loss != "detr":
+    need(not detection_data, f"dataset.name={config.dataset.name!r} is a detection data set "
+         "(boxes, no class per image): train it with loss='detr' and a DETR model.")
+    return
+  need(config.model_name.startswith("DETR"),
+       f"loss='detr' needs a DETR model (DETR-Mu, DETR-R50, ...), not {config.model_name!r}.")
+  need(detection_data, f"loss='detr' needs a detection data set ({', '.join(DETECTION_DATASETS)}),"
+       f" not dataset.name={config.dataset.name!r}.")
+  detr = config.get("detr") or {}
+  unknown = sorted(set(detr.keys()) - set(DETR_KEYS))
+  need(not unknown, f"detr.{unknown[0] if unknown else ''}: unknown key; the DETR loss takes "
+       f"{', '.join(DETR_KEYS)}.")
+  for key in DETR_KEYS[:4]:
+    v = detr.get(key)
+    need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+         f"detr.{key}={v!r}: must be a number >= 0.")
+  need(0 < detr.get("eos_coef") <= 1, f"detr.eos_coef={detr.get('eos_coef')!r}: the weight of "
+       "'no object' predictions must be in (0, 1] (DETR: 0.1).")
+  need(isinstance(detr.get("aux"), bool), f"detr.aux={detr.get('aux')!r}: must be True or False.")
+  need(any(detr.get(k) for k in DETR_KEYS[1:4]),
+       "detr.class_weight, bbox_weight and giou_weight are all 0: nothing would be learnt.")
+  for key, what in (("fewshot.shots", "few-shot probes of class labels"),
+                    ("mixup", "mixup"), ("cutmix", "CutMix"),
+                    ("distill.teacher", "distillation"), ("label_smoothing", "label smoothing")):
+    node, leaf = _node(config, key)
+    value = node.get(leaf)
+    need(not value, f"{key}={value!r}: loss='detr' does not support {what}; unset it.")
+  need(config.get("repeated_aug", 1) == 1,
+       f"repeated_aug={config.get('repeated_aug')!r}: loss='detr' does not support repeated "
+       "augmentation; set it to 1.")
+  from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  for key in ("pp_train", "pp_eval"):
+    moved = [op.name for op in preprocess.parse(config[key])
+             if op.name not in DETECTION_PP_OPS]
+    need(not moved, f"{key}: op {moved[0] if moved else ''!r} with loss='detr': the boxes do not "
+         f"follow the pixels; use only {', '.join(DETECTION_PP_OPS)}.")
 
 
 def _kind(value) -> Optional[str]:
@@ -303,6 +356,17 @@ def model_shapes(model, image_shape) -> None:
           f"{min(grid)}, or larger images.")
 
 
+def detection_queries(model, max_objects: int) -> None:
+  """A DETR model's `num_queries` against the most objects an image of the data set holds: the
+  matching gives every object its own prediction, so fewer queries cannot work (and the error
+  would come from inside the compiled step, where it aborts the process)."""
+  queries = getattr(model, "num_queries", None)
+  if isinstance(queries, int) and queries < max_objects:
+    raise ConfigError(f"model.num_queries={queries}: the data set has images with up to "
+                      f"{max_objects} objects and each needs its own query; use at least "
+                      f"{max_objects}.")
+
+
 # ------------------------------------------------------------------------------------- resume.
 def resume_changes(saved: Mapping[str, Any], config) -> List[str]:
   """`saved` (the workdir's config.json, as loaded) vs `config`: lines 'key: old -> new' for each
@@ -315,9 +379,10 @@ def resume_changes(saved: Mapping[str, Any], config) -> List[str]:
     a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
     if a == "<unset>" and (b in NEUTRAL or (key in ADDED_DEFAULTS and b == ADDED_DEFAULTS[key])):
       continue  # a key added to the code since the run started, at its neutral default
-    switch = next((k for g, k in SWITCHES.items() if key.startswith(g)), None)
-    if a == "<unset>" and switch and new.get(switch) in NEUTRAL and old.get(switch) in (
-        "<unset>",) + NEUTRAL:
+    switch, off = next((v for g, v in SWITCHES.items() if key.startswith(g)), (None, ()))
+    off = NEUTRAL + off
+    if a == "<unset>" and switch and new.get(switch) in off and old.get(switch) in (
+        "<unset>",) + off:
       continue  # ... or in a group that is switched off (distill.* without a teacher)
     if a != b:
       lines.append(f"{key}: {json.dumps(a)} -> {json.dumps(b)}")

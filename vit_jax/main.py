@@ -135,6 +135,7 @@ def main(argv):
     return
   if result.get("already_complete"):
     acc = (f"; {result['split']} accuracy {result['accuracy']:.4f}" if "accuracy" in result
+           else f"; {result['split']} mAP@0.5 {result['map50']:.4f}" if "map50" in result
            else "")
     print(f"The run in {_WORKDIR.value} is already complete at step {result['step']}{acc}. "
           "Nothing was changed; raise total_* to train on, or use another --workdir.",
@@ -148,6 +149,13 @@ def main(argv):
   if "accuracy" in result:
     print(f"{result['split']} accuracy: {result['accuracy']:.4f} "
           f"on {result['num_examples']} images", flush=True)
+  if "map" in result:
+    print(f"{result['split']} mAP {result['map']:.4f}, mAP@0.5 {result['map50']:.4f} "
+          f"on {result['num_images']} images", flush=True)
+  if "test_map" in result:
+    print(f"test mAP ({result['test_split']}, evaluated once at the end): "
+          f"{result['test_map']:.4f}, mAP@0.5 {result['test_map50']:.4f} on "
+          f"{result['test_num_images']} images", flush=True)
   if "test_accuracy" in result:
     print(f"test accuracy ({result['test_split']}, evaluated once at the end): "
           f"{result['test_accuracy']:.4f} on {result['test_num_examples']} images", flush=True)

@@ -127,8 +127,8 @@ class Progress:
 
 def format_progress(step: int, total: int, m: Mapping[str, float]) -> str:
   eta = int(m.get("eta_sec", 0))
+  acc = f"acc {m['train_accuracy']:.4f} " if "train_accuracy" in m else ""  # DETR has none
   return (f"step {step}/{total} ({100 * step / max(total, 1):.0f}%) "
-          f"loss {m.get('train_loss', float('nan')):.4f} "
-          f"acc {m.get('train_accuracy', float('nan')):.4f} "
+          f"loss {m.get('train_loss', float('nan')):.4f} {acc}"
           f"lr {m.get('lr', float('nan')):.2e} {m.get('img_per_sec', 0):.0f} img/s "
           f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")

@@ -28,7 +28,9 @@ from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import pretrained
 from vit_jax import evaluators
+from vit_jax.detection import loss as detection_loss
 from vit_jax.evaluators import classification
+from vit_jax.evaluators import detection as detection_eval
 from vit_jax.evaluators import fewshot
 
 
@@ -60,7 +62,8 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
   Models with BatchNorm (state["batch_stats"]) run the batch in one call instead (a per-example
   call would normalise every example by itself), with the key of the batch's first row; their
   statistics are those of the global batch under jit and the per-device ones averaged under pmap,
-  so only for them jit and pmap differ.
+  so only for them jit and pmap differ. DETR (config.loss="detr") runs the batch in one call as
+  well, its dropout keyed by the first row.
 
   Gradient accumulation splits the batch strided: micro-batch i holds rows i, i + accum,
   i + 2 * accum, ... With each device holding a contiguous block of rows whose size is a
@@ -70,78 +73,108 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
 
   `teacher` (a Module; its variables are state["teacher"]) turns on distillation (`loss_terms`).
   With config.ema_decay > 0, state["ema_params"] follows the parameters after every update.
+
+  config.loss="detr": the model also takes batch["image_mask"] and the loss is DETR's set loss
+  (vit_jax.detection.loss.detr_loss, weights from config.detr) over the whole (micro-)batch, with
+  the targets batch["boxes"], ["labels"] and ["mask"] (real objects); the metrics hold its
+  unweighted last-layer terms (train_loss_ce, train_loss_bbox, train_loss_giou) instead of the
+  accuracy.
   """
+  detr = config.get("loss", "classification") == "detr"
+  detr_weights = dict(config.detr) if detr else {}
   smoothing = float(config.label_smoothing)
   accum = int(config.grad_accum_steps)
   seed = int(config.seed)
   ema_decay = float(config.get("ema_decay", 0.0))
   distill = config.get("distill") or {}
 
-  def forward(params, extra, images, rows, rng):
-    """Training outputs, and the updated BatchNorm statistics (or {})."""
+  def forward(params, extra, inputs, rows, rng):
+    """Training outputs, and the updated BatchNorm statistics (or {}); `inputs`: the model's
+    positional inputs, (images,) or (images, image_mask), batched."""
+    images = inputs[0]
     if extra:
       key = jax.random.fold_in(rng, rows[0])
-      return model.apply({"params": params, **extra}, images, train=True,
+      return model.apply({"params": params, **extra}, *inputs, train=True,
                          rngs={"dropout": key}, mutable=list(extra))
+    if detr:  # one call too: its outputs put the decoder layers first (`aux_*`), not the batch
+      key = jax.random.fold_in(rng, rows[0])
+      return model.apply({"params": params}, *inputs, train=True, rngs={"dropout": key}), {}
     if _draws_random(model, params, images):
-      def one(image, row):  # one example, its own key
+      def one(example, row):  # one example, its own key
         key = jax.random.fold_in(rng, row)
-        out = model.apply({"params": params}, image[None], train=True, rngs={"dropout": key})
+        out = model.apply({"params": params}, *[x[None] for x in example], train=True,
+                          rngs={"dropout": key})
         return jax.tree_util.tree_map(lambda o: o[0], out)
-      return jax.vmap(one)(images, rows), {}
+      return jax.vmap(one)(inputs, rows), {}
     # Nothing random: the batch in one call (the vmap above costs 6-16% on CPU).
-    return model.apply({"params": params}, images, train=True), {}
+    return model.apply({"params": params}, *inputs, train=True), {}
 
-  def loss_fn(params, extra, teacher_vars, images, labels, rows, rng):
-    out, new_extra = forward(params, extra, images, rows, rng)
+  def loss_fn(params, extra, teacher_vars, batch, rows, rng):
+    """(loss, (metrics, new BatchNorm statistics)) of a (micro-)batch: the `batch_keys`."""
+    if detr:
+      inputs = (batch["image"],) + ((batch["image_mask"],) if "image_mask" in batch else ())
+      out, new_extra = forward(params, extra, inputs, rows, rng)
+      loss, parts = detection_loss.detr_loss(out, batch, **detr_weights)
+      return loss, ({f"train_{k}": parts[k] for k in DETR_METRICS}, new_extra)
+    images, labels = batch["image"], batch["label"]
+    out, new_extra = forward(params, extra, (images,), rows, rng)
     teacher_logits = None
     if teacher is not None:
       teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_vars, images, train=False))
     loss, logits = loss_terms(out, labels, teacher_logits, smoothing=smoothing, **distill)
     acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
-    return loss, (acc, new_extra)
+    return loss, ({"train_accuracy": acc}, new_extra)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  batch_keys = BATCH_KEYS["detr" if detr else "classification"]
+  aux_names = [f"train_{k}" for k in DETR_METRICS] if detr else ["train_accuracy"]
 
   def update(state, batch):
     step, params = state["step"], state["params"]
     extra = {k: state[k] for k in MODEL_STATE if k in state}
     teacher_vars = state.get("teacher")
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-    images, labels, rows = batch["image"], batch["label"], batch["row"]
+    inputs = {k: batch[k] for k in batch_keys if k in batch}
+    rows = batch["row"]
     if accum == 1:
-      (loss, (acc, new_extra)), grads = grad_fn(params, extra, teacher_vars, images, labels,
-                                                rows, rng)
+      (loss, (aux, new_extra)), grads = grad_fn(params, extra, teacher_vars, inputs, rows, rng)
     else:
-      if images.shape[0] % accum:
-        raise ValueError(f"batch {images.shape[0]} per device is not divisible by "
+      if rows.shape[0] % accum:
+        raise ValueError(f"batch {rows.shape[0]} per device is not divisible by "
                          f"grad_accum_steps={accum}")
       # (B, ...) -> (accum, B / accum, ...), micro-batch i = rows i::accum (see the docstring).
       split = lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
 
       def micro(carry, xs):
         (l, a, g), ex = carry
-        im, lb, rw = xs
-        (l2, (a2, ex2)), g2 = grad_fn(params, ex, teacher_vars, im, lb, rw, rng)
+        inp, rw = xs
+        (l2, (a2, ex2)), g2 = grad_fn(params, ex, teacher_vars, inp, rw, rng)
         return (jax.tree_util.tree_map(jnp.add, (l, a, g), (l2, a2, g2)), ex2), None
 
-      zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
-      ((loss, acc, grads), new_extra), _ = jax.lax.scan(
-          micro, (zeros, extra), (split(images), split(labels), split(rows)))
-      loss, acc, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, acc, grads))
+      zeros = (jnp.zeros(()), {k: jnp.zeros(()) for k in aux_names},
+               jax.tree_util.tree_map(jnp.zeros_like, params))
+      ((loss, aux, grads), new_extra), _ = jax.lax.scan(
+          micro, (zeros, extra), (jax.tree_util.tree_map(split, inputs), split(rows)))
+      loss, aux, grads = jax.tree_util.tree_map(lambda x: x / accum, (loss, aux, grads))
     if axis_name:
-      loss, acc, grads, new_extra = jax.lax.pmean((loss, acc, grads, new_extra), axis_name)
+      loss, aux, grads, new_extra = jax.lax.pmean((loss, aux, grads, new_extra), axis_name)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     new_state = dict(state, step=step + 1, params=new_params, opt_state=opt_state, **new_extra)
     if ema_decay:
       new_state["ema_params"] = jax.tree_util.tree_map(
           lambda e, p: e + (1.0 - ema_decay) * (p - e), state["ema_params"], new_params)
-    metrics = dict(train_loss=loss, train_accuracy=acc, grad_norm=optax.global_norm(grads),
+    metrics = dict(train_loss=loss, **aux, grad_norm=optax.global_norm(grads),
                    lr=schedule(step))
     return new_state, metrics
 
   return update
+
+
+# What the update reads of a batch (besides `row`), per config.loss.
+BATCH_KEYS = {"classification": ("image", "label"),
+              "detr": ("image", "image_mask", "boxes", "labels", "mask")}
+DETR_METRICS = ("loss_ce", "loss_bbox", "loss_giou")  # detr_loss's last-layer terms, logged
 
 
 MODEL_STATE = ("batch_stats",)  # variable collections besides params that training updates
@@ -269,7 +302,9 @@ class Runner:
       raise ValueError(f"Unknown parallel mode {self.mode!r}: use 'jit' or 'pmap'.")
     self.mesh = parallel.make_mesh(config.get("mesh"))
     self.config, self.model = config, model
+    self.loss = config.get("loss", "classification")
     self._features = None
+    self._predict = None
     if self.mode == "pmap":
       ax = parallel.PMAP_AXIS
       self.update = jax.pmap(make_update_fn(model, tx, schedule, config, axis_name=ax,
@@ -300,13 +335,30 @@ class Runner:
     return parallel.global_batch(local_batch, self.mesh)
 
   def train_batch(self, local_batch):
-    """A training batch from `data.train_iterator` -> what the update takes: images, labels and
+    """A training batch from `data.train_iterator` -> what the update takes: what the loss
+    reads (BATCH_KEYS: images and labels, or images, image mask and the detection targets) and
     `row`, each example's row in the logical global batch (host p's rows follow host p-1's),
     which keys its dropout and stochastic-depth draws (make_update_fn)."""
     b = len(local_batch["image"])
     rows = jax.process_index() * b + np.arange(b, dtype=np.int32)
-    return self.to_device_batch(dict(image=local_batch["image"], label=local_batch["label"],
+    keys = BATCH_KEYS[self.loss]
+    return self.to_device_batch(dict({k: local_batch[k] for k in keys if k in local_batch},
                                      row=rows))
+
+  def predict(self):
+    """(variables, host batch) -> the model's evaluation outputs `logits` and `boxes` (a DETR
+    model; the batch's `image_mask` is its mask), compiled once per runner."""
+    if self._predict is None:
+      def fn(v, images, mask):
+        out = self.model.apply(v, images, mask, train=False)
+        return {"logits": out["logits"], "boxes": out["boxes"]}
+      fn = jax.pmap(fn, axis_name=parallel.PMAP_AXIS) if self.mode == "pmap" else jax.jit(fn)
+
+      def run(variables, batch):
+        d = self.to_device_batch({k: batch[k] for k in ("image", "image_mask")})
+        return fn(variables, d["image"], d["image_mask"])
+      self._predict = run
+    return self._predict
 
   def to_run_state(self, state):
     """Global (checkpoint-layout) state -> what the step takes."""
@@ -357,7 +409,15 @@ class Runner:
 
 def evaluate(runner: Runner, params, source, config, split: str,
              should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
-  """Top-1 accuracy and loss over every example of `split` (the last batch padded and masked)."""
+  """Top-1 accuracy and loss over every example of `split` (the last batch padded and masked);
+  with config.loss="detr", COCO-style mAP (`map`, `map50`, `map75`, `num_images`; see
+  vit_jax/evaluators/detection.py) instead. With several processes each one's mAP covers its own
+  part of the split (the detections are not gathered across processes)."""
+  if config.get("loss", "classification") == "detr":
+    return detection_eval.DetectionEvaluator(
+        runner.predict(), lambda: data_lib.eval_iterator(
+            source, split=split, pp=config.pp_eval, batch_size=int(config.eval_batch_size)),
+        fetch=runner.gather_features, should_stop=should_stop).run(params)
   ev = classification.ClassificationEvaluator(
       lambda p, b: runner.eval_step(p, runner.to_device_batch(b)), source, split=split,
       pp=config.pp_eval, batch_size=config.eval_batch_size, fetch=runner.fetch,
@@ -383,7 +443,8 @@ def split_name(split: str) -> str:
 def evaluate_all(runner: Runner, params, source, config,
                  should_stop: Optional[Callable[[], bool]] = None, *,
                  ema=None) -> Dict[str, float]:
-  """Every evaluator the config declares: top-1 on `eval_split`, few-shot when `fewshot.shots`,
+  """Every evaluator the config declares: top-1 (loss="detr": mAP) on `eval_split`, few-shot
+  when `fewshot.shots`,
   on the model's variables `params`; and the same on `ema` (the EMA weights' variables, metrics
   prefixed `ema_`) when given. Raises evaluators.Stopped when `should_stop()` turns true between
   two batches."""
@@ -509,7 +570,7 @@ def _check_data_order(workdir: str, source, start_step: int, allow_change: bool)
   """In-memory sources give every step the same global batch whatever the process count; TFDS
   sources stream a part of the split per host, so their order depends on it. The count a
   streamed run started with is kept in data_order.json; resuming with another is an error."""
-  if isinstance(source, data_lib.ArraySource):
+  if isinstance(source, data_lib.ArraySource) or source.detection:  # global orders
     return
   path, count = os.path.join(workdir, "data_order.json"), jax.process_count()
   if start_step and os.path.exists(path):
@@ -587,6 +648,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   trainer = build_trainer(config, source.num_classes, image_shape, total_steps=total_steps,
                           warmup_steps=warmup, teacher=teacher)
   tx, runner, shardings = trainer.tx, trainer.runner, trainer.shardings
+  if source.detection:
+    config_checks.detection_queries(trainer.model, source.max_objects)
   ema = bool(config.get("ema_decay", 0.0))
 
   # ----- State: resumed, pretrained, or fresh; created directly with its sharding.
@@ -705,8 +768,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       result["split"] = eval_prefix(config)
     if config.test_split and config.test_split != eval_split:
       result["test_split"] = config.test_split
-      result["test_accuracy"] = final[f"{TEST_PREFIX}_accuracy"]
-      result["test_num_examples"] = final[f"{TEST_PREFIX}_num_examples"]
+      names = (("map", "map50", "map75", "num_images") if runner.loss == "detr"
+               else ("accuracy", "num_examples"))
+      result.update({f"test_{k}": final[f"{TEST_PREFIX}_{k}"] for k in names
+                     if f"{TEST_PREFIX}_{k}" in final})
     result["metrics"] = final
     result.update(steps=step - start_step, examples=(step - start_step) * batch_size,
                   train_seconds=train_seconds)

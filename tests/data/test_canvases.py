@@ -95,3 +95,29 @@ def test_batches_resume_and_cover_each_epoch_once():
   assert sorted(x.tobytes() for x in epoch) == sorted(x.tobytes() for x in every)
   ordered = list(ds.batches(5, epochs=1, shuffle=False))
   assert [len(b["image"]) for b in ordered] == [5, 5, 2]
+
+
+def test_source_batches_resume_split_over_hosts_and_pad_evaluation():
+  """CanvasSource through vit_jax.data's iterators: the pp runs on the images, a resumed stream
+  and every host's rows equal the uninterrupted single-host batches, evaluation pads with
+  invalid rows."""
+  from vit_jax.data import pipeline
+  images, labels = _pool()
+  src = canvases.CanvasSource(images=images, labels=labels, sizes={"train": 20, "val": 10})
+  assert src.detection and src.num_examples("val[:7]") == 7 and src.image_shape == (128, 128, 1)
+  it = lambda **kw: pipeline.train_iterator(src, split="train", pp="value_range(-1,1)",
+                                            batch_size=8, seed=0, **kw)
+  run = [next(b) for b in [it(process_index=0, process_count=1)] for _ in range(4)]
+  assert set(run[0]) == {"image", "image_mask", "boxes", "labels", "mask"}
+  assert run[0]["image"].dtype == np.float32 and run[0]["image"].min() == -1.0
+  assert run[0]["boxes"].shape == (8, 6, 4) and run[0]["image_mask"].all()
+  resumed = next(it(start_step=3, process_index=0, process_count=1))
+  host1 = next(it(start_step=3, process_index=1, process_count=2))
+  np.testing.assert_array_equal(resumed["boxes"], run[3]["boxes"])
+  np.testing.assert_array_equal(host1["image"], run[3]["image"][4:])
+  ev = list(pipeline.eval_iterator(src, split="val[:7]", pp="value_range(-1,1)", batch_size=4,
+                                   process_index=0, process_count=1))
+  assert [e["valid"].tolist() for e in ev] == [[True] * 4, [True] * 3 + [False]]
+  want = src.batch("val", [6])
+  np.testing.assert_array_equal(ev[1]["labels"][2], want["labels"][0])
+  np.testing.assert_allclose(ev[1]["image"][2], want["image"][0] / 127.5 - 1, atol=1e-6)

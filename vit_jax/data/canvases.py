@@ -17,6 +17,9 @@ last 6,000 (the project's validation carve-out, configs/common.py), "test" from 
 images; a split has `num_examples` canvases (the index range is unbounded: any index is a canvas).
 Example: {"image": uint8 (128, 128, 1), "boxes": float32 (T, 4), "labels": int32 (T,),
 "mask": bool (T,)}, T = max_objects.
+
+`CanvasSource` is the trainer's view of them (`dataset.name="fashion_mnist_canvases"`): base
+splits of `SPLIT_SIZES` canvases that vit_jax/data/pipeline.py batches in numpy.
 """
 import dataclasses
 from typing import Dict, Iterator, Optional, Sequence
@@ -163,3 +166,50 @@ class FashionMnistCanvases:
                .permutation(self.num_examples) if shuffle else np.arange(self.num_examples))
       yield self.batch(order[i * batch_size:(i + 1) * batch_size])
       step += 1
+
+
+# Canvases per base split of CanvasSource: as many as its pool has garments. Any index is a
+# canvas; the sizes fix what an epoch and a split such as "val[:1000]" mean.
+SPLIT_SIZES = {"train": 54_000, "val": 6_000, "test": 10_000}
+
+
+class CanvasSource(sources.Source):
+  """The canvases as a source of the trainer: base splits "train", "val", "test" of
+  `SPLIT_SIZES` canvases, made with seed 0 whatever the training seed (which only orders them),
+  so that every run is evaluated on the same canvases. `detection` tells the pipeline to batch
+  `example(base, index)` in numpy (vit_jax/data/pipeline.py) instead of reading a table."""
+  detection = True
+
+  def __init__(self, *, data_dir: Optional[str] = None, config: CanvasConfig = CanvasConfig(),
+               seed: int = 0, sizes: Optional[Dict[str, int]] = None,
+               images: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None):
+    """`images` and `labels` replace the Fashion-MNIST pool of every split (tests); otherwise
+    the files in `data_dir` (Debian's directory by default) are read now, so that missing data
+    is an error before anything trains."""
+    config.check()
+    if images is None:
+      sources._load_fashion_mnist(  # pylint: disable=protected-access
+          data_dir or sources.FASHION_MNIST_DIR)
+    self.name = "fashion_mnist_canvases"
+    self.class_names = sources.FASHION_MNIST_CLASSES
+    self.num_classes = len(self.class_names)
+    self.image_shape = (config.canvas_size, config.canvas_size, 1)
+    self.encoded = False
+    self.max_objects = config.max_objects
+    self._sizes = dict(SPLIT_SIZES if sizes is None else sizes)
+    self._make = lambda split: FashionMnistCanvases(
+        split, seed=seed, num_examples=self._sizes[split], config=config, data_dir=data_dir,
+        images=images, labels=labels)
+    self._splits = {}
+
+  def split_size(self, base: str) -> int:
+    if base not in self._sizes:
+      raise ValueError(f"Unknown split {base!r} for {self.name}; known: {sorted(self._sizes)}.")
+    return self._sizes[base]
+
+  def batch(self, base: str, indices: Sequence[int]) -> Dict[str, np.ndarray]:
+    """The canvases `indices` of base split `base`, stacked (FashionMnistCanvases.batch)."""
+    if base not in self._splits:
+      self.split_size(base)
+      self._splits[base] = self._make(base)
+    return self._splits[base].batch(indices)

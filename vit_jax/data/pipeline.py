@@ -26,8 +26,17 @@ The K's are derived from `seed` (and the host for TFDS) with numpy's SeedSequenc
 
 Evaluation (`eval_iterator`) gives host p the contiguous part p of the split, pads it with masked
 zeros to the same number of batches on every host and never drops an example.
+
+Detection sources (`source.detection`, the canvases of vit_jax/data/canvases.py) make examples in
+numpy: the same global order (epoch e: numpy's permutation of the split from (seed, K_perm, e);
+step s takes positions [s*B, (s+1)*B) and host p its rows), made by one background thread; the pp
+chain runs on the batch's images only (config_checks allows no op that moves pixels, since the
+boxes would not follow). Batches hold "image", "image_mask" (B, H, W), "boxes" (B, T, 4),
+"labels" (B, T), "mask" (B, T) (real objects) and, in evaluation, "valid" (B,) (real examples).
 """
 import math
+import queue
+import threading
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -222,6 +231,11 @@ def train_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_siz
   b = _local_batch(batch_size, num_p)
   parts = source.resolve(split)
   chain = _Chain(source, pp)
+  if source.detection:
+    if mixup or cutmix or repeats > 1:
+      raise ValueError("mixup, cutmix and repeated augmentation mix or repeat whole images; "
+                       f"the detection source {source.name} takes none of them.")
+    return _detection_train(source, chain, parts, batch_size, b, p, seed, start_step, prefetch)
   if isinstance(source, sources_lib.ArraySource):
     ds, on_error = _train_in_memory(source, chain, source.table_indices(parts), batch_size, b, p,
                                     seed, start_step, mixup, pp, cutmix, repeats)
@@ -353,6 +367,8 @@ def eval_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_size
   chain = _Chain(source, pp)
   chunk = splits_lib.host_chunk(parts, p, num_p)
   num_batches, n = _eval_plan(splits_lib.num_examples(parts), b, p, num_p)
+  if source.detection:
+    return _detection_eval(source, chain, parts, chunk, num_batches, n, b, prefetch)
   mask = (np.arange(num_batches * b) < n).astype(np.float32)
   key = _key(0, _EVAL)  # For random ops in an eval pp, if any: fixed, so evals repeat exactly.
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -403,6 +419,104 @@ def eval_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_size
   if prefetch:
     ds = ds.prefetch(prefetch)
   return _numpy_batches(_options(ds), on_error)
+
+
+def _flat_parts(parts: splits_lib.Parts) -> Tuple[np.ndarray, np.ndarray]:
+  """Resolved parts -> (base split name, index) of every example, in order."""
+  bases = np.concatenate([np.full(len(i), b, object) for b, i in parts] + [np.zeros(0, object)])
+  return bases, np.concatenate([i for _, i in parts] + [np.zeros(0, np.int64)])
+
+
+def _detection_rows(source, chain, bases, indices, u) -> Dict[str, np.ndarray]:
+  """The examples (bases[i], indices[i]) stacked, their images through the pp chain (u: the
+  rows' uniforms)."""
+  rows = [source.batch(base, [int(i)]) for base, i in zip(bases, indices)]
+  out = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+  out["image"] = chain.batch(tf.constant(out["image"]), tf.constant(u, tf.float32)).numpy()
+  return out
+
+
+def _background(make: Callable[[], Iterator], depth: int) -> Iterator:
+  """Yields what `make()` yields, produced up to `depth` items ahead by one thread (order kept);
+  its errors are raised here. The thread stops when this generator is closed."""
+  if depth <= 0:
+    yield from make()
+    return
+  items, stop, done = queue.Queue(depth), threading.Event(), object()
+
+  def produce():
+    try:
+      for item in make():
+        while not stop.is_set():
+          try:
+            items.put((item, None), timeout=0.1)
+            break
+          except queue.Full:
+            pass
+        if stop.is_set():
+          return
+      items.put((done, None))
+    except Exception as e:  # pylint: disable=broad-except  (re-raised by the consumer)
+      items.put((done, e))
+
+  thread = threading.Thread(target=produce, daemon=True, name="detection_batches")
+  thread.start()
+  try:
+    while True:
+      item, error = items.get()
+      if error is not None:
+        raise error
+      if item is done:
+        return
+      yield item
+  finally:
+    stop.set()
+
+
+def _detection_train(source, chain, parts, B, b, p, seed, start_step, prefetch):
+  """Training batches of a detection source (module docstring): host p's rows of global batch
+  s are positions s*B + p*b ... of the stream of per-epoch permutations."""
+  bases, indices = _flat_parts(parts)
+  n = len(indices)
+  if n == 0:
+    raise ValueError(f"The training split of {source.name} has no examples.")
+  perm_key, aug_key = _key(seed, _PERM), _key(seed, _AUG)
+  rows = p * b + np.arange(b)
+
+  def make():
+    perms = {}
+    step = start_step
+    while True:
+      pos = step * B + rows
+      epoch = pos // n
+      perms = {e: perms[e] if e in perms else np.random.default_rng([perm_key, e]).permutation(n)
+               for e in set(epoch.tolist())}  # the epochs of this step's rows only
+      order = np.array([perms[e][i] for e, i in zip(epoch, pos % n)], np.int64)
+      u = tf.random.stateless_uniform([B, chain.num_random], _seed(aug_key, step)).numpy()[rows]
+      yield _detection_rows(source, chain, bases[order], indices[order], u)
+      step += 1
+  return _background(make, prefetch)
+
+
+def _detection_eval(source, chain, parts, chunk, num_batches, n, b, prefetch):
+  """Evaluation batches of a detection source: this host's `chunk` (n examples) in order,
+  padded with copies of the split's first example (valid False) to `num_batches` batches."""
+  bases, indices = _flat_parts(chunk)
+  first_bases, first = _flat_parts(parts)
+  pad = num_batches * b - n
+  bases = np.concatenate([bases, np.repeat(first_bases[:1], pad)])
+  indices = np.concatenate([indices, np.repeat(first[:1], pad)])
+  valid = np.arange(num_batches * b) < n
+  key = _key(0, _EVAL)
+
+  def make():
+    for k in range(num_batches):
+      sl = slice(k * b, (k + 1) * b)
+      u = tf.random.stateless_uniform([b, chain.num_random], _seed(key, k)).numpy()
+      out = _detection_rows(source, chain, bases[sl], indices[sl], u)
+      out["valid"] = valid[sl]
+      yield out
+  return _background(make, prefetch)
 
 
 def steps_per_epoch(source: sources_lib.Source, split: str, batch_size: int) -> int:

@@ -14,6 +14,9 @@
                    error). cfg.channels (3) is what every image decodes to: grey ones are repeated
                    to RGB, RGBA ones lose their alpha (channels=1: RGB ones become luma). An
                    unreadable or truncated file is an error naming it.
+  "fashion_mnist_canvases"  multi-object detection canvases made from Fashion-MNIST garments
+                   (vit_jax/data/canvases.py; cfg.data_dir as for "fashion_mnist", Debian's files
+                   only): examples carry boxes and labels, not a class (`Source.detection`).
 
 A source answers `num_examples(split)` after split arithmetic (`vit_jax.data.splits`). In-memory
 sources (`ArraySource`) give random access by index, so the pipeline can shuffle globally; TFDS
@@ -39,7 +42,7 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-KNOWN_NAMES = ("fashion_mnist", "tfds:<name>", "image_folder")
+KNOWN_NAMES = ("fashion_mnist", "tfds:<name>", "image_folder", "fashion_mnist_canvases")
 
 
 def hide_accelerators():
@@ -57,6 +60,9 @@ class Source:
   image_shape: Tuple[Optional[int], Optional[int], int]  # (H, W, C); None where sizes vary.
   class_names: Tuple[str, ...]
   encoded: bool  # True: images come as encoded bytes, False: as uint8 arrays.
+  # True: examples are detection targets (boxes, labels, object mask; vit_jax/data/canvases.py)
+  # and the pipeline builds their batches in numpy instead of tf.data.
+  detection: bool = False
 
   def split_size(self, base: str) -> int:
     """Examples in base split `base`; ValueError listing the splits for an unknown one."""
@@ -385,5 +391,9 @@ def _get_source(cfg) -> Source:
                       shuffle_buffer=cfg.get("shuffle_buffer", 50_000))
   if name == "image_folder":
     return image_folder(cfg.get("data_dir"), channels=cfg.get("channels", 3))
+  if name == "fashion_mnist_canvases":
+    # Imported here: canvases.py builds on this module (its source subclasses Source).
+    from vit_jax.data import canvases  # pylint: disable=g-import-not-at-top
+    return canvases.CanvasSource(data_dir=cfg.get("data_dir"))
   raise ValueError(f"Unknown data source {name!r}; known: {', '.join(KNOWN_NAMES)} "
                    "(e.g. 'tfds:cifar10').")

@@ -1,0 +1,102 @@
+"""Tests for DETR through vit_jax/train.py (config.loss="detr"): a tiny DETR-Mu trains a few steps
+on the canvases in the one trainer, logs DETR's loss terms and reports mAP on the validation and
+test splits; what DETR's loss cannot take is rejected before anything runs."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import detr_fashion_mnist
+from vit_jax import config_checks
+from vit_jax import models
+from vit_jax import train
+
+# The smallest DETR-Mu that still has every part: one stage of the BiT stem, one encoder layer,
+# two decoder layers (so one auxiliary output), 6 queries (the canvases' most objects).
+TINY = dict(bit_layers=(1,), bit_width=8, bit_gn_groups=4, hidden_size=16, num_heads=2,
+            mlp_dim=32, encoder_layers=1, decoder_layers=2, num_queries=6)
+
+
+def _tiny_config():
+  c = detr_fashion_mnist.get_config()
+  c.model.update(TINY)
+  c.batch_size = c.eval_batch_size = 8  # the 8 fake devices of tests/conftest.py
+  c.total_steps, c.log_every_steps, c.eval_every_steps = 3, 1, 2
+  c.checkpoint_every_steps = None
+  c.lr.warmup_steps, c.lr.base = 0, 1e-3
+  c.eval_split, c.test_split = "val[:12]", "test[:8]"  # 12: a padded last evaluation batch
+  c.export_npz = False
+  return c
+
+
+# 2-3 minutes here: compiling the update takes about a minute and is never cached (the matching's
+# host callback keeps it out of JAX's persistent cache), the checkpoint save 15-20 s.
+@pytest.mark.slow
+def test_tiny_detr_trains_and_reports_map(tmp_path):
+  result = train.train_and_evaluate(_tiny_config(), str(tmp_path), progress_every_secs=1e9)
+  rows = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  train_rows = [r for r in rows if "train_loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3]
+  for r in train_rows:
+    assert {"train_loss_ce", "train_loss_bbox", "train_loss_giou", "grad_norm"} <= set(r)
+    assert "train_accuracy" not in r
+    # The total is the weighted last layer plus the auxiliary layer: more than the last alone.
+    last = r["train_loss_ce"] + 5 * r["train_loss_bbox"] + 2 * r["train_loss_giou"]
+    assert np.isfinite(r["train_loss"]) and r["train_loss"] > last > 0
+  # The evaluation during training (step 2) and the final one, on 12 and 8 canvases.
+  assert any("val_map50" in r and r["step"] == 2 for r in rows)
+  assert result["split"] == "val" and result["num_images"] == 12
+  assert result["test_split"] == "test[:8]" and result["test_num_images"] == 8
+  for key in ("map", "map50", "test_map", "test_map50"):
+    assert 0.0 <= result[key] <= 1.0, (key, result[key])
+  assert "accuracy" not in result and "test_accuracy" not in result
+  assert result["metrics"]["final_test_map50"] == result["test_map50"]
+  done = json.load(open(os.path.join(tmp_path, train.COMPLETE)))
+  assert done["step"] == 3 and done["test_map"] == result["test_map"]
+
+
+def _validate(c):
+  """As the real run on one CPU device (the config's eval batch of 100 is not one of 8)."""
+  config_checks.validate(c, device_count=1, process_count=1,
+                         model_fields=models.fields(c.model_name))
+
+
+def test_the_shipped_detr_config_is_valid():
+  _validate(detr_fashion_mnist.get_config())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("fewshot.shots", (1, 5), r"fewshot\.shots=\(1, 5\): loss='detr' does not support few-shot"),
+    ("mixup", 0.2, r"mixup=0\.2: loss='detr' does not support mixup"),
+    ("cutmix", 1.0, r"cutmix=1\.0: loss='detr' does not support CutMix"),
+    ("distill.teacher", "workdirs/t", r"distill\.teacher='workdirs/t': loss='detr' does not"),
+    ("pp_train", "flip_lr|value_range(-1,1)", r"pp_train: op 'flip_lr' with loss='detr'"),
+    ("loss", "focal", r"loss='focal': use classification or detr"),
+    ("detr.eos_coef", 0.0, r"detr\.eos_coef=0\.0: .* must be in \(0, 1\]"),
+    ("model_name", "ViT-Mu/7", r"loss='detr' needs a DETR model"),
+])
+def test_what_detr_cannot_take_is_rejected_in_one_line(key, value, message):
+  c = detr_fashion_mnist.get_config()
+  node = c
+  *path, leaf = key.split(".")
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_checks.ConfigError, match=message) as e:
+    _validate(c)
+  assert "\n" not in str(e.value)
+
+
+def test_canvases_need_the_detr_loss():
+  c = detr_fashion_mnist.get_config()
+  c.loss = "classification"
+  with pytest.raises(config_checks.ConfigError, match="is a detection data set"):
+    _validate(c)
+
+
+def test_fewer_queries_than_objects_is_named_before_compiling(tmp_path):
+  c = _tiny_config()
+  c.model.num_queries = 4
+  with pytest.raises(config_checks.ConfigError, match=r"model\.num_queries=4: .* up to 6 objects"):
+    train.train_and_evaluate(c, str(tmp_path))
