@@ -42,6 +42,8 @@ STUDENTS = {
     "dist_token": {},
     "distilled": {"distill.type": "hard", "distill.alpha": 0.5},
 }
+LABELS = {"vit": "DeiT-Mu/7 (S), labels", "dist_token": "DeiT-Mu/7-distilled (S), no teacher",
+          "distilled": "DeiT-Mu/7-distilled (S), ResNet teacher"}
 DEFAULTS = dict(phase="teacher", teachers="", sizes=(6000, 20000, 54000), seeds=(0,))
 
 
@@ -89,9 +91,8 @@ def get_sweep(arg=None) -> sweep.Sweep:
         if student == "distilled":
           over["distill.teacher"] = os.path.join(os.path.abspath(a["teachers"]), "points",
                                                  teacher_name(n, seed))
-        model = over.get("model_name", base.model_name)
         points.append(sweep.Point(f"{student}_n{n}_s{seed}", f"{CONFIG}:deit", over, {
-            "family": "DeiT", "model": model, "student": student, "train_size": n,
+            "family": "DeiT", "model": LABELS[student], "student": student, "train_size": n,
             "seed": seed, "budget_examples": budget(n)}))
   return sweep.Sweep("fmnist_distill", points,
                      "DeiT-Mu/7 with and without a ResNet teacher, equal budgets.")
