@@ -1,6 +1,7 @@
 """Results of a sweep: one row per finished point, a CSV/JSON table and the paper's plots.
 
   python -m experiments.aggregate OUT [--allow_fewer_rows]
+  python -m experiments.aggregate OUT1 OUT2 ... --into=experiments/results/NAME
 
 OUT is the runner's `--out`: `OUT/sweep.json` (the sweep's points and tags) and the workdirs
 `OUT/points/NAME/`. A folder with neither (a missing path, an empty folder, or a folder that only
@@ -24,6 +25,10 @@ The table is never silently shrunk: if OUT/results.csv or OUT/results.json alrea
 than there are finished points now (workdirs deleted or moved, a copied results folder), nothing is
 written and the command fails; `--allow_fewer_rows` replaces the table (and plots) anyway. Files
 are replaced atomically. Exit status: 0 on success, 2 on an error (one or two lines on stderr).
+
+`--into=DIR` writes the same table and plots for the points of every OUT given (say a study's
+teacher and student sweeps) into DIR, created if needed: how results are committed under
+experiments/results/.
 """
 import argparse
 import csv
@@ -32,7 +37,7 @@ import os
 import re
 import sys
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -360,14 +365,21 @@ def plot_accuracy_vs_compute(rows, path: str) -> bool:
   return _plot(rows, path, "core_hours", "training compute (core-hours)", lines=False)
 
 
-def aggregate(out: str, *, allow_fewer_rows: bool = False, log=print) -> List[Dict[str, Any]]:
+def aggregate(out: str, *, allow_fewer_rows: bool = False, log=print,
+              sources: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   """collect + write_table + both plots; returns the rows.
 
-  Raises AggregateError (and writes nothing) if `out` is not a runner's --out folder, or if an
-  existing results table has more rows than the finished points unless `allow_fewer_rows`.
+  `sources`: runner --out folders whose points are collected together into `out` (e.g. a study's
+  teachers and students into experiments/results/NAME, created if needed); by default `out`
+  itself. Raises AggregateError (and writes nothing) if a source is not a runner's --out folder,
+  or if an existing results table has more rows than the finished points unless
+  `allow_fewer_rows`.
   """
-  check_out(out)
-  rows = collect(out)
+  sources = list(sources) if sources else [out]
+  for src in sources:
+    check_out(src)
+  rows = [r for src in sources for r in collect(src)]
+  os.makedirs(out, exist_ok=True)
   if not allow_fewer_rows:
     check_not_fewer(rows, out)
   write_table(rows, out)
@@ -383,13 +395,22 @@ def aggregate(out: str, *, allow_fewer_rows: bool = False, log=print) -> List[Di
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m experiments.aggregate", description=__doc__.split("\n\n")[0])
-  parser.add_argument("out", help="the runner's --out directory (with sweep.json and/or points/)")
+  parser.add_argument("out", nargs="+",
+                      help="the runner's --out directory (with sweep.json and/or points/); "
+                      "several with --into")
+  parser.add_argument("--into", help="write the tables and plots of all OUT folders' points here "
+                      "(e.g. experiments/results/NAME) instead of into the one OUT")
   parser.add_argument("--allow_fewer_rows", "--allow-fewer-rows", action="store_true",
                       help="replace an existing results.csv/results.json even if it has more rows "
                       "than there are finished points now (by default that is refused)")
   args = parser.parse_args(argv)
+  if len(args.out) > 1 and not args.into:
+    print(f"{parser.prog}: error: {len(args.out)} folders given: say where their joint table "
+          "goes with --into=DIR.", file=sys.stderr)
+    return 2
   try:
-    aggregate(args.out, allow_fewer_rows=args.allow_fewer_rows)
+    aggregate(args.into or args.out[0], allow_fewer_rows=args.allow_fewer_rows,
+              sources=args.out)
   except AggregateError as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 2

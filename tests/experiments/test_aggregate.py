@@ -269,3 +269,18 @@ def test_command_line_errors_are_one_or_two_lines_and_non_zero(tmp_path):
   help_text = _cli("--help")
   assert help_text.returncode == 0 and "--allow_fewer_rows" in help_text.stdout
   assert "--allow_fewer_rows" in aggregate.__doc__
+
+
+def test_several_sweeps_go_into_one_results_folder(tmp_path, capsys):
+  first, second, into = (str(tmp_path / n) for n in ("teachers", "students", "results/x"))
+  _sweep_folder(first, names=("t1", "t2"))
+  _sweep_folder(second, names=("s1", "s2", "s3"))
+  assert aggregate.main([first, second, "--into", into]) == 0
+  assert [r["name"] for r in _csv_rows(into)] == ["t1", "t2", "s1", "s2", "s3"]
+  assert os.path.exists(os.path.join(into, "accuracy_vs_data.png"))
+  assert not os.path.exists(os.path.join(first, "results.csv"))  # the sources are only read
+  assert aggregate.main([first, second]) == 2  # where would the joint table go?
+  assert "--into" in capsys.readouterr().err
+  shutil.rmtree(os.path.join(second, "points", "s3"))  # never shrinks the joint table either
+  assert aggregate.main([first, second, "--into", into]) == 2
+  assert len(_csv_rows(into)) == 5
