@@ -123,20 +123,29 @@ def _label(config, size: str) -> str:
   return ("R+" if config.model.get("resnet") else "") + f"{config.model_name} ({size})"
 
 
+def run_overrides(base, n: int, seed: int, *, test: bool) -> Dict:
+  """Seed, data and duration of a run on the n-image subset of `seed`: budget_examples(n)
+  training examples (10% warm-up, a checkpoint every quarter), the validation split, and the
+  test split only when `test`. Shared with experiments/fmnist_distill.py."""
+  budget = budget_examples(n)
+  over = {"seed": seed, "train_split": train_split(n, seed), "eval_split": VAL,
+          "test_split": TEST if test else ""}
+  over.update(sweep.examples_budget(base, "total", budget, n))
+  over.update(sweep.examples_budget(base, "lr.warmup", budget // 10, n))
+  over.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, n))
+  return over
+
+
 def _point(model, size, n, seed, lr, wd, *, final: bool, name: str) -> sweep.Point:
   config = f"{CONFIG}:{model}"
   base = sweep.load_config(config)
   budget = budget_examples(n)
-  over = {"seed": seed, "train_split": train_split(n, seed), "eval_split": VAL,
-          "test_split": TEST if final else "", "lr.base": lr, "wd": wd}
+  over = dict(run_overrides(base, n, seed, test=final), **{"lr.base": lr, "wd": wd})
   model_over = MODEL_SIZES[size].get(model, {})
   if model_over:
     merged = base.model.to_dict()
     merged.update(model_over)
     over["model"] = merged
-  over.update(sweep.examples_budget(base, "total", budget, n))
-  over.update(sweep.examples_budget(base, "lr.warmup", budget // 10, n))
-  over.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, n))
   if final:
     over.update({"fewshot.shots": (1, 5, 10, 25), "fewshot.train_split": FEWSHOT_TRAIN,
                  "fewshot.test_split": TEST, "fewshot.num_trials": 3})

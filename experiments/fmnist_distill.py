@@ -47,21 +47,8 @@ LABELS = {"vit": "DeiT-Mu/7 (S), labels", "dist_token": "DeiT-Mu/7-distilled (S)
 DEFAULTS = dict(phase="teacher", teachers="", sizes=(6000, 20000, 54000), seeds=(0,))
 
 
-def budget(n: int) -> int:
-  return study.budget_examples(n)
-
-
 def teacher_name(n: int, seed: int) -> str:
   return f"teacher_n{n}_s{seed}"
-
-
-def _common(base, n: int, seed: int, budget: int) -> dict:
-  over = {"seed": seed, "train_split": study.train_split(n, seed), "eval_split": study.VAL,
-          "test_split": study.TEST}
-  over.update(sweep.examples_budget(base, "total", budget, n))
-  over.update(sweep.examples_budget(base, "lr.warmup", budget // 10, n))
-  over.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, n))
-  return over
 
 
 def get_sweep(arg=None) -> sweep.Sweep:
@@ -72,10 +59,10 @@ def get_sweep(arg=None) -> sweep.Sweep:
     model = dict(base.model.to_dict(), **TEACHER_MODEL)
     for seed in a["seeds"]:
       for n in a["sizes"]:
-        over = dict(_common(base, n, seed, budget(n)), model=model)
+        over = dict(study.run_overrides(base, n, seed, test=True), model=model)
         points.append(sweep.Point(teacher_name(n, seed), f"{CONFIG}:resnet", over, {
             "family": "ResNet", "model": "BiT-R26x1 (width 8)", "student": "teacher",
-            "train_size": n, "seed": seed, "budget_examples": budget(n)}))
+            "train_size": n, "seed": seed, "budget_examples": study.budget_examples(n)}))
     return sweep.Sweep("fmnist_distill_teachers", points,
                        "ResNet teachers for the distillation study, one per subset.")
   if a["phase"] != "student":
@@ -86,13 +73,13 @@ def get_sweep(arg=None) -> sweep.Sweep:
   for seed in a["seeds"]:
     for n in a["sizes"]:
       for student, extra in STUDENTS.items():
-        over = dict(_common(base, n, seed, budget(n)), **extra)
+        over = dict(study.run_overrides(base, n, seed, test=True), **extra)
         over["model"] = dict(base.model.to_dict(), **STUDENT_MODEL)
         if student == "distilled":
           over["distill.teacher"] = os.path.join(os.path.abspath(a["teachers"]), "points",
                                                  teacher_name(n, seed))
         points.append(sweep.Point(f"{student}_n{n}_s{seed}", f"{CONFIG}:deit", over, {
             "family": "DeiT", "model": LABELS[student], "student": student, "train_size": n,
-            "seed": seed, "budget_examples": budget(n)}))
+            "seed": seed, "budget_examples": study.budget_examples(n)}))
   return sweep.Sweep("fmnist_distill", points,
                      "DeiT-Mu/7 with and without a ResNet teacher, equal budgets.")

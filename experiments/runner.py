@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     return 0
   if args.plan or (args.plan_first and not args.in_process):
     points = select(sweep, args.only)
-    done = lambda name: os.path.exists(os.path.join(out, "points", name, "result.json"))
+    done = lambda name: os.path.exists(os.path.join(out, "points", name, aggregate.RESULT))
     p = cost.plan(points, out, finished=done)
     print(cost.describe(p), flush=True)
     if args.plan:
