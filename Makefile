@@ -23,12 +23,16 @@ data:
 demo: $(STAMP) data
 	$(PY) -m vit_jax.main --config=configs/fashion_mnist.py --workdir=workdirs/demo
 
-# Quick suite (CI): everything but tests marked slow.
+# Quick suite (CI): everything but tests marked slow, on one pytest worker per core (at most 4:
+# each holds jax, TensorFlow and torch in memory).
+XDIST := -n auto --maxprocesses=4 --dist worksteal
 test: $(STAMP) data
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
+# The slow tests one at a time: the kill drills time how fast a run exits.
 test-all: $(STAMP) data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
+	$(PY) -m pytest -q -m slow tests
 
 clean:
 	rm -rf $(VENV) workdirs *.egg-info

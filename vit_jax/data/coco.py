@@ -175,4 +175,5 @@ def coco_dataset(split: str, *, train: bool, seed: int = 0, epoch: int = 0,
   def fn(i, ex):
     s = tf.random.experimental.stateless_fold_in(base, i)
     return preprocess(ex, s, train=train, aug=aug)
-  return ds.enumerate().map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.enumerate().map(tf.autograph.experimental.do_not_convert(fn),  # as in pipeline.py
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

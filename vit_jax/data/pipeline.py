@@ -46,6 +46,11 @@ from vit_jax.data import preprocess
 from vit_jax.data import sources as sources_lib
 from vit_jax.data import splits as splits_lib
 
+# tf.data traces every mapped function into a graph; AutoGraph would first rewrite its Python
+# source (seconds per map for the pp chains, every time a pipeline is built). Nothing here
+# branches on tensors in Python, so the functions are traced as written.
+_traced = tf.autograph.experimental.do_not_convert
+
 _PERM, _AUG, _MIXUP, _EVAL, _CUTMIX = 1, 2, 3, 4, 5
 
 
@@ -291,15 +296,16 @@ def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, p
       u = tf.gather(tf.random.stateless_uniform([B, chain.num_random], _seed(aug_key, step)),
                     rows)
       return finish(step, chain.batch(ex["image"], u), ex["label"], ids)
-    ds = tf.data.Dataset.counter(start_step).map(step_fn, **parallel)
+    ds = tf.data.Dataset.counter(start_step).map(_traced(step_fn), **parallel)
   else:
     def example_fn(pos, i):
       ex = source.load(i)
       return chain.example(ex["image"], _seed(aug_key, pos)), ex["label"], i
-    ds = tf.data.Dataset.counter(start_step).map(lookup).unbatch().map(example_fn, **parallel)
+    ds = tf.data.Dataset.counter(start_step).map(_traced(lookup)).unbatch()
+    ds = ds.map(_traced(example_fn), **parallel)
     chain.check_fixed(ds.element_spec[0], pp)
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds.batch(b + extra))
-    ds = ds.map(lambda step, ex: finish(step, chain.batch(ex[0], None), ex[1], ex[2]),
+    ds = ds.map(_traced(lambda step, ex: finish(step, chain.batch(ex[0], None), ex[1], ex[2])),
                 **parallel)
   on_error = _diagnose(source, lambda j: lookup(start_step + j)[1].numpy())
   return ds, on_error
@@ -324,11 +330,12 @@ def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp
   def shuffled(e):
     ds = host.shuffle(buffer, seed=perm_key + e, reshuffle_each_iteration=False)
     if repeats > 1:
-      ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
+      ds = ds.flat_map(_traced(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats)))
     return ds
-  ds = tf.data.Dataset.counter(epoch).flat_map(shuffled)
+  ds = tf.data.Dataset.counter(epoch).flat_map(_traced(shuffled))
   ds = tf.data.Dataset.zip(ds.skip(offset), tf.data.Dataset.counter(first))
-  ds = ds.map(lambda ex, j: (chain.example(ex["image"], _seed(aug_key, j)), ex["label"]),
+  ds = ds.map(_traced(lambda ex, j: (chain.example(ex["image"], _seed(aug_key, j)),
+                                     ex["label"])),
               **parallel)
   chain.check_fixed(ds.element_spec[0], pp)
   ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start_step), ds.batch(b, drop_remainder=True))
@@ -343,7 +350,7 @@ def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp
     u = tf.random.stateless_uniform([b, chain.num_random], _seed(aug_key, step))
     return _finish(chain.batch(images, u), labels, source.num_classes, mixup,
                    _seed(mix_key, step), cutmix=cutmix, cutmix_seed=_seed(cut_key, step))
-  return ds.map(batch_fn, **parallel), None
+  return ds.map(_traced(batch_fn), **parallel), None
 
 
 def _eval_plan(n: int, b: int, p: int, num_p: int) -> Tuple[int, int]:
@@ -383,14 +390,14 @@ def eval_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_size
       return chain.batch(ex["image"], u), ex["label"], m
     ds = tf.data.Dataset.from_tensor_slices(
         (padded.reshape(num_batches, b), mask.reshape(num_batches, b), np.arange(num_batches)))
-    ds = ds.map(batch_fn, **parallel)
+    ds = ds.map(_traced(batch_fn), **parallel)
   else:  # Example by example (per-example stage), then batches (batch stage).
     if isinstance(source, sources_lib.ArraySource):
       def example_fn(i, m, j):
         ex = source.load(i)
         return chain.example(ex["image"], _seed(key, j)), ex["label"], m
       ds = tf.data.Dataset.from_tensor_slices((padded, mask, np.arange(len(padded))))
-      ds = ds.map(example_fn, **parallel)
+      ds = ds.map(_traced(example_fn), **parallel)
       chain.check_fixed(ds.element_spec[0], pp)
       on_error = _diagnose(source, lambda k: padded[k * b:(k + 1) * b])
     else:  # Streamed: this host's examples, then zero padding.
@@ -398,7 +405,7 @@ def eval_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_size
 
       def stream_fn(ex, j):
         return chain.example(ex["image"], _seed(key, j)), ex["label"], tf.constant(1.0)
-      ds = tf.data.Dataset.zip(host, tf.data.Dataset.counter()).map(stream_fn, **parallel)
+      ds = tf.data.Dataset.zip(host, tf.data.Dataset.counter()).map(_traced(stream_fn), **parallel)
       image_spec, label_spec, _ = ds.element_spec
       chain.check_fixed(image_spec, pp)
       pad = tf.data.Dataset.from_tensors((tf.zeros(image_spec.shape, image_spec.dtype),
@@ -408,14 +415,14 @@ def eval_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_size
     def batch_stage(k, batch):
       u = tf.random.stateless_uniform([b, chain.num_random], _seed(key, k))
       return chain.batch(batch[0], u), batch[1], batch[2]
-    ds = ds.batch(b, drop_remainder=True).enumerate().map(batch_stage, **parallel)
+    ds = ds.batch(b, drop_remainder=True).enumerate().map(_traced(batch_stage), **parallel)
 
   def finish(images, labels, m):
     out = _finish(images * m[:, None, None, None], labels, source.num_classes)
     out["label"] = out["label"] * m[:, None]
     out["mask"] = m
     return out
-  ds = ds.map(finish)
+  ds = ds.map(_traced(finish))
   if prefetch:
     ds = ds.prefetch(prefetch)
   return _numpy_batches(_options(ds), on_error)

@@ -240,8 +240,8 @@ class TfdsSource(Source):
       ds = self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                                    read_config=tfds.ReadConfig(interleave_cycle_length=1))
       # take(): exact counts even from readers that ignore slices (tfds.testing.mock_data).
-      ds = ds.take(hi - lo).map(
-          lambda ex: {"image": ex[self.image_key], "label": ex[self.label_key]})
+      ds = ds.take(hi - lo).map(tf.autograph.experimental.do_not_convert(
+          lambda ex: {"image": ex[self.image_key], "label": ex[self.label_key]}))
       if len(indices) != hi - lo:
         mask = np.zeros(hi - lo, bool)
         mask[indices - lo] = True
