@@ -1,8 +1,12 @@
 """Test set-up: 8 fake CPU devices (must happen before jax is imported anywhere)."""
 import os
 
+# Compiling, not running, is most of the suite's time (its models are tiny): LLVM's optimisation
+# level 0 compiles about a quarter faster (measured on test_pvt/cvt/swin with an empty cache: 158 ->
+# 118 s) and changes no result the tests check (the torch parity tests pass under it).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Many tests compile the same tiny models: a persistent compilation cache (keyed by the HLO, so

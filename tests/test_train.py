@@ -136,7 +136,8 @@ def _interrupting_iterator(monkeypatch, after_batches, how):
 
 @pytest.mark.parametrize("how,mode", [
     ("sigterm", "jit"), pytest.param("crash", "jit", marks=pytest.mark.slow), ("sigint", "jit"),
-    ("sigterm", "pmap"), pytest.param("crash", "pmap", marks=pytest.mark.slow)])
+    pytest.param("sigterm", "pmap", marks=pytest.mark.slow),  # jit == pmap is tested above
+    pytest.param("crash", "pmap", marks=pytest.mark.slow)])
 def test_resume_is_bitwise_exact(tmp_path, monkeypatch, how, mode):
   cfg = tiny_config(model__dropout_rate=0.1, model__droppath_rate=0.1, parallel=mode)
   train.train_and_evaluate(cfg, str(tmp_path / "straight"))
@@ -191,7 +192,11 @@ def test_eval_only_mode_reads_the_checkpoint(tmp_path):
     # Their convolutions / windows compile and run slowly on XLA CPU: `make test-all` runs them.
     pytest.param("resnet", marks=pytest.mark.slow),
     pytest.param("swin", marks=pytest.mark.slow),
-    "deit", "pvt", "cvt", "t2t"])
+    # 40-90 s each with a cold compilation cache; tests/models/test_{deit,pvt,cvt,t2t}.py train
+    # each family quickly, and the trainer's family-specific paths (two heads, batch statistics)
+    # have their own tests below.
+    pytest.param("deit", marks=pytest.mark.slow), pytest.param("pvt", marks=pytest.mark.slow),
+    pytest.param("cvt", marks=pytest.mark.slow), pytest.param("t2t", marks=pytest.mark.slow)])
 def test_every_family_trains_from_its_fashion_mnist_config(tmp_path, arg):
   """ResNet, hybrid, Swin and ViT's successors (DeiT with its two heads, PVT, CvT with BatchNorm
   statistics, T2T) go through the same config file and trainer as ViT."""

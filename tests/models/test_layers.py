@@ -214,7 +214,7 @@ def test_bf16_loss_curve_tracks_f32_100_steps():
   _check_band(100, learned=0.3)
 
 
-@pytest.mark.parametrize("family", ["hybrid", "swin", "bit"])
+@pytest.mark.parametrize("family", ["hybrid", pytest.param("swin", marks=pytest.mark.slow), "bit"])
 def test_every_family_takes_the_policy(family):
   """Same parameter tree in bf16 and f32 (all f32), f32 logits, close to the f32 model's."""
   from vit_jax import models  # pylint: disable=g-import-not-at-top
