@@ -133,7 +133,8 @@ def try_in_process(overrides, devices: int, workdir: str, arg: str = ""):
 def try_subprocess(overrides, devices: int, workdir: str, arg: str = ""):
   """('named', the error line) when `python -m vit_jax.main` exits with 2 and one `error:` line
   without a traceback, else ('unnamed', its stderr)."""
-  env = runs.env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = runs.env(XLA_FLAGS=f"{runs.compile_flags()} "
+                          f"--xla_force_host_platform_device_count={devices}")
   p = subprocess.run(runs.main_args(workdir, arg, *overrides), cwd=runs.ROOT, env=env,
                      capture_output=True, text=True, timeout=300)
   errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]

@@ -3,7 +3,7 @@
   python -m vit_jax.main --config=tests/drills/runs.py:ARG --workdir=DIR
 
 The config: a 1-layer ViT on 512 in-memory Fashion-MNIST images, batch 16, a checkpoint every step
-(asynchronous, on real files, the last 2 kept), one device (XLA_FLAGS=""). ARG may be `swin` (a tiny Swin-T instead) or `procs` (see processes.py), and may name a point
+(asynchronous, on real files, the last 2 kept), one device (XLA_FLAGS: the parent's compiler flags only). ARG may be `swin` (a tiny Swin-T instead) or `procs` (see processes.py), and may name a point
 at which the process SIGKILLs itself (`die=EVENT@STEP`), so that a kill lands exactly inside a
 checkpoint save:
   metadata  orbax writes the arrays' `_METADATA` (the array files of the step are written)
@@ -89,9 +89,19 @@ def die_at(event: str, step: int) -> None:
     setattr(cls, name, wrapped)
 
 
+def compile_flags() -> str:
+  """This process's XLA_FLAGS without the device count: the compiler options (tests/conftest.py
+  sets the optimisation level), which a subprocess must share for its results to be bitwise
+  those of a run in this process."""
+  return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                  if not f.startswith("--xla_force_host_platform_device_count"))
+
+
 def env(**extra):
-  """One CPU device, quiet TensorFlow, and the tests' persistent compilation cache."""
-  out = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  """One CPU device (this process's compiler flags), quiet TensorFlow, and the tests' persistent
+  compilation cache."""
+  out = {**os.environ, "XLA_FLAGS": compile_flags(), "JAX_PLATFORMS": "cpu",
+         "TF_CPP_MIN_LOG_LEVEL": "3"}
   out.setdefault("JAX_COMPILATION_CACHE_DIR",
                  os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache"))
   out.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
