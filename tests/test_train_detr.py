@@ -54,6 +54,12 @@ def test_tiny_detr_trains_and_reports_map(tmp_path):
   assert result["metrics"]["final_test_map50"] == result["test_map50"]
   done = json.load(open(os.path.join(tmp_path, train.COMPLETE)))
   assert done["step"] == 3 and done["test_map"] == result["test_map"]
+  # The README's picture from this workdir: every query drawn (threshold 0), 4 test canvases.
+  from experiments import detr_picture  # pylint: disable=g-import-not-at-top
+  png = tmp_path / "detections.png"
+  assert detr_picture.main([f"--workdir={tmp_path}", f"--out={png}", "--num=4",
+                            "--threshold=0"]) == 0
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _validate(c):
