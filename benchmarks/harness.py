@@ -16,13 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import metrics
+
 
 def cpu_threads() -> int:
   """Cores this process may run on: the size of XLA:CPU's intra-op pool, and torch's threads."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    return os.cpu_count() or 1
+  return metrics.usable_cores()
 
 
 def load_average() -> List[float]:

@@ -33,6 +33,16 @@ def test_progress_excludes_evaluation_time(monkeypatch):
   assert m["core_hours"] == pytest.approx(65.0 / 3600 * p.cores)  # wall clock, evaluation included
 
 
+def test_core_hours_count_the_cores_the_process_may_use(monkeypatch):
+  """A run pinned to one core (`taskset -c 0`) of a 2-core machine counts one core, not two."""
+  monkeypatch.setattr(metrics.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+  monkeypatch.setattr(metrics.os, "cpu_count", lambda: 2)
+  assert metrics.usable_cores() == 1
+  assert metrics.Progress(first_step=0, total_steps=1, batch_size=1).cores == 1
+  monkeypatch.delattr(metrics.os, "sched_getaffinity")
+  assert metrics.usable_cores() == 2
+
+
 def test_progress_after_resume_counts_from_the_resumed_step(monkeypatch):
   clock = FakeClock()
   monkeypatch.setattr(metrics.time, "monotonic", clock)

@@ -70,6 +70,14 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
   ])
 
 
+def usable_cores() -> int:
+  """The cores this process may run on: its CPU affinity (`taskset`, a cgroup's cpuset) where the
+  OS reports one, else every core of the machine."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 class Progress:
   """Throughput, examples seen, training time, core-hours and ETA since the (re)start of a run.
 
@@ -85,7 +93,7 @@ class Progress:
     self.excluded_s = 0.0
     self._last = (first_step, self.t0, 0.0)
     if jax.devices()[0].platform == "cpu":
-      self.cores = (os.cpu_count() or 1) * jax.process_count()
+      self.cores = usable_cores() * jax.process_count()
     else:
       self.cores = jax.device_count()
 
