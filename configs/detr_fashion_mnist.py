@@ -18,7 +18,14 @@ Schedule: AdamW (wd 1e-4 on kernels), lr 3e-4 with 200 warm-up steps and cosine 
 under an hour on this project's 2-core machine: 0.87 s per step measured on one of its cores (a
 60-step run with the other core busy). DETR's own recipe (lr 1e-4, backbone 1e-5, 500 epochs)
 assumes a pre-trained backbone; this one trains from scratch.
-Result: being measured (mAP@0.5 on the 1,000 `test` canvases).
+Result (2026-11-30, this config as committed, pinned to one of the 2 cores with `taskset -c 0`
+while the other ran the data-scaling study): 3,200 steps in 3,231 s of training, 3,356 s (56 min)
+in all; val[:1000] mAP@0.5 0.085 (mAP 0.028); test[:1000], evaluated once at the end, **mAP@0.5
+0.087** (mAP 0.028). Validation mAP@0.5 was 0.011 at step 1,000 and 0.063 at step 2,000, still
+rising: DETR converges slowly from scratch, and an hour of this CPU is about 1.9 epochs. The loss
+went from 19.0 to 6.6-6.8. The model is under-confident: at a class probability of 0.5 it kept
+almost no detections on the README's 8 canvases, at 0.2 it found 4 of their 31 objects
+(`python -m experiments.detr_picture --workdir=... --threshold=0.2`).
 """
 from configs import common
 

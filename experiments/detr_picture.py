@@ -42,7 +42,7 @@ def found(det: Dict[str, np.ndarray], gt_boxes: np.ndarray, gt_labels: np.ndarra
   """Ground-truth boxes that some detection of their class overlaps with IoU >= 0.5."""
   if not len(det["boxes"]) or not len(gt_boxes):
     return 0
-  iou = np.asarray(boxes_lib.pairwise_iou(gt_boxes, det["boxes"]))  # (gt, det)
+  iou = np.asarray(boxes_lib.pairwise_iou(gt_boxes, det["boxes"])[0])  # (gt, det)
   same = gt_labels[:, None] == det["labels"][None, :]
   return int(np.sum(np.any((iou >= 0.5) & same, axis=1)))
 

@@ -20,6 +20,10 @@ def test_found_needs_the_class_and_iou_half():
   assert detr_picture.found(det, gt_boxes, gt_labels) == 2
   det["boxes"] = np.array([[0.0, 0.0, 0.2, 0.5], [0.5, 0.5, 1.0, 1.0]])  # IoU 0.4
   assert detr_picture.found(det, gt_boxes, gt_labels) == 1
+  # One object, three detections of it: found once (at most the number of objects).
+  three = dict(boxes=np.array([[0.0, 0.0, 0.5, 0.5]] * 3), labels=np.array([3, 3, 3]),
+               scores=np.ones(3))
+  assert detr_picture.found(three, gt_boxes[:1], gt_labels[:1]) == 1
   empty = dict(boxes=np.zeros((0, 4)), labels=np.zeros(0, int), scores=np.zeros(0))
   assert detr_picture.found(empty, gt_boxes, gt_labels) == 0
 
