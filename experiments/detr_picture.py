@@ -20,6 +20,7 @@ from vit_jax import predict
 from vit_jax.data import canvases
 from vit_jax.data import splits as splits_lib
 from vit_jax.detection import boxes as boxes_lib
+from vit_jax.evaluators import detection as detection_eval
 
 
 def detections(predictor: predict.Predictor, batch: Dict[str, np.ndarray],
@@ -28,14 +29,9 @@ def detections(predictor: predict.Predictor, batch: Dict[str, np.ndarray],
   best real class (not "no object") has softmax probability >= threshold."""
   x = predictor.preprocess(batch["image"])
   out = predictor.model.apply(predictor.variables, x, batch["image_mask"], train=False)
-  logits = np.asarray(out["logits"], np.float64)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  real = probs[..., :-1]
-  labels, scores = real.argmax(-1), real.max(-1)
-  xyxy = np.asarray(boxes_lib.cxcywh_to_xyxy(np.asarray(out["boxes"])))
-  return [dict(boxes=xyxy[i][keep], labels=labels[i][keep], scores=scores[i][keep])
-          for i, keep in enumerate(scores >= threshold)]
+  # The mAP evaluator's post-processing (DETR's), then the threshold.
+  return [{k: v[d["scores"] >= threshold] for k, v in d.items()}
+          for d in detection_eval.postprocess(out["logits"], out["boxes"])]
 
 
 def found(det: Dict[str, np.ndarray], gt_boxes: np.ndarray, gt_labels: np.ndarray) -> int:
@@ -84,24 +80,21 @@ def main(argv=None) -> int:
   parser.add_argument("--threshold", type=float, default=0.5,
                       help="minimum class probability of a drawn detection")
   args = parser.parse_args(argv)
-  predictor = predict.load(args.workdir)
   with open(os.path.join(args.workdir, "config.json")) as f:
     config = json.load(f)
-  if config.get("loss") != "detr":
+  if config.get("loss") != "detr":  # before the checkpoint is read
     print(f"{args.workdir} is not a DETR run (its config's loss is {config.get('loss')!r}).",
           file=sys.stderr)
     return 2
+  predictor = predict.load(args.workdir)
   base, indices = splits_lib.resolve(config["test_split"], canvases.SPLIT_SIZES)[0]
   source = canvases.CanvasSource()
   batch = source.batch(base, indices[:args.num])
   dets = detections(predictor, batch, args.threshold)
-  gts = []
-  for i in range(len(dets)):
-    m = batch["mask"][i]
-    gt_boxes = np.asarray(boxes_lib.cxcywh_to_xyxy(batch["boxes"][i][m]))
-    gts.append((gt_boxes, batch["labels"][i][m]))
-    print(f"canvas {int(indices[i])}: {int(m.sum())} objects, {len(dets[i]['boxes'])} detections, "
-          f"{found(dets[i], *gts[-1])} found (right class, IoU >= 0.5)")
+  gts = [(g["boxes"], g["labels"]) for g in detection_eval.ground_truth(batch)]
+  for i, (det, gt) in enumerate(zip(dets, gts)):
+    print(f"canvas {int(indices[i])}: {len(gt[0])} objects, {len(det['boxes'])} detections, "
+          f"{found(det, *gt)} found (right class, IoU >= 0.5)")
   draw(args.out, batch["image"], gts, dets, source.class_names)
   print(f"wrote {args.out}")
   return 0

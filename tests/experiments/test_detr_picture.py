@@ -54,3 +54,10 @@ def test_draw_writes_a_png(tmp_path):
   out = tmp_path / "p.png"
   detr_picture.draw(str(out), images, gts, [det, det], ["a", "b"], columns=2)
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_of_another_loss_is_named_before_its_checkpoint_is_read(tmp_path, capsys):
+  (tmp_path / "config.json").write_text('{"loss": "classification"}')  # no checkpoint at all
+  assert detr_picture.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'p.png'}"]) == 2
+  assert "is not a DETR run (its config's loss is 'classification')" in capsys.readouterr().err
+  assert not (tmp_path / "p.png").exists()
