@@ -1,7 +1,7 @@
 r"""Runs a sweep, point by point or several at once, each in its own workdir; or prints the commands.
 
   python -m experiments.runner experiments/fmnist_data_scaling.py[:ARG] --out=DIR \
-      [--parallel=N] [--only=REGEX] [--print-commands] [--in-process] [--no-aggregate] \
+      [--parallel=N [--pin]] [--only=REGEX] [--print-commands] [--in-process] [--no-aggregate] \
       [--plan | --no-plan]
 
 Each point runs `python -m vit_jax.main --config=... --workdir=DIR/points/NAME --config.k=v ...`
@@ -9,7 +9,8 @@ as a subprocess in the repository root (a crash in one point does not stop the o
 appended to DIR/points/NAME/log.txt. A point whose workdir has `result.json` is finished and
 skipped; any other point is (re)started, and resumes from its latest checkpoint because the
 trainer does. `--parallel=N` keeps N points running at once (on a CPU each process uses every core:
-N=1 is fastest there). Ctrl-C or SIGTERM to the runner asks the running points to save a checkpoint
+N=1 is fastest there, unless `--pin` gives each of the N running points its own share of the cores,
+which for models too small to use every core well is faster: see README). Ctrl-C or SIGTERM to the runner asks the running points to save a checkpoint
 and stop (they run in their own sessions, so only the runner gets the terminal's Ctrl-C).
 
 `--in-process` runs the points one after another in this process through
@@ -186,8 +187,24 @@ def _child_env() -> Dict[str, str]:
   return env
 
 
+def core_slots(parallel: int, cores: Sequence[int]) -> List[List[int]]:
+  """Splits the usable cores into `parallel` disjoint, contiguous shares (the first shares get
+  one more core when they do not divide evenly)."""
+  cores = sorted(cores)
+  if parallel > len(cores):
+    raise ValueError(f"--pin with --parallel={parallel} needs at least {parallel} usable cores; "
+                     f"this process may use {len(cores)} ({cores}). Lower --parallel or drop --pin.")
+  size, extra = divmod(len(cores), parallel)
+  slots, start = [], 0
+  for i in range(parallel):
+    end = start + size + (i < extra)
+    slots.append(cores[start:end])
+    start = end
+  return slots
+
+
 def run_sweep(sweep: sweep_lib.Sweep, out: str, *, parallel: int = 1, only: Optional[str] = None,
-              in_process: bool = False, python: str = sys.executable,
+              pin: bool = False, in_process: bool = False, python: str = sys.executable,
               main: Sequence[str] = MAIN, aggregate_results: bool = True,
               log: Callable[[str], None] = print) -> Dict[str, str]:
   """Runs the selected points that are not finished; returns {point name: status}."""
@@ -195,6 +212,7 @@ def run_sweep(sweep: sweep_lib.Sweep, out: str, *, parallel: int = 1, only: Opti
     raise ValueError(f"--parallel must be at least 1, got {parallel}.")
   if in_process and parallel > 1:
     raise ValueError("--in-process runs one point at a time; drop --parallel or --in-process.")
+  slots = core_slots(parallel, os.sched_getaffinity(0)) if pin else None
   points = select(sweep, only)
   write_sweep(sweep, out)
   status, todo = {}, collections.deque()
@@ -217,7 +235,7 @@ def run_sweep(sweep: sweep_lib.Sweep, out: str, *, parallel: int = 1, only: Opti
         if stop.requested:
           break
     else:
-      _run_subprocesses(todo, out, parallel, python, main, status, stop, log)
+      _run_subprocesses(todo, out, parallel, python, main, status, stop, log, slots)
   for point in points:
     status.setdefault(point.name, STOPPED)  # Not started because the runner was stopped.
   if aggregate_results:
@@ -228,8 +246,9 @@ def run_sweep(sweep: sweep_lib.Sweep, out: str, *, parallel: int = 1, only: Opti
   return status
 
 
-def _run_subprocesses(todo, out, parallel, python, main, status, stop, log):
-  running = {}  # name -> (point, Popen, log file, start time)
+def _run_subprocesses(todo, out, parallel, python, main, status, stop, log, slots=None):
+  running = {}  # name -> (point, Popen, log file, start time, slot)
+  free = list(range(parallel))
   signalled = False
   while (todo and not stop.requested) or running:
     while todo and len(running) < parallel and not stop.requested:
@@ -239,23 +258,30 @@ def _run_subprocesses(todo, out, parallel, python, main, status, stop, log):
       f = open(os.path.join(workdir, "log.txt"), "a")
       f.write(f"\n=== runner {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n")
       f.flush()
+      slot = free.pop(0)
+      pin_to = None
+      if slots is not None:  # Set in the child before exec, so every thread it starts inherits it.
+        pin_to = lambda cores=slots[slot]: os.sched_setaffinity(0, cores)
       proc = subprocess.Popen(argv, cwd=sweep_lib.REPO_ROOT, env=_child_env(), stdout=f,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-      running[point.name] = (point, proc, f, time.time())
-      log(f"start {point.name} (pid {proc.pid})")
+                              stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=pin_to)
+      running[point.name] = (point, proc, f, time.time(), slot)
+      where = f" on cores {slots[slot]}" if slots is not None else ""
+      log(f"start {point.name} (pid {proc.pid}){where}")
     if stop.requested and not signalled:
       signalled = True
       log(f"stopping: asking {len(running)} running point(s) to save and exit")
-      for _, proc, _, _ in running.values():
+      for _, proc, _, _, _ in running.values():
         with contextlib.suppress(ProcessLookupError):
           os.killpg(proc.pid, signal.SIGTERM)
     for name in list(running):
-      point, proc, f, t0 = running[name]
+      point, proc, f, t0, slot = running[name]
       rc = proc.poll()
       if rc is None:
         continue
       f.close()
       del running[name]
+      free.append(slot)
       status[name] = _status_of_exit(point, point_workdir(out, point), rc, signalled)
       log(_summary(point, status[name], time.time() - t0, out, rc))
     time.sleep(0.2)
@@ -288,6 +314,9 @@ def main(argv=None) -> int:
   parser.add_argument("experiment", help="experiments/FILE.py[:ARG]")
   parser.add_argument("--out", help="output folder (default workdirs/experiments/<sweep name>)")
   parser.add_argument("--parallel", type=int, default=1, help="points running at once")
+  parser.add_argument("--pin", action="store_true",
+                      help="give each of the --parallel running points its own share of the "
+                           "cores (CPU affinity)")
   parser.add_argument("--only", help="run only points whose name matches this regex")
   parser.add_argument("--print-commands", action="store_true",
                       help="print the command of every unfinished point and exit")
@@ -314,7 +343,7 @@ def main(argv=None) -> int:
     print(cost.describe(p), flush=True)
     if args.plan:
       return 0
-  status = run_sweep(sweep, out, parallel=args.parallel, only=args.only,
+  status = run_sweep(sweep, out, parallel=args.parallel, only=args.only, pin=args.pin,
                      in_process=args.in_process, python=args.python,
                      aggregate_results=args.aggregate)
   counts = collections.Counter(status.values())

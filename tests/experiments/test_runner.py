@@ -195,3 +195,33 @@ def test_subprocesses_run_in_parallel_and_a_crash_stays_in_its_point(tmp_path):
   assert _train_steps(runner.point_workdir(out, s.points[0])) == [1, 2, 3, 4, 5, 6]
   with open(os.path.join(out, "results.csv")) as f:
     assert [r["name"] for r in csv.DictReader(f)] == ["vit_n96"]
+
+
+def test_core_slots_split_the_cores_into_disjoint_shares():
+  assert runner.core_slots(2, [3, 0, 1, 2]) == [[0, 1], [2, 3]]
+  assert runner.core_slots(2, [0, 1, 2]) == [[0, 1], [2]]
+  assert runner.core_slots(1, [5, 4]) == [[4, 5]]
+  with pytest.raises(ValueError, match="--parallel=3 needs at least 3 usable cores"):
+    runner.core_slots(3, [0, 1])
+
+
+def test_pinned_points_run_on_their_own_cores(tmp_path):
+  # The launcher records the affinity it was started with, then exits without training.
+  launcher = tmp_path / "affinity_main.py"
+  launcher.write_text(textwrap.dedent("""
+      import os, sys, time
+      workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+      with open(os.path.join(workdir, "cores.txt"), "w") as f:
+        f.write(",".join(map(str, sorted(os.sched_getaffinity(0)))))
+      time.sleep(1)  # Both points run at once.
+      """))
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < 2:
+    pytest.skip("needs two usable cores")
+  s = tiny_sweep(sizes=(96, 128))
+  out = str(tmp_path / "out")
+  runner.run_sweep(s, out, parallel=2, pin=True, main=(str(launcher),), log=lambda _: None,
+                   aggregate_results=False)
+  seen = sorted(open(os.path.join(runner.point_workdir(out, p), "cores.txt")).read()
+                for p in s.points)
+  assert seen == sorted(",".join(map(str, c)) for c in runner.core_slots(2, cores))
