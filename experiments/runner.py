@@ -8,7 +8,7 @@ Each point runs `python -m vit_jax.main --config=... --workdir=DIR/points/NAME -
 as a subprocess in the repository root (a crash in one point does not stop the others), its output
 appended to DIR/points/NAME/log.txt. A point whose workdir has `result.json` is finished and
 skipped; any other point is (re)started, and resumes from its latest checkpoint because the
-trainer does. `--parallel=N` keeps N points running at once (on a CPU each process uses every core:
+trainer does. The points share a JAX compilation cache in DIR/jax_cache. `--parallel=N` keeps N points running at once (on a CPU each process uses every core:
 N=1 is fastest there, unless `--pin` gives each of the N running points its own share of the cores,
 which for models too small to use every core well is faster: see README). Ctrl-C or SIGTERM to the runner asks the running points to save a checkpoint
 and stop (they run in their own sessions, so only the runner gets the terminal's Ctrl-C).
@@ -180,8 +180,12 @@ class _Stop:
     self.requested = True
 
 
-def _child_env() -> Dict[str, str]:
+def _child_env(out: str) -> Dict[str, str]:
+  """The points' environment: the repository on PYTHONPATH, and a compilation cache shared by the
+  sweep's points (OUT/jax_cache, unless JAX_COMPILATION_CACHE_DIR is set), so that the seeds and
+  data sizes of one model set-up compile once: same executables, same results."""
   env = dict(os.environ)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(out), "jax_cache"))
   paths = [sweep_lib.REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
   env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
   return env
@@ -262,7 +266,7 @@ def _run_subprocesses(todo, out, parallel, python, main, status, stop, log, slot
       pin_to = None
       if slots is not None:  # Set in the child before exec, so every thread it starts inherits it.
         pin_to = lambda cores=slots[slot]: os.sched_setaffinity(0, cores)
-      proc = subprocess.Popen(argv, cwd=sweep_lib.REPO_ROOT, env=_child_env(), stdout=f,
+      proc = subprocess.Popen(argv, cwd=sweep_lib.REPO_ROOT, env=_child_env(out), stdout=f,
                               stderr=subprocess.STDOUT, start_new_session=True,
                               preexec_fn=pin_to)
       running[point.name] = (point, proc, f, time.time(), slot)

@@ -225,3 +225,12 @@ def test_pinned_points_run_on_their_own_cores(tmp_path):
   seen = sorted(open(os.path.join(runner.point_workdir(out, p), "cores.txt")).read()
                 for p in s.points)
   assert seen == sorted(",".join(map(str, c)) for c in runner.core_slots(2, cores))
+
+
+def test_points_share_a_compilation_cache_unless_the_user_set_one(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  env = runner._child_env(str(tmp_path / "out"))
+  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "out" / "jax_cache")
+  assert sweep_lib.REPO_ROOT in env["PYTHONPATH"].split(os.pathsep)
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+  assert runner._child_env(str(tmp_path))["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
