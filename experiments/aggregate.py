@@ -16,7 +16,8 @@ model, train_size, seed, ...), accuracy (top-1 on the config's eval_split), test
 its test_split, evaluated once at the end, when it has one), fewshot_{k}shot_accuracy,
 core_hours, num_params, examples_seen, steps), OUT/accuracy_vs_data.png (the ViT paper's figures 3
 and 4: accuracy against training-set size, log x, a line per model coloured by family, mean and
-min-max over seeds) and OUT/accuracy_vs_compute.png (figure 5: accuracy against core-hours).
+min-max over seeds), OUT/summary.md (the same means and min-max as a Markdown table) and
+OUT/accuracy_vs_compute.png (figure 5: accuracy against core-hours).
 
 core_hours adds up the runs of a point: the trainer's count restarts when a run resumes, so each
 run's last value is summed (time after a run's last log row is not counted).
@@ -37,12 +38,13 @@ import os
 import re
 import sys
 import zipfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 RESULT = "result.json"
 TABLES = ("results.csv", "results.json")
+SUMMARY = "summary.md"  # mean and min-max over seeds per model and training-set size
 EXPECTED = "expected the --out folder of `python -m experiments.runner EXPERIMENT --out=DIR`"
 CORE_COLUMNS = ("name", "family", "model", "train_size", "seed", "accuracy")
 TAIL_COLUMNS = ("core_hours", "num_params", "examples_seen", "steps", "eval_split", "config")
@@ -299,6 +301,46 @@ def write_table(rows: List[Dict[str, Any]], out: str) -> None:
            lambda f: json.dump([{k: r.get(k) for k in columns} for r in rows], f, indent=1))
 
 
+# ----------------------------------------------------------------------------------- summary.
+def summarize(rows) -> List[Dict[str, Any]]:
+  """A row per (family, model, train_size): the number of seeds and, per metric, the mean and the
+  min and max over the seeds (the plots' points and error bars, as numbers)."""
+  groups: Dict[Tuple[str, str, Any], List[Dict[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault((str(r.get("family")), str(r.get("model")), r.get("train_size")),
+                      []).append(r)
+  out = []
+  for (family, model, n), rs in sorted(groups.items(), key=lambda kv: (
+      kv[0][0], kv[0][1], kv[0][2] if isinstance(kv[0][2], (int, float)) else -1)):
+    s = {"family": family, "model": model, "train_size": n, "seeds": len(rs)}
+    for metric in _metrics(rs) + ["core_hours"]:
+      vals = [r[metric] for r in rs if isinstance(r.get(metric), (int, float))]
+      if vals:
+        s[metric] = (float(np.mean(vals)), float(min(vals)), float(max(vals)))
+    out.append(s)
+  return out
+
+
+def summary_markdown(rows) -> str:
+  """summarize() as a Markdown table: accuracies in percent, 'mean (min-max)' over seeds."""
+  summary = summarize(rows)
+  metrics = [m for m in _metrics(rows) if any(m in s for s in summary)]
+  head = ["family", "model", "train size", "seeds"] + [_title(m) for m in metrics] + [
+      "core-hours (mean)"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for s in summary:
+    cells = [s["family"], s["model"], str(s["train_size"]), str(s["seeds"])]
+    for m in metrics:
+      if m not in s:
+        cells.append("")
+        continue
+      mean, lo, hi = (100 * v for v in s[m])
+      cells.append(f"{mean:.1f}" if s["seeds"] == 1 else f"{mean:.1f} ({lo:.1f}-{hi:.1f})")
+    cells.append(f"{s['core_hours'][0]:.3f}" if "core_hours" in s else "")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------- plots.
 def _metrics(rows) -> List[str]:
   keys = ["accuracy", "test_accuracy"] + sorted({k for r in rows for k in r if k.startswith("fewshot_")},
@@ -384,6 +426,9 @@ def aggregate(out: str, *, allow_fewer_rows: bool = False, log=print,
     check_not_fewer(rows, out)
   write_table(rows, out)
   written = [os.path.join(out, n) for n in TABLES]
+  text = summary_markdown(rows)
+  _replace(os.path.join(out, SUMMARY), lambda f: f.write(text))
+  written.append(os.path.join(out, SUMMARY))
   for fn, name in ((plot_accuracy_vs_data, "accuracy_vs_data.png"),
                    (plot_accuracy_vs_compute, "accuracy_vs_compute.png")):
     if fn(rows, os.path.join(out, name)):

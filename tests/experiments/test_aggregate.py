@@ -284,3 +284,20 @@ def test_several_sweeps_go_into_one_results_folder(tmp_path, capsys):
   shutil.rmtree(os.path.join(second, "points", "s3"))  # never shrinks the joint table either
   assert aggregate.main([first, second, "--into", into]) == 2
   assert len(_csv_rows(into)) == 5
+
+
+def test_summary_gives_mean_and_min_max_over_seeds():
+  rows = [dict(family="ViT", model="ViT-Mu/7 (S)", train_size=1000, seed=s, accuracy=a,
+               test_accuracy=t, fewshot_5shot_accuracy=f, core_hours=0.1)
+          for s, a, t, f in ((0, 0.70, 0.69, 0.50), (1, 0.74, 0.71, 0.56), (2, 0.75, 0.74, 0.53))]
+  rows.append(dict(family="ResNet", model="BiT-R26x1 (S)", train_size=54000, seed=0,
+                   accuracy=0.9, core_hours=0.3))
+  summary = aggregate.summarize(rows)
+  assert [(s["family"], s["train_size"], s["seeds"]) for s in summary] == [
+      ("ResNet", 54000, 1), ("ViT", 1000, 3)]
+  mean, lo, hi = summary[1]["test_accuracy"]
+  assert (round(mean, 6), lo, hi) == (0.713333, 0.69, 0.74)
+  assert "test_accuracy" not in summary[0]
+  text = aggregate.summary_markdown(rows)
+  assert "| ViT | ViT-Mu/7 (S) | 1000 | 3 | 73.0 (70.0-75.0) | 71.3 (69.0-74.0) | 53.0 (50.0-56.0) | 0.100 |" in text
+  assert "| ResNet | BiT-R26x1 (S) | 54000 | 1 | 90.0 |  |  | 0.300 |" in text
