@@ -207,6 +207,17 @@ def core_slots(parallel: int, cores: Sequence[int]) -> List[List[int]]:
   return slots
 
 
+# Sets its CPU affinity, then becomes the command: every thread the point starts inherits it.
+# (A preexec_fn would do the same from a fork of this possibly multithreaded process.)
+_PIN = ("import os, sys; os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(',')]); "
+        "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def pinned(argv: Sequence[str], cores: Sequence[int]) -> List[str]:
+  """`argv` run on `cores` only."""
+  return [sys.executable, "-c", _PIN, ",".join(map(str, cores)), *argv]
+
+
 def run_sweep(sweep: sweep_lib.Sweep, out: str, *, parallel: int = 1, only: Optional[str] = None,
               pin: bool = False, in_process: bool = False, python: str = sys.executable,
               main: Sequence[str] = MAIN, aggregate_results: bool = True,
@@ -263,12 +274,10 @@ def _run_subprocesses(todo, out, parallel, python, main, status, stop, log, slot
       f.write(f"\n=== runner {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n")
       f.flush()
       slot = free.pop(0)
-      pin_to = None
-      if slots is not None:  # Set in the child before exec, so every thread it starts inherits it.
-        pin_to = lambda cores=slots[slot]: os.sched_setaffinity(0, cores)
+      if slots is not None:
+        argv = pinned(argv, slots[slot])
       proc = subprocess.Popen(argv, cwd=sweep_lib.REPO_ROOT, env=_child_env(out), stdout=f,
-                              stderr=subprocess.STDOUT, start_new_session=True,
-                              preexec_fn=pin_to)
+                              stderr=subprocess.STDOUT, start_new_session=True)
       running[point.name] = (point, proc, f, time.time(), slot)
       where = f" on cores {slots[slot]}" if slots is not None else ""
       log(f"start {point.name} (pid {proc.pid}){where}")
