@@ -302,17 +302,22 @@ def write_table(rows: List[Dict[str, Any]], out: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- summary.
+HYPER_KEYS = ("lr", "wd")  # tags that set a recipe: rows that differ in them are not seeds
+
+
 def summarize(rows) -> List[Dict[str, Any]]:
-  """A row per (family, model, train_size): the number of seeds and, per metric, the mean and the
-  min and max over the seeds (the plots' points and error bars, as numbers)."""
-  groups: Dict[Tuple[str, str, Any], List[Dict[str, Any]]] = {}
+  """A row per (family, model, train_size, lr, wd): the number of seeds and, per metric, the mean
+  and the min and max over the seeds (the plots' points and error bars, as numbers)."""
+  groups: Dict[Tuple, List[Dict[str, Any]]] = {}
   for r in rows:
-    groups.setdefault((str(r.get("family")), str(r.get("model")), r.get("train_size")),
-                      []).append(r)
+    key = (str(r.get("family")), str(r.get("model")), r.get("train_size")) + tuple(
+        r.get(k) for k in HYPER_KEYS)
+    groups.setdefault(key, []).append(r)
+  order = lambda kv: tuple(v if isinstance(v, (int, float)) else -1 for v in kv[0][2:])
   out = []
-  for (family, model, n), rs in sorted(groups.items(), key=lambda kv: (
-      kv[0][0], kv[0][1], kv[0][2] if isinstance(kv[0][2], (int, float)) else -1)):
-    s = {"family": family, "model": model, "train_size": n, "seeds": len(rs)}
+  for key, rs in sorted(sorted(groups.items(), key=order), key=lambda kv: kv[0][:2]):
+    s = {"family": key[0], "model": key[1], "train_size": key[2], "seeds": len(rs)}
+    s.update({k: v for k, v in zip(HYPER_KEYS, key[3:]) if v is not None})
     for metric in _metrics(rs) + ["core_hours"]:
       vals = [r[metric] for r in rs if isinstance(r.get(metric), (int, float))]
       if vals:
@@ -325,11 +330,13 @@ def summary_markdown(rows) -> str:
   """summarize() as a Markdown table: accuracies in percent, 'mean (min-max)' over seeds."""
   summary = summarize(rows)
   metrics = [m for m in _metrics(rows) if any(m in s for s in summary)]
-  head = ["family", "model", "train size", "seeds"] + [_title(m) for m in metrics] + [
-      "core-hours (mean)"]
+  hyper = [k for k in HYPER_KEYS if any(k in s for s in summary)]
+  head = (["family", "model", "train size"] + hyper + ["seeds"] + [_title(m) for m in metrics] +
+          ["core-hours (mean)"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for s in summary:
-    cells = [s["family"], s["model"], str(s["train_size"]), str(s["seeds"])]
+    cells = [s["family"], s["model"], str(s["train_size"])]
+    cells += [f"{s[k]:g}" if k in s else "" for k in hyper] + [str(s["seeds"])]
     for m in metrics:
       if m not in s:
         cells.append("")

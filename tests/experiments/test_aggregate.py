@@ -301,3 +301,14 @@ def test_summary_gives_mean_and_min_max_over_seeds():
   text = aggregate.summary_markdown(rows)
   assert "| ViT | ViT-Mu/7 (S) | 1000 | 3 | 73.0 (70.0-75.0) | 71.3 (69.0-74.0) | 53.0 (50.0-56.0) | 0.100 |" in text
   assert "| ResNet | BiT-R26x1 (S) | 54000 | 1 | 90.0 |  |  | 0.300 |" in text
+
+
+def test_summary_keeps_recipes_apart():
+  rows = [dict(family="ViT", model="V", train_size=1000, seed=0, lr=lr, wd=wd, accuracy=a)
+          for lr, wd, a in ((1e-3, 0.5, 0.7), (3e-3, 0.5, 0.8), (3e-3, 0.5, 0.9))]
+  summary = aggregate.summarize(rows)
+  assert [(s["lr"], s["wd"], s["seeds"]) for s in summary] == [(1e-3, 0.5, 1), (3e-3, 0.5, 2)]
+  text = aggregate.summary_markdown(rows)
+  assert text.splitlines()[0] == ("| family | model | train size | lr | wd | seeds | "
+                                  "top-1 accuracy (eval split) | core-hours (mean) |")
+  assert "| ViT | V | 1000 | 0.003 | 0.5 | 2 | 85.0 (80.0-90.0) |  |" in text
