@@ -313,9 +313,11 @@ def summarize(rows) -> List[Dict[str, Any]]:
     key = (str(r.get("family")), str(r.get("model")), r.get("train_size")) + tuple(
         r.get(k) for k in HYPER_KEYS)
     groups.setdefault(key, []).append(r)
-  order = lambda kv: tuple(v if isinstance(v, (int, float)) else -1 for v in kv[0][2:])
+  # By family and model, then numerically by train_size, lr and wd (a missing value first).
+  order = lambda key: key[:2] + tuple(v if isinstance(v, (int, float)) else -1 for v in key[2:])
   out = []
-  for key, rs in sorted(sorted(groups.items(), key=order), key=lambda kv: kv[0][:2]):
+  for key in sorted(groups, key=order):
+    rs = groups[key]
     s = {"family": key[0], "model": key[1], "train_size": key[2], "seeds": len(rs)}
     s.update({k: v for k, v in zip(HYPER_KEYS, key[3:]) if v is not None})
     for metric in _metrics(rs) + ["core_hours"]:
