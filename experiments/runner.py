@@ -224,16 +224,22 @@ def pinned(argv: Sequence[str], cores: Sequence[int]) -> List[str]:
   return [sys.executable, "-c", _PIN, ",".join(map(str, cores)), *argv]
 
 
+def check_options(parallel: int, pin: bool, in_process: bool) -> Optional[List[List[int]]]:
+  """Raises ValueError on flags that cannot work together; returns the cores of each running
+  point under --pin (None without it)."""
+  if parallel < 1:
+    raise ValueError(f"--parallel must be at least 1, got {parallel}.")
+  if in_process and parallel > 1:
+    raise ValueError("--in-process runs one point at a time; drop --parallel or --in-process.")
+  return core_slots(parallel, os.sched_getaffinity(0)) if pin else None
+
+
 def run_sweep(sweep: sweep_lib.Sweep, out: str, *, parallel: int = 1, only: Optional[str] = None,
               pin: bool = False, in_process: bool = False, python: str = sys.executable,
               main: Sequence[str] = MAIN, aggregate_results: bool = True,
               log: Callable[[str], None] = print) -> Dict[str, str]:
   """Runs the selected points that are not finished; returns {point name: status}."""
-  if parallel < 1:
-    raise ValueError(f"--parallel must be at least 1, got {parallel}.")
-  if in_process and parallel > 1:
-    raise ValueError("--in-process runs one point at a time; drop --parallel or --in-process.")
-  slots = core_slots(parallel, os.sched_getaffinity(0)) if pin else None
+  slots = check_options(parallel, pin, in_process)
   points = select(sweep, only)
   write_sweep(sweep, out)
   status, todo = {}, collections.deque()
@@ -350,7 +356,12 @@ def main(argv=None) -> int:
   parser.add_argument("--python", default=sys.executable,
                       help="Python interpreter of the point commands")
   args = parser.parse_args(argv)
-  sweep = sweep_lib.load_experiment(args.experiment)
+  try:  # Bad input: one line naming it (argparse's "error:" and exit status 2), before any work.
+    sweep = sweep_lib.load_experiment(args.experiment)
+    select(sweep, args.only)
+    check_options(args.parallel, args.pin, args.in_process)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    parser.error(str(e))
   out = args.out or os.path.join("workdirs", "experiments", sweep.name)
   if args.print_commands:
     print("\n".join(commands(sweep, out, only=args.only, python=args.python)))

@@ -170,8 +170,31 @@ def test_print_commands(tmp_path, capsys):
   assert json.load(open(os.path.join(out, "sweep.json")))["points"][1]["name"] == "b"
   assert runner.main([f"{exp}", f"--out={out}", "--print-commands", "--only=^b$"]) == 0
   assert len(capsys.readouterr().out.strip().split("\n")) == 2
-  with pytest.raises(ValueError, match="matches none"):
+  with pytest.raises(SystemExit):
     runner.main([f"{exp}", f"--out={out}", "--print-commands", "--only=zzz"])
+  assert "error: --only='zzz' matches none" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--parallel=0"], "--parallel must be at least 1, got 0"),
+    (["--parallel=2", "--in-process"], "--in-process runs one point at a time"),
+    ([f"--parallel={len(os.sched_getaffinity(0)) + 1}", "--pin"], "usable cores"),
+    (["--only=("], "is not a regular expression"),
+])
+def test_bad_flags_stop_with_one_line_before_any_work(tmp_path, capsys, flags, message):
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    runner.main(["experiments/fmnist_data_scaling.py", f"--out={out}", *flags])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err
+  assert not out.exists()  # No plan measured, no sweep.json written.
+
+
+def test_a_missing_experiment_file_is_named(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    runner.main([str(tmp_path / "nope.py"), "--plan"])
+  assert f"No experiment file {str(tmp_path / 'nope.py')!r}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
