@@ -129,11 +129,15 @@ def plan(points: Sequence[sweep_lib.Point], out: str, *, finished: Callable[[str
   return {"points": rows, "total_seconds": total, "rates": rates}
 
 
-def describe(p: Mapping) -> str:
-  """A few lines: the total and the dearest points."""
+def describe(p: Mapping, parallel: int = 1) -> str:
+  """A few lines: the total and the dearest points. The times are measured one point at a time
+  on all the cores; with `parallel` > 1 the line says that the overlap is not modelled (on two
+  cores `--parallel=2 --pin` gave 1.0-1.8x the throughput, by model: experiments/runner.py)."""
   todo = [r for r in p["points"] if r["seconds"] > 0]
+  how = ("one point at a time" if parallel == 1 else
+         f"one point at a time; --parallel={parallel} overlaps them by an amount not modelled")
   lines = [f"plan: {len(todo)} point(s) to run, about {_hours(p['total_seconds'])} on this "
-           f"machine ({len(p['points']) - len(todo)} finished)."]
+           f"machine, {how} ({len(p['points']) - len(todo)} finished)."]
   for r in sorted(todo, key=lambda r: -r["seconds"])[:5]:
     lines.append(f"  {r['name']}: {r['steps']} steps, {r['eval_examples']} evaluated examples, "
                  f"~{_hours(r['seconds'])}")

@@ -370,7 +370,7 @@ def main(argv=None) -> int:
     points = select(sweep, args.only)
     done = lambda name: os.path.exists(os.path.join(out, "points", name, aggregate.RESULT))
     p = cost.plan(points, out, finished=done)
-    print(cost.describe(p), flush=True)
+    print(cost.describe(p, parallel=args.parallel), flush=True)
     if args.plan:
       return 0
   status = run_sweep(sweep, out, parallel=args.parallel, only=args.only, pin=args.pin,

@@ -50,6 +50,8 @@ def test_plan_measures_each_setup_once_and_skips_finished_points(tmp_path, mock_
   assert rows["wide"]["seconds"] == pytest.approx(10 + 6 * 2.0 + 600 * 0.01)
   assert p["total_seconds"] == pytest.approx(rows["vit_n48"]["seconds"] + rows["wide"]["seconds"])
   assert "2 point(s) to run" in cost.describe(p)
+  assert "one point at a time (" in cost.describe(p)
+  assert "--parallel=2 overlaps them by an amount not modelled" in cost.describe(p, parallel=2)
   # Cached: a second plan measures nothing.
   cost.plan(points, str(tmp_path), finished=lambda n: False, measure_fn=fake_measure,
             log=lambda s: None)
