@@ -257,12 +257,14 @@ def _barrier(name: str):
 
 
 def _selected(keep: tf.Tensor):
+  @tf.autograph.experimental.do_not_convert  # plain graph code, as in pipeline.py
   def fn(i, ex):
     del ex
     return tf.gather(keep, i)
   return fn
 
 
+@tf.autograph.experimental.do_not_convert
 def _drop_position(i, ex):
   del i
   return ex
