@@ -8,7 +8,8 @@ where do hybrids sit? (The question of the ViT paper's figures 3 and 4, at Fashi
 
 (`--parallel=2 --pin`: two points at once, one per core, on the 2-core VM the study was run on.)
 Selected (2026-11-30, experiments/results/fmnist_data_scaling/select/): lr 3e-3, wd 0.5 for every
-family, the corner of the grid below. Results and their reading: the README's "Study (a)".
+family, the corner of the grid below. Final phase run in full (54 runs, 3 seeds, 2026-11-30,
+experiments/results/fmnist_data_scaling/); results and their reading: the README's "Study (a)".
 
 Models (configs/fashion_mnist.py args `resnet`, `vit`, `hybrid`) at two sizes of matched forward
 FLOPs per image (XLA's cost analysis of the forward pass, 28x28x1, 10 classes):
