@@ -44,7 +44,14 @@ stopped part-way has whole seeds. The runner skips finished points and resumes i
 from their checkpoints.
 
 Arg (after the colon, comma-separated key=value, lists joined by "/"): phase (select|final),
-select_from (the --out folder of the selection, phase=final), sizes, models, model_sizes, seeds.
+select_from (the --out folder of the selection, phase=final), sizes, models, model_sizes, seeds,
+lrs and wds (the selection grid, default LRS and WDS; phase=final chooses on the same grid).
+A wider grid in a separate folder, reusing the finished points of the first (same names):
+  mkdir -p workdirs/fms_wide/points && cp -r workdirs/fms/points/select_*_lr0.003_wd0.5 \
+      workdirs/fms_wide/points/
+  python -m experiments.runner \
+      experiments/fmnist_data_scaling.py:phase=select,lrs=0.003/0.01,wds=0.5/2 \
+      --out=workdirs/fms_wide --parallel=2 --pin
 """
 import csv
 import os
@@ -76,7 +83,8 @@ MODEL_SIZES = {
            "resnet": {"base_width": 3, "gn_groups": 3}},
 }
 DEFAULTS = dict(phase="select", select_from="", sizes=(1000, 7000, 54000),
-                models=("resnet", "vit", "hybrid"), model_sizes=("S", "XS"), seeds=(0, 1, 2))
+                models=("resnet", "vit", "hybrid"), model_sizes=("S", "XS"), seeds=(0, 1, 2),
+                lrs=LRS, wds=WDS)
 
 
 def budget_examples(n: int) -> int:
@@ -89,8 +97,10 @@ def train_split(n: int, seed: int) -> str:
   return f"{TRAIN}@seeded({n}, seed={seed})"
 
 
-def choose(rows: Sequence[Mapping]) -> Dict[str, Tuple[float, float]]:
-  """{family: (lr, wd)} with the best mean validation accuracy over the selection sizes.
+def choose(rows: Sequence[Mapping], lrs: Sequence[float] = LRS,
+           wds: Sequence[float] = WDS) -> Dict[str, Tuple[float, float]]:
+  """{family: (lr, wd)} with the best mean validation accuracy over the selection sizes, on the
+  grid lrs x wds (rows off the grid are ignored).
 
   Rows are the selection's results table (family, lr, wd, train_size, eval_split, accuracy);
   `accuracy` must be on the validation split, and a family whose grid is incomplete is an error
@@ -102,8 +112,8 @@ def choose(rows: Sequence[Mapping]) -> Dict[str, Tuple[float, float]]:
                        f"{r.get('eval_split')!r}, not on the validation split {VAL!r}.")
   for family in sorted({r["family"] for r in rows}):
     scores = {}
-    for lr in LRS:
-      for wd in WDS:
+    for lr in lrs:
+      for wd in wds:
         accs = [float(r["accuracy"]) for r in rows if r["family"] == family and
                 float(r["lr"]) == lr and float(r["wd"]) == wd and
                 int(r["train_size"]) in SELECT_SIZES and r.get("accuracy") not in ("", None)]
@@ -115,13 +125,14 @@ def choose(rows: Sequence[Mapping]) -> Dict[str, Tuple[float, float]]:
   return out
 
 
-def read_choice(out_dir: str) -> Dict[str, Tuple[float, float]]:
+def read_choice(out_dir: str, lrs: Sequence[float] = LRS,
+                wds: Sequence[float] = WDS) -> Dict[str, Tuple[float, float]]:
   path = os.path.join(out_dir, "results.csv")
   if not os.path.exists(path):
     raise FileNotFoundError(f"No selection results at {path}: run phase=select with "
                             f"--out={out_dir} first (the runner writes results.csv).")
   with open(path) as f:
-    return choose(list(csv.DictReader(f)))
+    return choose(list(csv.DictReader(f)), lrs, wds)
 
 
 def _label(config, size: str) -> str:
@@ -170,8 +181,8 @@ def get_sweep(arg=None) -> sweep.Sweep:
   if a["phase"] == "select":
     for model in a["models"]:
       for n in SELECT_SIZES:
-        for lr in LRS:
-          for wd in WDS:
+        for lr in a["lrs"]:
+          for wd in a["wds"]:
             points.append(_point(model, SELECT_MODEL_SIZE, n, 0, lr, wd, final=False,
                                  name=f"select_{model}_n{n}_lr{lr:g}_wd{wd:g}"))
     return sweep.Sweep("fmnist_data_scaling_select", points,
@@ -180,7 +191,7 @@ def get_sweep(arg=None) -> sweep.Sweep:
     raise ValueError(f"phase must be select or final, not {a['phase']!r}.")
   if not a["select_from"]:
     raise ValueError("phase=final needs select_from=DIR, the --out folder of phase=select.")
-  chosen = read_choice(a["select_from"])
+  chosen = read_choice(a["select_from"], a["lrs"], a["wds"])
   # Seed-major order: an interrupted study has every point of seed 0 before any of seed 1.
   for seed in a["seeds"]:
     for size in a["model_sizes"]:

@@ -149,6 +149,24 @@ def test_fmnist_data_scaling_choice_is_the_best_mean_validation_accuracy():
     study.choose(_selection_rows(best)[1:])
 
 
+def test_fmnist_data_scaling_grid_is_an_arg_and_the_choice_stays_on_it():
+  from experiments import fmnist_data_scaling as study
+  s = sweep.load_experiment(f"{STUDY}:phase=select,lrs=0.003/0.01,wds=0.5/2,models=vit")
+  assert [p.name for p in s.points if "n1000" in p.name] == [
+      "select_vit_n1000_lr0.003_wd0.5", "select_vit_n1000_lr0.003_wd2",
+      "select_vit_n1000_lr0.01_wd0.5", "select_vit_n1000_lr0.01_wd2"]
+  assert (sweep.build_config(s.points[-1]).lr.base, sweep.build_config(s.points[-1]).wd) == (
+      0.01, 2.0)
+  best = {"ResNet": (0.003, 0.05), "ViT": (0.001, 0.5), "Hybrid": (0.003, 0.5)}
+  rows = _selection_rows(best)
+  # On a sub-grid the best of that grid wins; the rows off it are ignored (the ViT's best,
+  # lr 0.001, is off it: its two equal scores go to the smaller weight decay).
+  sub = study.choose(rows, lrs=(0.003,), wds=(0.05, 0.5))
+  assert sub == {"ResNet": (0.003, 0.05), "ViT": (0.003, 0.05), "Hybrid": (0.003, 0.5)}
+  with pytest.raises(ValueError, match="lacks lr=0.01"):
+    study.choose(rows, lrs=(0.003, 0.01))
+
+
 def test_fmnist_data_scaling_final_points_use_the_choice_and_test_once(tmp_path):
   import csv
   best = {"ResNet": (0.003, 0.05), "ViT": (0.001, 0.5), "Hybrid": (0.003, 0.5)}
