@@ -8,7 +8,10 @@ where do hybrids sit? (The question of the ViT paper's figures 3 and 4, at Fashi
 
 (`--parallel=2 --pin`: two points at once, one per core, on the 2-core VM the study was run on.)
 Selected (2026-11-30, experiments/results/fmnist_data_scaling/select/): lr 3e-3, wd 0.5 for every
-family, the corner of the grid below. Final phase run in full (54 runs, 3 seeds, 2026-11-30,
+family, the corner of the grid below. A wider grid (lrs=0.003/0.01, wds=0.5/2,
+experiments/results/fmnist_data_scaling/select_wide/) chose lr 1e-2 / wd 0.5 for the ResNet and
+lr 3e-3 / wd 2 for the ViT (hybrid unchanged); the final phase has not been re-run with it.
+Final phase (narrow grid) run in full (54 runs, 3 seeds, 2026-11-30,
 experiments/results/fmnist_data_scaling/); results and their reading: the README's "Study (a)".
 
 Models (configs/fashion_mnist.py args `resnet`, `vit`, `hybrid`) at two sizes of matched forward
