@@ -48,17 +48,19 @@ from their checkpoints.
 
 Arg (after the colon, comma-separated key=value, lists joined by "/"): phase (select|final),
 select_from (the --out folder of the selection, phase=final), sizes, models, model_sizes, seeds,
-lrs and wds (the selection grid, default LRS and WDS; phase=final chooses on the same grid).
-A wider grid in a separate folder, reusing the finished points of the first (same names):
-  mkdir -p workdirs/fms_wide/points && cp -r workdirs/fms/points/select_*_lr0.003_wd0.5 \
-      workdirs/fms_wide/points/
+lrs and wds (phase=select: the grid to run, default LRS x WDS; phase=final: restrict the choice to
+these values, default every (lr, wd) the selection folder holds at both selection sizes).
+A wider grid in the same folder as the first, or in a new one holding copies of the first's
+points (same names, so finished points are skipped); `--only` runs part of a grid:
+  mkdir -p workdirs/fms_wide/points && cp -r workdirs/fms/points/* workdirs/fms_wide/points/
   python -m experiments.runner \
       experiments/fmnist_data_scaling.py:phase=select,lrs=0.003/0.01,wds=0.5/2 \
       --out=workdirs/fms_wide --parallel=2 --pin
+phase=final then chooses on the union of the grids run.
 """
 import csv
 import os
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from experiments import sweep
 
@@ -87,7 +89,7 @@ MODEL_SIZES = {
 }
 DEFAULTS = dict(phase="select", select_from="", sizes=(1000, 7000, 54000),
                 models=("resnet", "vit", "hybrid"), model_sizes=("S", "XS"), seeds=(0, 1, 2),
-                lrs=LRS, wds=WDS)
+                lrs=(), wds=())
 
 
 def budget_examples(n: int) -> int:
@@ -100,36 +102,44 @@ def train_split(n: int, seed: int) -> str:
   return f"{TRAIN}@seeded({n}, seed={seed})"
 
 
-def choose(rows: Sequence[Mapping], lrs: Sequence[float] = LRS,
-           wds: Sequence[float] = WDS) -> Dict[str, Tuple[float, float]]:
-  """{family: (lr, wd)} with the best mean validation accuracy over the selection sizes, on the
-  grid lrs x wds (rows off the grid are ignored).
+def choose(rows: Sequence[Mapping], lrs: Optional[Sequence[float]] = None,
+           wds: Optional[Sequence[float]] = None) -> Dict[str, Tuple[float, float]]:
+  """{family: (lr, wd)} with the best mean validation accuracy over the selection sizes.
 
   Rows are the selection's results table (family, lr, wd, train_size, eval_split, accuracy);
-  `accuracy` must be on the validation split, and a family whose grid is incomplete is an error
-  (a choice on part of the grid is not the frozen one)."""
-  out = {}
+  `accuracy` must be on the validation split. The candidates are every (lr, wd) the family was
+  run with (the union of the grids run, e.g. a first grid and a wider one in one folder), or,
+  with `lrs` and/or `wds`, the grid of those values only (rows off it are ignored). A candidate without a
+  validation accuracy at every selection size is an error (a choice on part of the selection is
+  not the frozen one). Ties go to the smaller lr, then the smaller wd."""
   for r in rows:
     if r.get("eval_split") != VAL:
       raise ValueError(f"Selection row {r.get('name')!r} was evaluated on "
                        f"{r.get('eval_split')!r}, not on the validation split {VAL!r}.")
+  out = {}
   for family in sorted({r["family"] for r in rows}):
+    mine = [r for r in rows if r["family"] == family]
+    run = sorted({(float(r["lr"]), float(r["wd"])) for r in mine})
+    if not lrs and not wds:
+      grid = run
+    else:  # the product of the given values (and of every value run for the one not given)
+      grid = [(lr, wd) for lr in (lrs or sorted({p[0] for p in run}))
+              for wd in (wds or sorted({p[1] for p in run}))]
     scores = {}
-    for lr in lrs:
-      for wd in wds:
-        accs = [float(r["accuracy"]) for r in rows if r["family"] == family and
-                float(r["lr"]) == lr and float(r["wd"]) == wd and
-                int(r["train_size"]) in SELECT_SIZES and r.get("accuracy") not in ("", None)]
-        if len(accs) != len(SELECT_SIZES):
-          raise ValueError(f"The selection of {family} lacks lr={lr}, wd={wd} at some of the "
-                           f"sizes {SELECT_SIZES}: run phase=select to the end first.")
-        scores[(lr, wd)] = sum(accs) / len(accs)
+    for lr, wd in grid:
+      accs = [float(r["accuracy"]) for r in mine if float(r["lr"]) == lr and
+              float(r["wd"]) == wd and int(r["train_size"]) in SELECT_SIZES and
+              r.get("accuracy") not in ("", None)]
+      if len(accs) != len(SELECT_SIZES):
+        raise ValueError(f"The selection of {family} lacks lr={lr:g}, wd={wd:g} at some of the "
+                         f"sizes {SELECT_SIZES}: run phase=select to the end first.")
+      scores[(lr, wd)] = sum(accs) / len(accs)
     out[family] = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
   return out
 
 
-def read_choice(out_dir: str, lrs: Sequence[float] = LRS,
-                wds: Sequence[float] = WDS) -> Dict[str, Tuple[float, float]]:
+def read_choice(out_dir: str, lrs: Optional[Sequence[float]] = None,
+                wds: Optional[Sequence[float]] = None) -> Dict[str, Tuple[float, float]]:
   path = os.path.join(out_dir, "results.csv")
   if not os.path.exists(path):
     raise FileNotFoundError(f"No selection results at {path}: run phase=select with "
@@ -180,12 +190,17 @@ def _point(model, size, n, seed, lr, wd, *, final: bool, name: str) -> sweep.Poi
 
 def get_sweep(arg=None) -> sweep.Sweep:
   a = sweep.parse_arg(arg, DEFAULTS)
+  try:
+    lrs, wds = (tuple(float(v) for v in a[k]) for k in ("lrs", "wds"))
+  except ValueError:
+    raise ValueError(f"lrs and wds are numbers joined by '/' (say lrs=0.003/0.01), not "
+                     f"lrs={'/'.join(a['lrs'])}, wds={'/'.join(a['wds'])}.") from None
   points: List[sweep.Point] = []
   if a["phase"] == "select":
     for model in a["models"]:
       for n in SELECT_SIZES:
-        for lr in a["lrs"]:
-          for wd in a["wds"]:
+        for lr in lrs or LRS:
+          for wd in wds or WDS:
             points.append(_point(model, SELECT_MODEL_SIZE, n, 0, lr, wd, final=False,
                                  name=f"select_{model}_n{n}_lr{lr:g}_wd{wd:g}"))
     return sweep.Sweep("fmnist_data_scaling_select", points,
@@ -194,7 +209,7 @@ def get_sweep(arg=None) -> sweep.Sweep:
     raise ValueError(f"phase must be select or final, not {a['phase']!r}.")
   if not a["select_from"]:
     raise ValueError("phase=final needs select_from=DIR, the --out folder of phase=select.")
-  chosen = read_choice(a["select_from"], a["lrs"], a["wds"])
+  chosen = read_choice(a["select_from"], lrs or None, wds or None)
   # Seed-major order: an interrupted study has every point of seed 0 before any of seed 1.
   for seed in a["seeds"]:
     for size in a["model_sizes"]:

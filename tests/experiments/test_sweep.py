@@ -167,6 +167,41 @@ def test_fmnist_data_scaling_grid_is_an_arg_and_the_choice_stays_on_it():
     study.choose(rows, lrs=(0.003, 0.01))
 
 
+def test_fmnist_data_scaling_chooses_on_the_union_of_the_grids_run(tmp_path):
+  import csv
+  from experiments import fmnist_data_scaling as study
+  best = {"ResNet": (0.003, 0.05), "ViT": (0.001, 0.5), "Hybrid": (0.003, 0.5)}
+  rows = _selection_rows(best)  # the default grid, 1e-3/3e-3 x 0.05/0.5
+  # A wider grid run beside it for the ResNet only, without its (0.001, 2) and (0.01, 0.05)
+  # corners: the union is no product grid, and its best pair is off the default grid.
+  for lr, wd, acc in ((0.01, 0.5, 0.9), (0.01, 2.0, 0.7), (0.003, 2.0, 0.7)):
+    for n in study.SELECT_SIZES:
+      rows.append({"name": f"wide{lr}{wd}{n}", "family": "ResNet", "lr": str(lr),
+                   "wd": str(wd), "train_size": str(n), "eval_split": study.VAL,
+                   "accuracy": str(acc)})
+  assert study.choose(rows) == dict(best, ResNet=(0.01, 0.5))
+  assert study.choose(rows, lrs=study.LRS, wds=study.WDS) == best  # the first grid alone
+  assert study.choose(rows, wds=(0.5,)) == dict(best, ResNet=(0.01, 0.5), ViT=(0.001, 0.5),
+                                                Hybrid=(0.003, 0.5))
+  resnet = [r for r in rows if r["family"] == "ResNet"]
+  assert study.choose(resnet, lrs=(0.003, 0.01), wds=(0.5, 2.0)) == {"ResNet": (0.01, 0.5)}
+  with pytest.raises(ValueError, match="ResNet lacks lr=0.001, wd=2"):
+    study.choose(resnet, wds=(2.0,))
+  with pytest.raises(ValueError, match="lacks lr=0.01, wd=0.5 at some of the sizes"):
+    study.choose([r for r in rows if r["name"] != "wide0.010.51000"])
+  with open(tmp_path / "results.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  s = sweep.load_experiment(f"{STUDY}:phase=final,select_from={tmp_path},models=resnet")
+  assert {(p.tags["lr"], p.tags["wd"]) for p in s.points} == {(0.01, 0.5)}
+  s = sweep.load_experiment(f"{STUDY}:phase=final,select_from={tmp_path},models=resnet,"
+                            "lrs=0.001/0.003,wds=0.05/0.5")
+  assert {(p.tags["lr"], p.tags["wd"]) for p in s.points} == {(0.003, 0.05)}
+  with pytest.raises(ValueError, match="numbers joined by '/'.*lrs=0.01/x"):
+    sweep.load_experiment(f"{STUDY}:phase=select,lrs=0.01/x")
+
+
 def test_fmnist_data_scaling_final_points_use_the_choice_and_test_once(tmp_path):
   import csv
   best = {"ResNet": (0.003, 0.05), "ViT": (0.001, 0.5), "Hybrid": (0.003, 0.5)}
