@@ -7,12 +7,10 @@ where do hybrids sit? (The question of the ViT paper's figures 3 and 4, at Fashi
       --out=workdirs/fmf --parallel=2 --pin
 
 (`--parallel=2 --pin`: two points at once, one per core, on the 2-core VM the study was run on.)
-Selected (2026-11-30, experiments/results/fmnist_data_scaling/select/): lr 3e-3, wd 0.5 for every
-family, the corner of the grid below. A wider grid (lrs=0.003/0.01, wds=0.5/2,
-experiments/results/fmnist_data_scaling/select_wide/) chose lr 1e-2 / wd 0.5 for the ResNet and
-lr 3e-3 / wd 2 for the ViT (hybrid unchanged); the final phase has not been re-run with it.
-Final phase (narrow grid) run in full (54 runs, 3 seeds, 2026-11-30,
-experiments/results/fmnist_data_scaling/); results and their reading: the README's "Study (a)".
+Selected (2026-11-30, 48 points, experiments/results/fmnist_data_scaling/selection/): ResNet
+lr 3e-2 / wd 0.5, ViT lr 3e-3 / wd 2, hybrid lr 3e-3 / wd 0.5, on the union of three grids (the
+README's "Study (a)" has the table). A first final phase with the first grid's corner (lr 3e-3 /
+wd 0.5 for every family) is kept in experiments/results/fmnist_data_scaling/narrow_recipe/.
 
 Models (configs/fashion_mnist.py args `resnet`, `vit`, `hybrid`) at two sizes of matched forward
 FLOPs per image (XLA's cost analysis of the forward pass, 28x28x1, 10 classes):

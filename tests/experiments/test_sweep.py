@@ -1,6 +1,7 @@
 """Tests for experiments/sweep.py: overrides become flags that vit_jax.main parses into the same
 config; durations in the base config's units; experiment files and their args; the shipped sweeps."""
 import math
+import os
 import shlex
 
 import pytest
@@ -200,6 +201,25 @@ def test_fmnist_data_scaling_chooses_on_the_union_of_the_grids_run(tmp_path):
   assert {(p.tags["lr"], p.tags["wd"]) for p in s.points} == {(0.003, 0.05)}
   with pytest.raises(ValueError, match="numbers joined by '/'.*lrs=0.01/x"):
     sweep.load_experiment(f"{STUDY}:phase=select,lrs=0.01/x")
+
+
+def test_fmnist_data_scaling_committed_results_ran_the_committed_choice():
+  # The README's choice is what `choose` makes of the committed selection; the final results ran
+  # it, and the narrow recipe's final phase ran the first grid's choice.
+  import csv
+  from experiments import fmnist_data_scaling as study
+  results = os.path.join(sweep.REPO_ROOT, "experiments", "results", "fmnist_data_scaling")
+  read = lambda *p: list(csv.DictReader(open(os.path.join(results, *p))))
+  selection = read("selection", "results.csv")
+  assert len(selection) == 48 and {r["eval_split"] for r in selection} == {study.VAL}
+  chosen = study.choose(selection)
+  assert chosen == {"ResNet": (0.03, 0.5), "ViT": (0.003, 2.0), "Hybrid": (0.003, 0.5)}
+  narrow = study.choose(selection, lrs=study.LRS, wds=study.WDS)
+  assert set(narrow.values()) == {(0.003, 0.5)}
+  for rows, choice in ((read("results.csv"), chosen), (read("narrow_recipe", "results.csv"), narrow)):
+    assert rows and all((float(r["lr"]), float(r["wd"])) == choice[r["family"]] for r in rows)
+    assert all(r["eval_split"] == study.VAL and r["test_accuracy"] for r in rows)
+  assert len(read("narrow_recipe", "results.csv")) == 54
 
 
 def test_fmnist_data_scaling_final_points_use_the_choice_and_test_once(tmp_path):
