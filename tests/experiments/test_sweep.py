@@ -220,6 +220,14 @@ def test_fmnist_data_scaling_committed_results_ran_the_committed_choice():
     assert rows and all((float(r["lr"]), float(r["wd"])) == choice[r["family"]] for r in rows)
     assert all(r["eval_split"] == study.VAL and r["test_accuracy"] for r in rows)
   assert len(read("narrow_recipe", "results.csv")) == 54
+  # Seed 0 at size S on 1k and 7k is the selection's run of the chosen pair, run again (another
+  # process, another core, the compilation cache warm): the same validation top-1 to every digit.
+  final = {r["name"]: r for r in read("results.csv")}
+  by_pair = {(r["family"], float(r["lr"]), float(r["wd"]), r["train_size"]): r["accuracy"]
+             for r in selection}
+  for model, family in study.FAMILIES.items():
+    for n in study.SELECT_SIZES:
+      assert final[f"{model}S_n{n}_s0"]["accuracy"] == by_pair[(family, *chosen[family], str(n))]
 
 
 def test_fmnist_data_scaling_final_points_use_the_choice_and_test_once(tmp_path):
