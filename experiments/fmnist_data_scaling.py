@@ -107,9 +107,9 @@ def choose(rows: Sequence[Mapping], lrs: Optional[Sequence[float]] = None,
   Rows are the selection's results table (family, lr, wd, train_size, eval_split, accuracy);
   `accuracy` must be on the validation split. The candidates are every (lr, wd) the family was
   run with (the union of the grids run, e.g. a first grid and a wider one in one folder), or,
-  with `lrs` and/or `wds`, the grid of those values only (rows off it are ignored). A candidate without a
-  validation accuracy at every selection size is an error (a choice on part of the selection is
-  not the frozen one). Ties go to the smaller lr, then the smaller wd."""
+  with `lrs` and/or `wds`, the grid of those values only (rows off it are ignored). A candidate
+  without a validation accuracy at every selection size is an error (a choice on part of the
+  selection is not the frozen one). Ties go to the smaller lr, then the smaller wd."""
   for r in rows:
     if r.get("eval_split") != VAL:
       raise ValueError(f"Selection row {r.get('name')!r} was evaluated on "
