@@ -7,10 +7,16 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test test-all data clean
 
+# The planner's libtpu (the `plan` extra) makes JAX look for an attached TPU at start-up, which
+# prints warnings on a machine without one: these targets use the CPU unless told otherwise
+# (`make demo JAX_PLATFORMS=cuda` on a GPU machine, `JAX_PLATFORMS=` for JAX's own choice).
+JAX_PLATFORMS ?= cpu
+export JAX_PLATFORMS
+
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,torch,hf]'
+	$(PY) -m pip install -q -e '.[test,torch,hf,plan]'
 	touch $(STAMP)
 
 # Debian's dataset-fashion-mnist when apt is there; otherwise the demo falls back to TFDS.

@@ -37,5 +37,8 @@ setuptools.setup(
         # Hugging Face weights in and out (vit_jax.pretrained), imported only when used; reading
         # model.safetensors needs no torch, pytorch_model.bin and the parity tests do.
         "hf": ["transformers>=5.23,<5.24", "safetensors>=0.8,<0.9", "huggingface_hub>=2.4,<3"],
+        # vit_jax.plan: the TPU compiler (libtpu 0.0.42.1 with jax 0.10.2), which compiles train
+        # steps for TPU pod slices on a machine without TPUs (~700 MB installed).
+        "plan": ["jax[tpu]>=0.10.2,<0.11"],
     },
 )

@@ -20,6 +20,13 @@ Recipes, each as its source reports it:
   big_vision's convention (decay not scaled by lr: 0.1 here), clipping at 1, inception crop +
   flip + RandAugment(2, 10), mixup 0.2. `epochs=90|150|300`: reported 76.5 / 78.5 / 80.0% top-1
   on the ImageNet validation set at 224 px.
+- `recipe=swin` (Swin-T/S/B; the default for a Swin name): Swin's ImageNet-1k recipe (Liu et al.
+  2021, Sec. 4.1 and Appendix A2.1; their code's configs for the clipping): AdamW, batch 1024, lr
+  1e-3, 300 epochs, cosine decay, 20 warm-up epochs, weight decay 0.05 (PyTorch's AdamW
+  convention, which is optax's), gradient clipping at 5, stochastic depth 0.2 / 0.3 / 0.5 for
+  T / S / B, label smoothing 0.1, and DeiT's augmentation without repeated augmentation or EMA:
+  inception crop + flip + RandAugment(2, 9) + random erasing 0.25, mixup 0.8 / CutMix 1.0.
+  Reported (Table 1a, 224 px, ImageNet top-1): Swin-T 81.3, Swin-S 83.0, Swin-B 83.5.
 - `aug=none|light1|light2|medium1|medium2|strong1|strong2` (with `recipe=augreg`): the AugReg
   presets ("How to train your ViT", Steiner et al. 2022; big_vision `configs/vit_i1k.py`):
   RandAugment(2, m) with m = 0/0/10/15/15/20/20 and mixup 0/0/0.2/0.2/0.5/0.5/0.8 (none: neither),
@@ -65,6 +72,7 @@ AUGREG = {"none": (None, 0.0), "light1": (0, 0.0), "light2": (10, 0.2), "medium1
           "medium2": (15, 0.5), "strong1": (20, 0.5), "strong2": (20, 0.8)}
 AUGREG_DEFAULT = {"Ti/16": "light1", "S/32": "light2", "S/16": "medium2", "B/32": "medium2",
                   "B/16": "medium2", "L/16": "medium2"}
+SWIN_DROPPATH = {"T": 0.2, "S": 0.3, "B": 0.5}  # Swin, Appendix A2.1
 PLAIN_EPOCHS = {90: 76.5, 150: 78.5, 300: 80.0}  # reported top-1 (%)
 TRAIN_PP = "decode|inception_crop(224)|flip_lr"
 EVAL_PP = "decode|resize_small(256)|central_crop(224)|value_range(-1,1)"
@@ -72,9 +80,13 @@ EVAL_PP = "decode|resize_small(256)|central_crop(224)|value_range(-1,1)"
 
 def get_config(arg: str = "imagenet1k,ViT-B/16"):
   data, model_name, opts = _parse(arg)
-  recipe = opts.get("recipe", "vit")
-  if recipe not in ("vit", "plain", "augreg"):
-    raise ValueError(f"Unknown recipe {recipe!r}: use vit, plain or augreg.")
+  is_swin = model_name.startswith("Swin-")
+  recipe = opts.get("recipe", "swin" if is_swin else "vit")
+  if recipe not in ("vit", "plain", "augreg", "swin"):
+    raise ValueError(f"Unknown recipe {recipe!r}: use vit, plain, augreg or swin.")
+  if (recipe == "swin") != is_swin:
+    raise ValueError(f"recipe={recipe} is not for {model_name}: Swin models train with "
+                     "recipe=swin, the others with vit, plain or augreg.")
   d = DATA[data]
   c = common.base_config()
   c.model_name = model_name
@@ -90,7 +102,7 @@ def get_config(arg: str = "imagenet1k,ViT-B/16"):
   c.lr.warmup_steps = 10_000
   c.grad_clip_norm = 1.0
   variant = model_name.split("-", 1)[1] if "-" in model_name else model_name
-  is_vit = not model_name.startswith("BiT-")
+  is_vit = not model_name.startswith(("BiT-", "Swin-"))
   if is_vit:
     c.model.representation_size = WIDTHS[variant.split("/")[0]]
     c.model.scan = True
@@ -114,6 +126,18 @@ def get_config(arg: str = "imagenet1k,ViT-B/16"):
     c.model.update(classifier="gap", posemb="sincos2d")
     c.pp_train = TRAIN_PP + "|randaug(2,10)|value_range(-1,1)"
     c.mixup = 0.2
+  elif recipe == "swin":
+    c.batch_size = c.eval_batch_size = 1024
+    c.total_epochs = float(opts.get("epochs", 300))
+    c.optax.name = "adamw"
+    c.lr.base, c.lr.decay, c.wd = 1e-3, "cosine", 0.05
+    c.lr.warmup_steps = None
+    c.lr.warmup_epochs = 20.0
+    c.grad_clip_norm = 5.0
+    c.label_smoothing = 0.1
+    c.model.droppath_rate = SWIN_DROPPATH[model_name.split("-", 1)[1]]
+    c.pp_train = TRAIN_PP + "|randaugment(2, 9)|value_range(-1,1)|random_erase(0.25)"
+    c.mixup, c.cutmix = 0.8, 1.0
   else:  # augreg
     preset = opts.get("aug") or AUGREG_DEFAULT.get(variant, "medium2")
     if preset not in AUGREG:

@@ -28,7 +28,8 @@ CONFIG_ARGS = {
                          "imagenet1k,ViT-Ti/16", "imagenet1k,BiT-R50x1",
                          "imagenet21k,R50+ViT-B/16", "imagenet1k,ViT-S/16,recipe=plain,epochs=300",
                          "imagenet1k,ViT-B/32,recipe=augreg", "imagenet21k,ViT-B/16,recipe=augreg,"
-                         "aug=strong1,reg=0.1,epochs=30"],
+                         "aug=strong1,reg=0.1,epochs=30", "imagenet1k,Swin-B",
+                         "imagenet1k,Swin-T,recipe=swin,epochs=100"],
 }
 # One run of two steps per config file under tfds.testing.mock_data, with the config's own
 # model, optimizer and pp strings (splits and batch shrunk); ViT-S/16 and ViT-Ti/16 at 224 px take
@@ -39,6 +40,7 @@ TWO_STEP_RUNS = [
     ("imagenet_scratch", "imagenet1k,ViT-Ti/16", True),
     ("imagenet_scratch", "imagenet1k,ViT-Ti/16,recipe=augreg,aug=strong2,reg=0.1", True),
     ("deit", "DeiT-Ti/16-distilled", True),
+    ("imagenet_scratch", "imagenet1k,Swin-T", True),
 ]
 
 
@@ -70,6 +72,11 @@ def test_config_args_errors_name_the_known_ones():
     deit.get_config("DeiT-M/16")
   with pytest.raises(ValueError, match=r"Unknown option\(s\) \['lr'\]; known: teacher, epochs"):
     deit.get_config("DeiT-S/16,lr=1")
+  from configs import imagenet_scratch
+  with pytest.raises(ValueError, match="recipe=swin is not for ViT-B/16"):
+    imagenet_scratch.get_config("imagenet1k,ViT-B/16,recipe=swin")
+  with pytest.raises(ValueError, match="recipe=vit is not for Swin-B"):
+    imagenet_scratch.get_config("imagenet1k,Swin-B,recipe=vit")
 
 
 def _leaf_paths(cfg, prefix=""):
@@ -143,7 +150,10 @@ def test_config_builds_and_runs_two_steps(tmp_path, monkeypatch, module, arg):
   cfg.train_split, cfg.eval_split = "train[:16]", "train[16:24]"
   cfg.test_split = "test[:8]" if cfg.test_split else ""
   cfg.batch_size = cfg.eval_batch_size = 8
+  if cfg.repeated_aug > 1:  # DeiT's x3: a batch that both the repeats and the 8 devices divide
+    cfg.batch_size = 8 * cfg.repeated_aug
   cfg.total_epochs, cfg.total_steps = None, 2
+  cfg.lr.warmup_epochs = cfg.lr.warmup_examples = None  # DeiT and Swin warm up in epochs
   cfg.lr.warmup_steps = 1
   cfg.fewshot.shots = ()  # 25 shots of 1000 classes do not fit in mock data
   cfg.eval_every_steps = cfg.checkpoint_every_steps = None

@@ -51,7 +51,6 @@ _VERBOSE = flags.DEFINE_bool(
     "...), which are otherwise hidden. absl's -v / --verbosity=1 shows the INFO logs too.")
 _PROGRESS_SECS = flags.DEFINE_float("progress_every_secs", 10.0,
                                     "Seconds between progress lines on the console.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def describe_configs(root: str = ROOT) -> str:
@@ -174,6 +173,8 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+  # Required here, not at import: vit_jax.plan reuses this module's --config flag without them.
+  flags.mark_flags_as_required(["config", "workdir"])
   # absl's --help prints the main module's docstring: add the config files to it.
   sys.modules[__name__].__doc__ = __doc__ + "\n" + describe_configs()
   app.run(main, flags_parser=parse_flags)

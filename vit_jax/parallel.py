@@ -58,17 +58,21 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple:
 
 
 def make_mesh(mesh_cfg=None, devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """The ('data', 'fsdp', 'model') mesh over `devices` (default: all devices of all processes,
-  in the order `mesh_utils.create_device_mesh` finds fast for the hardware's topology).
+  """The ('data', 'fsdp', 'model') mesh over `devices` (default: all devices of all processes;
+  a TPU topology's compile-only devices for the planner), in the order
+  `mesh_utils.create_device_mesh` finds fast for the hardware's topology.
 
   Raises ValueError when the sizes do not multiply to the device count, or when a 'model' group
   (devices holding the same batch rows) would span processes: each process feeds its own rows.
   """
-  shape = mesh_shape(mesh_cfg, len(jax.devices() if devices is None else devices))
-  if devices is None:
-    grid = mesh_utils.create_device_mesh(shape, allow_split_physical_axes=True)
-  else:
-    grid = np.asarray(list(devices), dtype=object).reshape(shape)
+  given, devices = devices, jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  if all(getattr(d, "platform", "") == "tpu" for d in devices) or given is None:
+    # TPU devices (attached, or a topology's compile-only ones: vit_jax.plan) are laid out along
+    # the physical torus.
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  else:  # other platforms' devices keep the given order
+    grid = np.asarray(devices, dtype=object).reshape(shape)
   groups = grid.reshape(-1, shape[-1])
   if any(len({d.process_index for d in g}) > 1 for g in groups):
     raise ValueError(f"mesh.model={shape[-1]} spans processes (each has "

@@ -273,10 +273,11 @@ class Trainer(NamedTuple):
 
 
 def build_trainer(config, num_classes: int, image_shape, *, total_steps: int,
-                  warmup_steps: int, teacher=None) -> Trainer:
+                  warmup_steps: int, teacher=None, devices=None) -> Trainer:
   """Model, optimizer, step functions and the state's shardings for images of `image_shape`
-  (H, W, C): the set-up the training loop, evaluation-only mode and the benchmarks share.
-  `teacher`: (module, variables) of the distillation teacher (`load_teacher`), or None."""
+  (H, W, C): the set-up the training loop, evaluation-only mode, the benchmarks and the planner
+  share. `teacher`: (module, variables) of the distillation teacher (`load_teacher`), or None.
+  `devices`: the mesh's devices (default: all of them; vit_jax.plan passes a TPU topology's)."""
   model = build_model(config, num_classes)
   config_checks.model_shapes(model, image_shape)
   init_images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
@@ -286,7 +287,7 @@ def build_trainer(config, num_classes: int, image_shape, *, total_steps: int,
   tx, schedule = optim.make_optimizer(config, abstract_params, total_steps=total_steps,
                                       warmup_steps=warmup_steps)
   teacher_module, teacher_vars = teacher if teacher is not None else (None, None)
-  runner = Runner(config, model, tx, schedule, teacher=teacher_module)
+  runner = Runner(config, model, tx, schedule, teacher=teacher_module, devices=devices)
   ema = bool(config.get("ema_decay", 0.0))
   init_state = lambda rng: new_state(init_variables(rng), tx, ema=ema, teacher=teacher_vars)
   abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
@@ -297,21 +298,25 @@ def build_trainer(config, num_classes: int, image_shape, *, total_steps: int,
 class Runner:
   """Puts batches and state where the chosen parallel mode wants them and runs the steps."""
 
-  def __init__(self, config, model, tx, schedule, teacher=None):
+  def __init__(self, config, model, tx, schedule, teacher=None, devices=None):
     self.mode = config.get("parallel", "jit")
     if self.mode not in ("jit", "pmap"):
       raise ValueError(f"Unknown parallel mode {self.mode!r}: use 'jit' or 'pmap'.")
-    self.mesh = parallel.make_mesh(config.get("mesh"))
+    self.mesh = (parallel.make_mesh(config.get("mesh")) if devices is None else
+                 parallel.make_mesh(config.get("mesh"), devices=devices))
     self.config, self.model = config, model
     self.loss = config.get("loss", "classification")
     self._features = None
     self._predict = None
     if self.mode == "pmap":
       ax = parallel.PMAP_AXIS
+      # devices=None: this process's devices (what pmap does by default); the planner passes a
+      # TPU topology's devices.
       self.update = jax.pmap(make_update_fn(model, tx, schedule, config, axis_name=ax,
                                             teacher=teacher),
-                             axis_name=ax, donate_argnums=(0,))
-      self.eval_step = jax.pmap(make_eval_fn(model, axis_name=ax), axis_name=ax)
+                             axis_name=ax, donate_argnums=(0,), devices=devices)
+      self.eval_step = jax.pmap(make_eval_fn(model, axis_name=ax), axis_name=ax,
+                                devices=devices)
     else:
       self.update = make_update_fn(model, tx, schedule, config, teacher=teacher)
       self.eval_step = jax.jit(make_eval_fn(model))

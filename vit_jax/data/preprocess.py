@@ -533,3 +533,25 @@ def apply(ops: Sequence[Op], images: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
   if images.dtype == tf.string:
     raise ValueError("The pp string leaves images encoded; add 'decode'.")
   return tf.cast(images, tf.float32)
+
+
+def output_shape(pp: str, image_shape: Sequence[Optional[int]], *, encoded: bool
+                 ) -> Tuple[int, int, int]:
+  """(H, W, C) of the images `pp` makes from a source's images of `image_shape` (None where
+  sizes vary; `encoded`: the source stores encoded bytes), found by running the ops on blank
+  images. Sizes that vary must be fixed by the ops: two input sizes giving two output shapes
+  raise ValueError."""
+  channels = int(image_shape[-1])
+  ops = parse(pp, channels=channels)
+  sizes = [(image_shape[0], image_shape[1])] if None not in image_shape[:2] else [
+      (375, 500), (480, 320)]  # ImageNet-like sizes for a data set whose sizes vary
+  shapes = set()
+  for h, w in sizes:
+    x = tf.zeros((h, w, channels), tf.uint8)
+    images = tf.io.encode_png(x)[None] if encoded else x[None]
+    u = tf.fill((1, num_random(ops)), 0.5)
+    shapes.add(tuple(int(d) for d in apply(ops, images, u).shape[1:]))
+  if len(shapes) > 1:
+    raise ValueError(f"The pp string {pp!r} leaves the image size to the data "
+                     f"(outputs {sorted(shapes)} from two input sizes): add a resize or crop op.")
+  return shapes.pop()

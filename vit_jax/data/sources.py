@@ -381,6 +381,28 @@ def get_source(cfg) -> Source:
     raise
 
 
+def describe(cfg) -> Tuple[Tuple[Optional[int], Optional[int], int], int, bool]:
+  """(image_shape, num_classes, encoded) of the data set `cfg` names, without reading its
+  examples: what the planner (vit_jax.plan) needs to shape a batch. Fashion-MNIST's are known;
+  a TFDS data set's come from its builder's feature spec (no prepared data needed); an image
+  folder's classes are its class folders (the folder must exist). Detection canvases are not
+  classification data and raise ValueError."""
+  name = cfg.get("name")
+  if name == "fashion_mnist":
+    return (28, 28, 1), len(FASHION_MNIST_CLASSES), False
+  if isinstance(name, str) and name.startswith("tfds:") and len(name) > len("tfds:"):
+    builder = tfds.builder(name[len("tfds:"):], data_dir=cfg.get("data_dir"))
+    features = builder.info.features
+    image = features[cfg.get("image_key", "image")]
+    return (tuple(image.shape), features[cfg.get("label_key", "label")].num_classes,
+            isinstance(image, tfds.features.Image))
+  if name == "image_folder":
+    source = image_folder(cfg.get("data_dir"), channels=cfg.get("channels", 3))
+    return source.image_shape, source.num_classes, True
+  raise ValueError(f"Data source {name!r} has no image shape and class count to describe "
+                   f"(classification sources: {', '.join(KNOWN_NAMES[:3])}).")
+
+
 def _get_source(cfg) -> Source:
   name = cfg.get("name")
   if name == "fashion_mnist":
