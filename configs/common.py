@@ -67,9 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpointing; still atomic). False: the step waits for each save to be on disk.
   c.checkpoint_async = True
 
-  c.optax = ml_collections.ConfigDict(dict(name="adamw", momentum=0.9, b1=0.9, b2=0.999))
+  # name: sgd | momentum | adam | adamw, each what optax's optimizer of that name does
+  # (vit_jax/optim.py): sgd has no momentum unless `momentum` is set, momentum's default is 0.9,
+  # adam has no weight decay (wd > 0 with it is an error), adamw decays decoupled.
+  c.optax = ml_collections.ConfigDict(dict(name="adamw", b1=0.9, b2=0.999))
+  c.optax.momentum = config_dict.placeholder(float)
   c.lr = ml_collections.ConfigDict(dict(base=1e-3, decay="cosine", end=0.0))
   _durations(c.lr, "warmup")
+  # Decoupled weight decay p <- p - lr(t) * wd * p: multiplied by the learning rate, as optax's
+  # adamw and torch's AdamW do; big_vision multiplies its wd by the schedule only, so its wd is
+  # ours times lr.base (its 1e-4 at lr 1e-3 is our 0.1).
   c.wd = 0.0
   c.wd_mask = r".*/kernel"  # decoupled weight decay on kernels only
   c.grad_clip_norm = 1.0

@@ -89,3 +89,33 @@ def test_durations_in_steps_epochs_examples():
 def test_unknown_optimizer():
   with pytest.raises(ValueError, match="Unknown optax.name 'lamb'"):
     optim.make_optimizer(cfg(optax__name="lamb"), PARAMS, total_steps=1, warmup_steps=0)
+
+
+def _two_updates(c):
+  tx, _ = optim.make_optimizer(c, PARAMS, total_steps=10, warmup_steps=0)
+  grads = jax.tree_util.tree_map(jnp.ones_like, PARAMS)
+  state = tx.init(PARAMS)
+  first, state = tx.update(grads, state, PARAMS)
+  second, _ = tx.update(grads, state, PARAMS)
+  return float(first["embedding"]["bias"][0]), float(second["embedding"]["bias"][0])
+
+
+def test_optimizer_names_mean_what_optaxs_do():
+  """'sgd' was SGD with momentum 0.9 (the base config always set momentum); now it is optax.sgd:
+  the second step of a constant gradient is the first's size. 'momentum' accumulates (1 + 0.9),
+  an explicit momentum applies to 'sgd' too, and 'adam' with weight decay is an error."""
+  base = dict(lr__base=0.1, lr__decay="constant", grad_clip_norm=0.0)
+  first, second = _two_updates(cfg(optax__name="sgd", **base))
+  np.testing.assert_allclose([first, second], [-0.1, -0.1], rtol=1e-6)
+  first, second = _two_updates(cfg(optax__name="momentum", **base))
+  np.testing.assert_allclose([first, second], [-0.1, -0.19], rtol=1e-6)
+  first, second = _two_updates(cfg(optax__name="sgd", optax__momentum=0.5, **base))
+  np.testing.assert_allclose([first, second], [-0.1, -0.15], rtol=1e-6)
+  with pytest.raises(ValueError, match="optax.name='adam' has no weight decay.*use "
+                                       "optax.name='adamw'"):
+    optim.make_optimizer(cfg(optax__name="adam", wd=0.1, **base), PARAMS, total_steps=1,
+                         warmup_steps=0)
+  # Without weight decay adam and adamw are the same optimizer (as optax's are).
+  a = _two_updates(cfg(optax__name="adam", **base))
+  w = _two_updates(cfg(optax__name="adamw", **base))
+  np.testing.assert_allclose(a, w)

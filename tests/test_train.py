@@ -557,3 +557,15 @@ def test_distillation_from_a_finished_workdir(tmp_path):
   with pytest.raises(ValueError, match="distill.type='medium'"):
     train.train_and_evaluate(tiny_config(distill__teacher=teacher_dir, distill__type="medium"),
                              str(tmp_path / "bad"))
+
+
+def test_a_teacher_of_another_class_count_is_an_error_naming_both(tmp_path):
+  """The teacher's head used to be re-initialised to the data set's count (zeros), and hard
+  distillation then targeted class 0; now it is an error."""
+  teacher_dir = str(tmp_path / "teacher")
+  train.train_and_evaluate(tiny_config(total_steps=1), teacher_dir)
+  params = checkpoint.load_npz(os.path.join(teacher_dir, "params.npz"))
+  params["head"] = dict(kernel=params["head"]["kernel"][:, :5], bias=params["head"]["bias"][:5])
+  train.export(params, os.path.join(teacher_dir, "params.npz"))  # a 5-class teacher
+  with pytest.raises(ValueError, match=r"teacher.* predicts 5 classes, the data set has 10"):
+    train.load_teacher(tiny_config(distill__teacher=teacher_dir), 10, (28, 28, 1))

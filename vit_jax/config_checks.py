@@ -187,6 +187,9 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
     need(distill.tau > 0, f"distill.tau={distill.tau}: must be > 0.")
   need(config.optax.name in ("sgd", "momentum", "adam", "adamw"),
        f"optax.name={config.optax.name!r}: use sgd, momentum, adam or adamw.")
+  need(config.optax.name != "adam" or not config.get("wd"),
+       f"optax.name='adam' has no weight decay (as optax.adam), but wd={config.get('wd')}: use "
+       "optax.name='adamw' for Adam with decoupled weight decay, or wd=0.")
   need(config.lr.decay in ("cosine", "linear", "constant"),
        f"lr.decay={config.lr.decay!r}: use cosine, linear or constant.")
 

@@ -4,12 +4,18 @@ Parameter groups are chosen by regexes over '/'-joined parameter names such as
 `Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel`, matched with `re.fullmatch`.
 
 Config keys read here (all under the top-level config):
-  optax.name           sgd | momentum | adam | adamw
-  optax.momentum       SGD momentum (sgd/momentum)          optax.b1, optax.b2, optax.eps (adam*)
+  optax.name           what optax's optimizer of that name does:
+                       sgd       optax.sgd: no momentum unless optax.momentum is set
+                       momentum  SGD with momentum optax.momentum (0.9 when unset)
+                       adam      optax.adam: no weight decay (wd > 0 is an error: use adamw)
+                       adamw     optax.adamw: Adam with decoupled weight decay
+  optax.momentum       SGD momentum (None: sgd none, momentum 0.9)    optax.b1, b2, eps (adam*)
   lr.base              peak learning rate
   lr.warmup_{steps,epochs,examples}   linear warm-up length (one of them, or none)
   lr.decay             cosine | linear | constant           lr.end   final learning rate
-  wd                   decoupled weight decay: p <- p - lr(t) * wd * p   (0 disables)
+  wd                   decoupled weight decay: p <- p - lr(t) * wd * p   (0 disables); multiplied
+                       by the learning rate as in optax.adamw and torch's AdamW (big_vision
+                       multiplies its wd by the schedule only: its wd = ours x lr.base)
   wd_mask              regex of the parameters that decay (default: kernels only)
   grad_clip_norm       global-norm clipping (0 disables)
   freeze               regex of frozen parameters ('' freezes nothing)
@@ -69,8 +75,12 @@ def make_schedule(lr_cfg, *, total_steps: int, warmup_steps: int) -> optax.Sched
 def _base_optimizer(cfg) -> optax.GradientTransformation:
   name = cfg.optax.name
   if name in ("sgd", "momentum"):
-    m = cfg.optax.get("momentum", 0.9 if name == "momentum" else 0.0)
+    m = cfg.optax.get("momentum")
+    m = (0.9 if name == "momentum" else 0.0) if m is None else float(m)
     return optax.trace(decay=m, nesterov=False) if m else optax.identity()
+  if name == "adam" and cfg.get("wd"):
+    raise ValueError(f"optax.name='adam' has no weight decay (as optax.adam), but wd={cfg.wd}: "
+                     "use optax.name='adamw' for Adam with decoupled weight decay, or wd=0.")
   if name in ("adam", "adamw"):
     return optax.scale_by_adam(b1=cfg.optax.get("b1", 0.9), b2=cfg.optax.get("b2", 0.999),
                                eps=cfg.optax.get("eps", 1e-8))

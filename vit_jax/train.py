@@ -841,6 +841,14 @@ def load_teacher(config, num_classes: int, image_shape):
                               "train it to the end (it exports params.npz) first.")
     with open(cfg_path) as f:
       tcfg = ml_collections.ConfigDict(json.load(f))
+    # The teacher's own class count, from its exported head: load_pretrained would re-initialise
+    # a head of another count, and distillation would then target class 0 throughout.
+    head = checkpoint.load_npz(npz).get("head", {}).get("kernel")
+    if head is None or head.shape[-1] != num_classes:
+      raise ValueError(
+          f"distill.teacher={source!r} predicts "
+          f"{'no classes (no head)' if head is None else f'{head.shape[-1]} classes'}, the data "
+          f"set has {num_classes}: the teacher must be trained on the same classes.")
     module = build_model(tcfg, num_classes)
     init = jax.eval_shape(lambda: dict(module.init(
         jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)), train=False)))
@@ -854,13 +862,13 @@ def load_teacher(config, num_classes: int, image_shape):
       variables["batch_stats"] = checkpoint.load_npz(stats)
   else:
     from vit_jax import pretrained  # pylint: disable=g-import-not-at-top
-    module, params = pretrained.load(source, model=distill.get("model") or None,
-                                     num_classes=num_classes)
+    # num_classes None keeps the source's own head (another count would be re-initialised).
+    module, params = pretrained.load(source, model=distill.get("model") or None)
     variables = params if "params" in params else {"params": params}
-  classes = variables["params"].get("head", {}).get("kernel", np.zeros((0, num_classes))).shape[-1]
-  if classes != num_classes:
-    raise ValueError(f"distill.teacher={source!r} predicts {classes} classes, the data set has "
-                     f"{num_classes}.")
+    if module.num_classes != num_classes:
+      raise ValueError(f"distill.teacher={source!r} predicts {module.num_classes} classes, the "
+                       f"data set has {num_classes}: the teacher must be trained on the same "
+                       "classes.")
   return module, jax.tree_util.tree_map(jnp.asarray, variables)
 
 
