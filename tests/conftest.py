@@ -8,7 +8,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as vit_jax/data/__init__.py says why
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as vit_jax/__init__.py says why
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # CPU devices only (libtpu, installed for vit_jax.plan, would otherwise look for a TPU and warn).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -81,6 +81,13 @@ def make_mesh(mesh_cfg=None, devices: Optional[Sequence[Any]] = None) -> Mesh:
   return Mesh(grid, AXES)
 
 
+def activation_rules(per_example: bool = False):
+  """Flax logical axis rules for the activations models annotate (layers.TOKENS): the 'batch'
+  axis over data x fsdp. `per_example`: the model runs on one example under a vmap whose
+  spmd_axis_name carries the batch split instead, so 'batch' (of size 1) is left alone."""
+  return (("batch", None if per_example else BATCH_AXES),)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Rows over 'data' x 'fsdp', replicated over 'model'."""
   return NamedSharding(mesh, P(BATCH_AXES))
