@@ -1,6 +1,7 @@
 """Tests for vit_jax/train.py: both parallel modes, jit == pmap, exact resume, NaN stop, export."""
 import json
 import os
+from unittest import mock
 import re
 import signal
 
@@ -316,21 +317,29 @@ def test_finetune_without_weights_names_the_flag_before_reading_data(tmp_path, m
 
 def test_resume_with_a_changed_config_lists_the_keys(tmp_path):
   workdir = str(tmp_path)
-  cfg = tiny_config(total_steps=2)
-  train.train_and_evaluate(cfg, workdir)
-  changed = tiny_config(total_steps=4, seed=3, lr__base=0.5, pp_eval="decode|value_range(0,1)")
-  with pytest.raises(ValueError, match=r"lr\.base: 0\.01 -> 0\.5; seed: 0 -> 3\. .*"
+  config = lambda **kw: tiny_config(lr__warmup_steps=None, **kw)  # cosine from 1e-2, no warm-up
+  train.train_and_evaluate(config(total_steps=2), workdir)
+  changed = config(total_steps=4, seed=3, lr__base=0.5, pp_eval="decode|value_range(0,1)")
+  with pytest.raises(ValueError, match=r"lr\.base: 0\.01 -> 0\.5; seed: 0 -> 3[.;] .*"
                                        r"--allow_config_change"):
     train.train_and_evaluate(changed, workdir)
-  # A shorter run is a schedule change too.
-  with pytest.raises(ValueError, match=r"total duration: 2 -> 1 steps"):
-    train.train_and_evaluate(tiny_config(total_steps=1), workdir)
-  # Longer, with other evaluation and saving keys: allowed.
-  longer = tiny_config(total_steps=4, pp_eval="decode|value_range(0,1)", checkpoint_every_steps=1)
-  result = train.train_and_evaluate(longer, workdir)
+  # A shorter run is a schedule change too; the error says what it does to the learning rate
+  # (the 2-step cosine is at 0 at step 2, so is a 1-step one: the same here, still refused).
+  with pytest.raises(ValueError, match=r"total duration: 2 -> 1 steps, which moves the learning "
+                                       r"rate at the resume step 2 from 0 to 0 \(a longer total"):
+    train.train_and_evaluate(config(total_steps=1), workdir)
+  # Longer, with other evaluation and saving keys: allowed, with both learning rates said: the
+  # 2-step cosine ended at 0, the 4-step one is half-way, at 5e-3.
+  longer = config(total_steps=4, pp_eval="decode|value_range(0,1)", checkpoint_every_steps=1)
+  warnings = []
+  with mock.patch.object(train.logging, "warning",
+                         lambda msg, *a: warnings.append(msg % a if a else msg)):
+    result = train.train_and_evaluate(longer, workdir)
   assert result["steps"] == 2
+  assert any("total duration: 2 -> 4 steps, which moves the learning rate at the resume step 2 "
+             "from 0 to 0.005: the cosine decay is stretched" in w for w in warnings), warnings
   # Allowed explicitly: resumes, keeps the old config.json as config.step4.json.
-  changed = tiny_config(total_steps=6, seed=3)
+  changed = config(total_steps=6, seed=3)
   assert train.train_and_evaluate(changed, workdir, allow_config_change=True)["steps"] == 2
   assert json.load(open(os.path.join(workdir, "config.step4.json")))["seed"] == 0
   assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 3
@@ -451,10 +460,12 @@ def test_loss_terms_are_deits_distillation_losses():
   np.testing.assert_allclose(logits, (cls + dist) / 2, rtol=1e-6)
   tau = 3.0
   p_t = np.exp(teacher / tau) / np.exp(teacher / tau).sum(-1, keepdims=True)
-  kl = (p_t * (np.log(p_t) - np.log(np.exp(dist / tau) / np.exp(dist / tau).sum(
-      -1, keepdims=True)))).sum(-1).mean()
+  # DeiT's code: kl_div(..., reduction='sum') * T^2 / outputs_kd.numel() (batch x classes).
+  kl_sum = (p_t * (np.log(p_t) - np.log(np.exp(dist / tau) / np.exp(dist / tau).sum(
+      -1, keepdims=True)))).sum()
   loss, _ = train.loss_terms((cls, dist), labels, teacher, type="soft", alpha=0.1, tau=tau)
-  np.testing.assert_allclose(loss, 0.9 * _ce(cls, labels) + 0.1 * tau ** 2 * kl, rtol=1e-5)
+  np.testing.assert_allclose(loss, 0.9 * _ce(cls, labels) + 0.1 * kl_sum * tau ** 2 / dist.size,
+                             rtol=1e-5)
   # No teacher: both heads learn the labels; one head with a teacher distils through it.
   loss, _ = train.loss_terms((cls, dist), labels)
   np.testing.assert_allclose(loss, (_ce(cls, labels) + _ce(dist, labels)) / 2, rtol=1e-5)

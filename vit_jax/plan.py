@@ -616,11 +616,11 @@ def suggestions(fsdp: int, num_devices: int, batch_size: int) -> str:
   if fsdp < num_devices:
     tips.append("FSDP over more chips (--config.mesh.data=1 --config.mesh.fsdp=-1, or "
                 "mesh.fsdp=N with data=-1)")
-  tips.append("--config.model.remat_policy=nothing_saveable (recompute activations in the "
-              "backward pass)")
+  tips.append("--config.model.remat_policy=dots_saveable (keep only matmul outputs for the "
+              "backward pass; nothing_saveable keeps nothing)")
   tips.append("--config.grad_accum_steps=N (the batch in N micro-batches)")
   tips.append(f"a smaller --config.batch_size (now {batch_size})")
-  tips.append("--config.model.dtype=bfloat16")
+  tips.append("--config.model.dtype=bfloat16 (halves the activations that are bf16)")
   return "; ".join(tips)
 
 

@@ -205,7 +205,8 @@ def loss_terms(out, labels, teacher_logits=None, *, smoothing: float = 0.0, teac
   both heads learn the labels (the mean of their losses). With `teacher_logits`, DeiT's
   distillation (Touvron et al. 2021, eq. 2 and 3): "hard": (1 - alpha) CE(cls, labels) +
   alpha CE(dist, argmax teacher) (DeiT: alpha 0.5); "soft": (1 - alpha) CE(cls, labels) +
-  alpha tau^2 KL(softmax(teacher / tau) || softmax(dist / tau)) (DeiT: alpha 0.1, tau 3). A model
+  alpha tau^2 KL(softmax(teacher / tau) || softmax(dist / tau)) / classes (DeiT's code divides
+  the summed KL by batch x classes; DeiT: alpha 0.1, tau 3). A model
   with one head distils through that head (Hinton et al. 2015). `teacher` and `model` name the
   teacher's source (config.distill) and are not used here.
   """
@@ -225,9 +226,12 @@ def loss_terms(out, labels, teacher_logits=None, *, smoothing: float = 0.0, teac
     target = jax.nn.one_hot(jnp.argmax(teacher_logits, -1), teacher_logits.shape[-1])
     kd = ce(student, target)
   elif type == "soft":
-    p_t = jax.nn.softmax(teacher_logits / tau, -1)
-    kd = (tau ** 2) * jnp.mean(jnp.sum(
-        p_t * (jnp.log(jnp.clip(p_t, 1e-12)) - jax.nn.log_softmax(student / tau, -1)), -1))
+    # DeiT's code (facebookresearch/deit, losses.py, DistillationLoss): the KL divergence summed
+    # over the batch and the classes, divided by their product (outputs_kd.numel()): the mean
+    # over every element, not over examples only, which is what its alpha 0.1, tau 3 go with.
+    log_p_t = jax.nn.log_softmax(teacher_logits / tau, -1)
+    kd = (tau ** 2) * jnp.mean(
+        jnp.exp(log_p_t) * (log_p_t - jax.nn.log_softmax(student / tau, -1)))
   else:
     raise ValueError(f"distill.type must be 'hard' or 'soft', not {type!r}")
   return (1.0 - alpha) * base + alpha * kd, logits
@@ -594,12 +598,23 @@ def check_resume(workdir: str, config, *, start_step: int, total_steps: int,
     saved = ml_collections.ConfigDict(json.load(f))
   lines = config_checks.resume_changes(saved, config)
   try:
-    old_total = _resolve_durations(saved, steps_per_epoch)[0]
+    old_total, old_warmup = _resolve_durations(saved, steps_per_epoch)[:2]
   except (ValueError, KeyError, AttributeError):
     old_total = None
-  if old_total is not None and total_steps < old_total:
-    lines.append(f"total duration: {old_total} -> {total_steps} steps (only a longer run may "
-                 "resume: a shorter one changes the schedule of the steps already taken)")
+  if old_total is not None and total_steps != old_total:
+    # The decay follows the total: another total moves the learning rate at the resume step.
+    new_warmup = _resolve_durations(config, steps_per_epoch)[1]
+    lr = lambda cfg, total, warmup: float(optim.make_schedule(
+        cfg.lr, total_steps=total, warmup_steps=warmup)(start_step))
+    before, after = lr(saved, old_total, old_warmup), lr(config, total_steps, new_warmup)
+    change = (f"total duration: {old_total} -> {total_steps} steps, which moves the learning "
+              f"rate at the resume step {start_step} from {before:.4g} to {after:.4g}")
+    if total_steps < old_total:
+      lines.append(change + " (a longer total may resume: its decay is stretched over the "
+                   "steps that are left)")
+    else:
+      logging.warning("%s: the %s decay is stretched over the steps that are left (the "
+                      "steps taken keep the schedule they had).", change, config.lr.decay)
   if not lines:
     return
   msg = (f"{workdir} holds a run at step {start_step} started with another config; these keys "
