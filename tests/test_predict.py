@@ -156,3 +156,28 @@ def test_swin_maps_and_resnet_has_none():
   np.testing.assert_allclose(maps["heads"].sum((2, 3)), 1.0, atol=1e-5)
   resnet = models.get_model("BiT-R26x1", num_classes=3, num_layers=(1,), base_width=8, gn_groups=2)
   assert predict.attention_maps(_random_predictor(resnet, 32), np.zeros((1, 32, 32, 3))) is None
+
+
+def test_a_run_trained_on_another_mesh_predicts_and_evaluates_on_these_devices(workdir,
+                                                                            tmp_path):
+  """config.json says mesh fsdp=3, which these 8 devices cannot hold: prediction and eval-only
+  mode take data parallelism over the devices here (they failed on the saved mesh before) and
+  give what the run's own mesh gives."""
+  import json
+  import shutil
+  import ml_collections
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  path = os.path.join(copy, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  saved["mesh"] = {"data": 1, "fsdp": 3, "model": 1}
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  images = fmnist_test_images(4)[..., None]  # (4, 28, 28, 1) uint8
+  same = lambda p: np.asarray(p.model.apply(p.variables, p.preprocess(images), train=False))
+  np.testing.assert_array_equal(same(predict.load(copy)), same(predict.load(workdir)))
+  cfg = ml_collections.ConfigDict(saved)
+  with open(os.path.join(workdir, "config.json")) as f:
+    original = ml_collections.ConfigDict(json.load(f))
+  assert train.evaluate_checkpoint(cfg, copy) == train.evaluate_checkpoint(original, workdir)

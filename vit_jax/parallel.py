@@ -57,6 +57,19 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple:
   return tuple(sizes[a] for a in AXES)
 
 
+def mesh_for_devices(mesh_cfg, num_devices: int):
+  """`mesh_cfg` if it can be laid over `num_devices`, else plain data parallelism over them
+  (logged): evaluation and prediction take the devices they have, whatever mesh a run was
+  trained on (checkpoints restore on any mesh)."""
+  try:
+    mesh_shape(mesh_cfg, num_devices)
+    return mesh_cfg
+  except ValueError as e:
+    logging.warning("The run's mesh does not fit the %d devices here (%s); using data "
+                    "parallelism over them.", num_devices, e)
+    return {"data": -1, "fsdp": 1, "model": 1}
+
+
 def make_mesh(mesh_cfg=None, devices: Optional[Sequence[Any]] = None) -> Mesh:
   """The ('data', 'fsdp', 'model') mesh over `devices` (default: all devices of all processes;
   a TPU topology's compile-only devices for the planner), in the order

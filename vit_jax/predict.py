@@ -89,7 +89,7 @@ def _load_workdir(workdir: str) -> Predictor:
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = train.for_these_devices(ml_collections.ConfigDict(json.load(f)))
   source = data_lib.get_source(config.dataset)
   batch = next(iter(data_lib.eval_iterator(source, split=config.eval_split, pp=config.pp_eval,
                                            batch_size=int(config.eval_batch_size))))

@@ -912,8 +912,20 @@ def export(params, path: str):
     checkpoint.save_npz(jax.device_get(params), path)
 
 
+def for_these_devices(config):
+  """A copy of `config` whose mesh fits this process's view of the devices (parallel.
+  mesh_for_devices): for evaluating or predicting with a run trained on another mesh."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  mesh = parallel.mesh_for_devices(config.get("mesh"), jax.device_count())
+  if mesh is not config.get("mesh"):
+    config.mesh = ml_collections.ConfigDict(mesh)
+  return config
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Evaluation only: the latest checkpoint in `workdir`, or `config.pretrained.path` (.npz)."""
+  """Evaluation only: the latest checkpoint in `workdir`, or `config.pretrained.path` (.npz), on
+  the devices here (a mesh that does not fit them falls back to data parallelism)."""
+  config = for_these_devices(config)
   source = data_lib.get_source(config.dataset)
   eval_iter = data_lib.eval_iterator(source, split=config.eval_split, pp=config.pp_eval,
                                      batch_size=int(config.get("eval_batch_size",
