@@ -45,9 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.shuffle_buffer = 50_000  # TFDS: records in the per-host shuffle buffer
   c.dataset.tfds_fallback = True  # fashion_mnist: TFDS when Debian's files are missing
   c.dataset.tfds_data_dir = config_dict.placeholder(str)  # ... and its TFDS data_dir
-  c.train_split = "train"
-  c.eval_split = "test"  # evaluated during training (every eval_every) and at the end
-  c.test_split = ""  # if set: evaluated once, at the end only (choose on eval_split)
+  # Choices are made on eval_split, carved from the training data by default (metrics `val_*`);
+  # the test split is evaluated once, at the end (metrics `final_test_*`, result `test_*`).
+  c.train_split = "train[:98%]"
+  c.eval_split = "train[98%:]"  # evaluated during training (every eval_every) and at the end
+  c.test_split = "test"  # evaluated once, at the end only ("" skips it)
   c.pp_train = "decode|value_range(-1,1)"
   c.pp_eval = "decode|value_range(-1,1)"
   c.mixup = 0.0
@@ -117,8 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The splits below are of this data set.
   c.fewshot.dataset = ml_collections.ConfigDict(
       {k: config_dict.placeholder(c.dataset.get_type(k)) for k in c.dataset.keys()})
-  c.fewshot.train_split = "train"
-  c.fewshot.test_split = "test"
+  c.fewshot.train_split = "train[:98%]"  # the probe is a choice too: never the test split
+  c.fewshot.test_split = "train[98%:]"
   c.fewshot.l2_reg = 2.0 ** 10  # big_vision's, on features standardised per dimension
   c.fewshot.num_trials = 3  # random support sets per k, averaged (big_vision's num_seeds)
 

@@ -26,7 +26,8 @@ Recipes, each as its source reports it:
   convention, which is optax's), gradient clipping at 5, stochastic depth 0.2 / 0.3 / 0.5 for
   T / S / B, label smoothing 0.1, and DeiT's augmentation without repeated augmentation or EMA:
   inception crop + flip + RandAugment(2, 9) + random erasing 0.25, mixup 0.8 / CutMix 1.0.
-  Reported (Table 1a, 224 px, ImageNet top-1): Swin-T 81.3, Swin-S 83.0, Swin-B 83.5.
+  Reported (224 px, ImageNet top-1): Swin-T 81.3, Swin-S 83.0, Swin-B 83.5 (the paper's Table
+  1a); 81.2, 83.2, 83.5 (the official repository's model zoo).
 - `aug=none|light1|light2|medium1|medium2|strong1|strong2` (with `recipe=augreg`): the AugReg
   presets ("How to train your ViT", Steiner et al. 2022; big_vision `configs/vit_i1k.py`):
   RandAugment(2, m) with m = 0/0/10/15/15/20/20 and mixup 0/0/0.2/0.2/0.5/0.5/0.8 (none: neither),

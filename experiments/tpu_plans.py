@@ -5,7 +5,8 @@ they would run on, with `python -m vit_jax.plan` (the real TPU compiler, no TPU 
 
 Each row is one planner command (printed in the table); its JSON plan is kept in OUT, and a row
 whose JSON is there is not planned again (delete it to redo it), so an interrupted run resumes.
-A row that does not fit is recorded with the planner's error. Then OUT/table.md is written.
+A row that does not fit is recorded with the planner's error. Then OUT/table.md (the README's
+table) and OUT/mfu.md (benchmarks/README.md's) are written.
 """
 import argparse
 import json
@@ -44,6 +45,10 @@ ROWS = [
     ("ViT-H/14 FSDP, dots_saveable", I1K + "ViT-H/14", "v4:4x4x8", FSDP + DOTS),
     ("ViT-H/14 FSDP", I1K + "ViT-H/14", "v5p:4x4x4", FSDP),
     ("ViT-H/14 FSDP, dots_saveable", I1K + "ViT-H/14", "v5p:4x4x4", FSDP + DOTS),
+    ("ViT-H/14 FSDP, dots_saveable, 4 micro-batches", I1K + "ViT-H/14", "v5e:16x16",
+     FSDP + DOTS + ("--config.grad_accum_steps=4",)),
+    ("ViT-H/14 FSDP, dots_saveable, 2 micro-batches", I1K + "ViT-H/14", "v4:4x4x8",
+     FSDP + DOTS + ("--config.grad_accum_steps=2",)),
     ("R50+ViT-B/16", I1K + "R50+ViT-B/16", "v4:2x4x4", ()),
     ("R50+ViT-B/16, dots_saveable", I1K + "R50+ViT-B/16", "v4:2x4x4", DOTS),
     ("Swin-B", I1K + "Swin-B", "v4:2x4x4", ()),
@@ -122,6 +127,22 @@ def table(rows) -> str:
   return "\n".join(lines)
 
 
+def mfu_table(rows) -> str:
+  """The plans that fit, with their roofline: benchmarks/README.md's MFU-ceiling table."""
+  lines = ["| recipe | slice | step (ms, >=) | img/s per chip (<=) | bound by | MFU ceiling |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    p = r.get("plan")
+    if not p or not p["roofline"]:
+      continue
+    roof = p["roofline"]
+    parts = {"compute": roof["compute_s"], "HBM": roof["hbm_s"], "ICI": roof["ici_s"] or 0}
+    lines.append(f"| {r['name']} | {p['topology']} | {roof['step_s'] * 1e3:.0f} | "
+                 f"{roof['images_per_s_per_chip']:.0f} | {max(parts, key=parts.get)} | "
+                 f"{roof['mfu_ceiling']:.0%} |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(ROOT, "experiments", "results",
@@ -140,6 +161,8 @@ def main(argv=None):
     rows.append(row)
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table(rows) + "\n")
+  with open(os.path.join(args.out, "mfu.md"), "w") as f:
+    f.write(mfu_table(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -166,3 +166,14 @@ def test_config_builds_and_runs_two_steps(tmp_path, monkeypatch, module, arg):
   assert result["steps"] == 2 and np.isfinite(result["loss"])
   if cfg.test_split:
     assert result["test_num_examples"] == 8
+
+
+def test_the_defaults_never_choose_on_the_test_split():
+  """The base config evaluated on `test` during training (metrics named test_accuracy, like the
+  result's once-at-the-end test figure) and probed few-shot on it; now both are carved from the
+  training data and the test split is evaluated once, at the end."""
+  from vit_jax import train
+  c = common.base_config()
+  assert train.eval_prefix(c) == "val"
+  assert c.test_split == "test" and c.eval_split != c.test_split
+  assert "test" not in (c.fewshot.train_split + c.fewshot.test_split)
