@@ -92,6 +92,20 @@ def run_row(out: str, name: str, config: str, topology: str, flags) -> dict:
   return row
 
 
+def _roofline(p: dict) -> dict:
+  """The plan's roofline, recomputed from its JSON with vit_jax.plan.roofline (so a change of
+  that model redraws the tables without compiling again)."""
+  if not p.get("chip"):
+    return {}
+  from vit_jax import plan  # pylint: disable=g-import-not-at-top
+  t = p["train"]
+  shards = p["devices"] if p["mode"] == "pmap" else p["mesh"]["data"] * p["mesh"]["fsdp"]
+  hbm = plan.least_hbm_bytes(t["argument_bytes"], t["output_bytes"], t["temp_bytes"])
+  return plan.roofline(t["dot_flops"], hbm, sum(c["wire_bytes"] for c in t["collectives"].values()),
+                       p["forward_flops_per_image"], p["batch_size"] / shards,
+                       plan.Chip(**p["chip"]))
+
+
 def _cell_collectives(coll: dict) -> str:
   if not coll:
     return "none"
@@ -111,7 +125,7 @@ def table(rows) -> str:
       lines.append(f"| {r['name']} | {r['command'].split('--topology=')[1].split()[0]} | | | | | "
                    f"no: {r['error']} | | | | | | {cmd} |")
       continue
-    t, roof = p["train"], p["roofline"] or {}
+    t, roof = p["train"], _roofline(p)
     mesh = "pmap" if p["mode"] == "pmap" else (
         f"data {p['mesh']['data']} x fsdp {p['mesh']['fsdp']}")
     shards = p["devices"] if p["mode"] == "pmap" else p["mesh"]["data"] * p["mesh"]["fsdp"]
@@ -133,9 +147,9 @@ def mfu_table(rows) -> str:
            "|---|---|---|---|---|---|"]
   for r in rows:
     p = r.get("plan")
-    if not p or not p["roofline"]:
+    roof = _roofline(p) if p else {}
+    if not roof:
       continue
-    roof = p["roofline"]
     parts = {"compute": roof["compute_s"], "HBM": roof["hbm_s"], "ICI": roof["ici_s"] or 0}
     lines.append(f"| {r['name']} | {p['topology']} | {roof['step_s'] * 1e3:.0f} | "
                  f"{roof['images_per_s_per_chip']:.0f} | {max(parts, key=parts.get)} | "

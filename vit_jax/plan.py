@@ -358,6 +358,32 @@ def vit_forward_flops(model, image_shape) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------- the plan.
+def least_hbm_bytes(argument_bytes: int, output_bytes: int, temp_bytes: int) -> float:
+  """The least HBM traffic of a step: every argument read once, every output written once,
+  every temporary written once and read once. (XLA's cost_analysis "bytes accessed" is no guide
+  here: on TPU it counts on-chip VMEM accesses too, and a loop body once.)"""
+  return float(argument_bytes + output_bytes + 2 * temp_bytes)
+
+
+def roofline(step_flops: float, hbm_bytes: float, wire_bytes: float,
+             forward_flops_per_image: Optional[float], images: float,
+             chip: Chip) -> Dict[str, Optional[float]]:
+  """Seconds per step each resource needs at its peak (compute at bf16, HBM, ICI), the step
+  time if they overlapped perfectly (their maximum: a lower bound), the images per second that
+  allows, and the MFU ceiling: model FLOPs over that time at peak, the model FLOPs being the
+  step's own or 3 forwards per image, whichever is less (recomputation is not model work; a
+  step that needs no input gradient does a little less than 3 forwards)."""
+  compute = step_flops / chip.bf16_flops
+  memory = hbm_bytes / chip.hbm_bandwidth
+  comm = wire_bytes / chip.ici_bandwidth if chip.ici_bandwidth else None
+  step = max(compute, memory, comm or 0.0)
+  model = (min(step_flops, 3 * forward_flops_per_image * images)
+           if forward_flops_per_image else None)
+  return dict(compute_s=compute, hbm_s=memory, ici_s=comm, step_s=step,
+              images_per_s_per_chip=images / step if step else None,
+              mfu_ceiling=model / (step * chip.bf16_flops) if model and step else None)
+
+
 @dataclasses.dataclass
 class StepPlan:
   """One compiled step on one chip."""
@@ -374,10 +400,7 @@ class StepPlan:
 
   @property
   def hbm_bytes(self) -> float:
-    """The least HBM traffic of a step: every argument read once, every output written once,
-    every temporary written once and read once. (XLA's cost_analysis "bytes accessed" is no
-    guide here: on TPU it counts on-chip VMEM accesses too, and a loop body once.)"""
-    return float(self.argument_bytes + self.output_bytes + 2 * self.temp_bytes)
+    return least_hbm_bytes(self.argument_bytes, self.output_bytes, self.temp_bytes)
 
   @property
   def total_bytes(self) -> int:
@@ -424,23 +447,11 @@ class Plan:
     return self.eval.dot_flops / eval_rows
 
   def roofline(self) -> Dict[str, Optional[float]]:
-    """Seconds per step each resource needs at its peak (compute, HBM, ICI), the step time if
-    they overlapped perfectly (their maximum: a lower bound), and the MFU that allows: model
-    FLOPs (3 x the compiled forward per image x the chip's images) over that time at peak."""
     if self.chip is None:
       return {}
     t = self.train
-    compute = t.dot_flops / self.chip.bf16_flops
-    memory = t.hbm_bytes / self.chip.hbm_bandwidth
-    wire = sum(c["wire_bytes"] for c in t.collectives.values())
-    comm = wire / self.chip.ici_bandwidth if self.chip.ici_bandwidth else None
-    step = max(compute, memory, comm or 0.0)
-    fwd = self.forward_flops_per_image
-    mfu = (3 * fwd * self.per_chip_batch / (step * self.chip.bf16_flops)
-           if fwd and step else None)
-    return dict(compute_s=compute, hbm_s=memory, ici_s=comm, step_s=step,
-                images_per_s_per_chip=self.per_chip_batch / step if step else None,
-                mfu_ceiling=mfu)
+    return roofline(t.dot_flops, t.hbm_bytes, sum(c["wire_bytes"] for c in t.collectives.values()),
+                    self.forward_flops_per_image, self.per_chip_batch, self.chip)
 
   def fits(self) -> Optional[bool]:
     if self.chip is None:

@@ -4,12 +4,17 @@ import os
 
 from experiments import tpu_plans
 
+# 16 images per chip on a chip of 100 TFLOP/s, 100 GB/s HBM and 1 GB/s ICI: 2 TFLOPs take
+# 20 ms, 4 GB of least traffic 40 ms, 10 MB of ring traffic 10 ms; the model does 3 x 40 G per
+# image = 1.92 TFLOPs: 1.92 / (0.04 x 100) = 48% MFU at most.
+CHIP = dict(name="test chip", hbm_bytes=16 * 2 ** 30, bf16_flops=100e12, hbm_bandwidth=100e9,
+            ici_bandwidth=1e9, source="")
 PLAN = dict(topology="v5e:2x2", mode="jit", devices=4, mesh=dict(data=4, fsdp=1, model=1),
-            batch_size=64, hbm_bytes=16 * 2 ** 30, fits=True,
-            train=dict(total_bytes=3 * 2 ** 30, dot_flops=2.5e12,
-                       collectives={"all-reduce": dict(count=13, bytes=2 ** 29, wire_bytes=1)}),
-            roofline=dict(step_s=0.05, compute_s=0.04, hbm_s=0.05, ici_s=0.01,
-                          images_per_s_per_chip=320.0, mfu_ceiling=0.8))
+            batch_size=64, hbm_bytes=16 * 2 ** 30, fits=True, chip=CHIP,
+            forward_flops_per_image=40e9,
+            train=dict(total_bytes=3 * 2 ** 30, dot_flops=2e12, argument_bytes=1e9,
+                       output_bytes=1e9, temp_bytes=1e9,
+                       collectives={"all-reduce": dict(count=13, bytes=2 ** 29, wire_bytes=1e7)}))
 
 
 def test_tables_from_rows():
@@ -17,11 +22,12 @@ def test_tables_from_rows():
   no = dict(name="ViT-H/14", command="python -m vit_jax.plan --topology=v5e:2x2",
             error="does not fit: ...")
   rows = tpu_plans.table([fit, no]).splitlines()
-  assert rows[2] == ("| ViT-B/16 | v5e:2x2 | 4 | data 4 x fsdp 1 | 16 | 3.00 (16) | yes | 2.50 | "
-                     "all-reduce x13 (0.50 GiB) | 50 | 320 | 80% | "
+  assert rows[2] == ("| ViT-B/16 | v5e:2x2 | 4 | data 4 x fsdp 1 | 16 | 3.00 (16) | yes | 2.00 | "
+                     "all-reduce x13 (0.50 GiB) | 40 | 400 | 48% | "
                      "`python -m vit_jax.plan --topology=v5e:2x2` |")
   assert rows[3].startswith("| ViT-H/14 | v5e:2x2 | | | | | no: does not fit: ... |")
-  assert tpu_plans.mfu_table([fit, no]).splitlines()[2] == "| ViT-B/16 | v5e:2x2 | 50 | 320 | HBM | 80% |"
+  assert tpu_plans.mfu_table([fit, no]).splitlines()[2] == ("| ViT-B/16 | v5e:2x2 | 40 | 400 | "
+                                                            "HBM | 48% |")
 
 
 def test_a_planned_row_is_not_planned_again(tmp_path):
