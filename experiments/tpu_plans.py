@@ -122,8 +122,12 @@ def table(rows) -> str:
     p = r.get("plan")
     cmd = f"`{r['command']}`"
     if p is None:
+      m = re.search(r"temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)",
+                    r["error"] or "")
+      why = (f"no: {m.group(1)} of temporaries, {m.group(2)} available (the compiler)" if m
+             else f"no: {r['error']}")
       lines.append(f"| {r['name']} | {r['command'].split('--topology=')[1].split()[0]} | | | | | "
-                   f"no: {r['error']} | | | | | | {cmd} |")
+                   f"{why} | | | | | | {cmd} |")
       continue
     t, roof = p["train"], _roofline(p)
     mesh = "pmap" if p["mode"] == "pmap" else (

@@ -20,12 +20,13 @@ PLAN = dict(topology="v5e:2x2", mode="jit", devices=4, mesh=dict(data=4, fsdp=1,
 def test_tables_from_rows():
   fit = dict(name="ViT-B/16", command="python -m vit_jax.plan --topology=v5e:2x2", plan=PLAN)
   no = dict(name="ViT-H/14", command="python -m vit_jax.plan --topology=v5e:2x2",
-            error="does not fit: ...")
+            error="does not fit: ... HLO temporaries (19.19G) exceeds available HBM (15.75G). Try")
   rows = tpu_plans.table([fit, no]).splitlines()
   assert rows[2] == ("| ViT-B/16 | v5e:2x2 | 4 | data 4 x fsdp 1 | 16 | 3.00 (16) | yes | 2.00 | "
                      "all-reduce x13 (0.50 GiB) | 40 | 400 | 48% | "
                      "`python -m vit_jax.plan --topology=v5e:2x2` |")
-  assert rows[3].startswith("| ViT-H/14 | v5e:2x2 | | | | | no: does not fit: ... |")
+  assert rows[3].startswith("| ViT-H/14 | v5e:2x2 | | | | | no: 19.19G of temporaries, 15.75G "
+                            "available (the compiler) |")
   assert tpu_plans.mfu_table([fit, no]).splitlines()[2] == ("| ViT-B/16 | v5e:2x2 | 40 | 400 | "
                                                             "HBM | 48% |")
 
