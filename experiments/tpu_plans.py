@@ -92,6 +92,12 @@ def run_row(out: str, name: str, config: str, topology: str, flags) -> dict:
   return row
 
 
+def _per_chip_batch(p: dict) -> float:
+  """Images per chip: the batch over data x fsdp (pmap: over every device)."""
+  return p["batch_size"] / (p["devices"] if p["mode"] == "pmap" else
+                            p["mesh"]["data"] * p["mesh"]["fsdp"])
+
+
 def _roofline(p: dict) -> dict:
   """The plan's roofline, recomputed from its JSON with vit_jax.plan.roofline (so a change of
   that model redraws the tables without compiling again)."""
@@ -99,10 +105,9 @@ def _roofline(p: dict) -> dict:
     return {}
   from vit_jax import plan  # pylint: disable=g-import-not-at-top
   t = p["train"]
-  shards = p["devices"] if p["mode"] == "pmap" else p["mesh"]["data"] * p["mesh"]["fsdp"]
   hbm = plan.least_hbm_bytes(t["argument_bytes"], t["output_bytes"], t["temp_bytes"])
   return plan.roofline(t["dot_flops"], hbm, sum(c["wire_bytes"] for c in t["collectives"].values()),
-                       p["forward_flops_per_image"], p["batch_size"] / shards,
+                       p["forward_flops_per_image"], _per_chip_batch(p),
                        plan.Chip(**p["chip"]))
 
 
@@ -132,12 +137,11 @@ def table(rows) -> str:
     t, roof = p["train"], _roofline(p)
     mesh = "pmap" if p["mode"] == "pmap" else (
         f"data {p['mesh']['data']} x fsdp {p['mesh']['fsdp']}")
-    shards = p["devices"] if p["mode"] == "pmap" else p["mesh"]["data"] * p["mesh"]["fsdp"]
     hbm = f" ({p['hbm_bytes'] / 2 ** 30:.0f})" if p["hbm_bytes"] else ""
     mfu = roof.get("mfu_ceiling")
     lines.append(
         f"| {r['name']} | {p['topology']} | {p['devices']} | {mesh} | "
-        f"{p['batch_size'] / shards:g} | {t['total_bytes'] / 2 ** 30:.2f}{hbm} | "
+        f"{_per_chip_batch(p):g} | {t['total_bytes'] / 2 ** 30:.2f}{hbm} | "
         f"{'yes' if p['fits'] else 'NO'} | {t['dot_flops'] / 1e12:.2f} | "
         f"{_cell_collectives(t['collectives'])} | {roof.get('step_s', 0) * 1e3:.0f} | "
         f"{roof.get('images_per_s_per_chip', 0):.0f} | "

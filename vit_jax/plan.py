@@ -12,8 +12,9 @@ against the chip's HBM; the FLOPs of the step's matrix multiplications, counted 
 (`jaxpr_flops`: XLA's own `cost_analysis` counts a loop body once, so a scanned ViT's 12
 layers would count as 1) and the least HBM traffic the buffers imply (`StepPlan.hbm_bytes`);
 the collectives in the optimized HLO (kind, count, bytes; loops times their trip counts); and
-a roofline estimate of the step time and the MFU ceiling it allows. `--topology=local` plans for this machine's devices instead (the CPU has no entry in
-the chip table: memory, FLOPs and collectives only).
+a roofline estimate of the step time and the MFU ceiling it allows. `--topology=local` plans
+for this machine's devices instead (the CPU has no entry in the chip table: memory, FLOPs and
+collectives only).
 
 A plan that does not fit the chip's HBM ends with a one-line error naming what to try (exit
 status 1); bad flags and configs are one `error:` line with exit status 2, as in vit_jax.main.
@@ -139,6 +140,8 @@ _INSTR_RE = re.compile(r"^\s*(?P<root>ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<sh
 _COMP_RE = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
+
+
 def _arrays(shape: str) -> List[Tuple[str, Tuple[int, ...]]]:
   out = []
   for dtype, dims in _ARRAY_RE.findall(shape):
@@ -216,10 +219,10 @@ def _trip_count(instr: Instr, comps: Dict[str, List[Instr]]) -> int:
   return 0
 
 
-def _callees(instr: Instr, comps) -> List[Tuple[str, int]]:
-  """(computation, times it runs per run of `instr`) for the computations it calls."""
+def _callees(instr: Instr, trip: int) -> List[Tuple[str, int]]:
+  """(computation, times it runs per run of `instr`) for the computations it calls; `trip`: a
+  while loop's trip count (0: unknown, counted once)."""
   out = []
-  trip = _trip_count(instr, comps) if instr.op == "while" else 1
   for key, name in re.findall(r"\b(calls|to_apply|body|condition|true_computation|"
                               r"false_computation)=%?([\w.\-]+)", instr.attrs):
     times = max(trip, 1) if key in ("body", "condition") else 1
@@ -232,7 +235,7 @@ def _callees(instr: Instr, comps) -> List[Tuple[str, int]]:
 @dataclasses.dataclass
 class HloCounts:
   """What one run of a compiled program does on one device."""
-  collectives: Dict[str, Dict[str, float]]  # kind -> count, bytes, seconds_per_byte_factor
+  collectives: Dict[str, Dict[str, float]]  # kind -> count, bytes, wire_bytes (ring traffic)
   unknown_trip_counts: int  # while loops without a known trip count (counted once)
 
 
@@ -252,7 +255,10 @@ def count_hlo(text: str, num_devices: int) -> HloCounts:
   comps, entry = parse_hlo(text)
   # How often each computation runs.
   runs = collections.Counter({entry: 1})
-  edges = {c: [e for i in instrs for e in _callees(i, comps)] for c, instrs in comps.items()}
+  trips = {(c, i.name): _trip_count(i, comps) for c, instrs in comps.items() for i in instrs
+           if i.op == "while"}
+  edges = {c: [e for i in instrs for e in _callees(i, trips.get((c, i.name), 1))]
+           for c, instrs in comps.items()}
   indegree = collections.Counter(n for es in edges.values() for n, _ in es)
   order, ready = [], [c for c in comps if indegree[c] == 0]
   while ready:
@@ -265,8 +271,7 @@ def count_hlo(text: str, num_devices: int) -> HloCounts:
   for c in order:
     for n, times in edges.get(c, ()):
       runs[n] += runs[c] * times
-  unknown = sum(1 for instrs in comps.values() for i in instrs
-                if i.op == "while" and not _trip_count(i, comps))
+  unknown = sum(1 for trip in trips.values() if not trip)
 
   coll = collections.defaultdict(lambda: dict(count=0, bytes=0.0, wire_bytes=0.0))
   for c, instrs in comps.items():
@@ -467,7 +472,8 @@ class Plan:
     return dict(config=self.config_name, topology=self.topology, device_kind=self.device_kind,
                 mode=self.mode,
                 devices=self.num_devices, processes=self.num_processes, mesh=self.mesh,
-                batch_size=self.batch_size, image_shape=list(self.image_shape),
+                batch_size=self.batch_size, per_chip_batch=self.per_chip_batch,
+                image_shape=list(self.image_shape),
                 num_classes=self.num_classes, train=step(self.train), eval=step(self.eval),
                 chip=dataclasses.asdict(self.chip) if self.chip else None,
                 hbm_bytes=self.chip.hbm_bytes if self.chip else None, fits=self.fits(),
@@ -520,7 +526,7 @@ def plan(config, topology: str = "local", *, image_shape=None, num_classes=None,
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vit_jax import config_checks  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
-  from vit_jax import optim  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
@@ -542,13 +548,12 @@ def plan(config, topology: str = "local", *, image_shape=None, num_classes=None,
   batch = int(config.batch_size)
   # The schedule's length does not change the compiled step: one epoch of a million images.
   steps_per_epoch = max(1, 1_000_000 // batch)
-  if any(config.get(f"total_{u}") is not None for u in ("steps", "epochs", "examples")):
-    total = optim.durations(config, "total", steps_per_epoch=steps_per_epoch, batch_size=batch,
-                            required=True)
-  else:
-    total = steps_per_epoch
-  warmup = optim.durations(config, "lr.warmup", steps_per_epoch=steps_per_epoch,
-                           batch_size=batch, default=0)
+  if all(config.get(f"total_{u}") is None for u in ("steps", "epochs", "examples")):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.total_steps = steps_per_epoch
+  # The trainer's own reading of the durations (only the optimizer's schedule depends on them).
+  total, warmup = train._resolve_durations(  # pylint: disable=protected-access
+      config, steps_per_epoch)[:2]
   trainer = train.build_trainer(config, num_classes, image_shape, total_steps=total,
                                 warmup_steps=min(warmup, total), devices=devices)
   runner, shardings = trainer.runner, trainer.shardings
@@ -679,7 +684,9 @@ def report(p: Plan) -> str:
   r = p.roofline()
   if r:
     ici = "n/a (no published ICI figure)" if r["ici_s"] is None else f"{r['ici_s'] * 1e3:.1f} ms"
-    lines.append(f"  roofline on {p.chip.name} ({_si(p.chip.bf16_flops)}FLOP/s bf16, "
+    lines.append(f"  roofline on {p.chip.name} ({_si(p.chip.bf16_flops)}FLOP/s bf16, which "
+                 f"f32 dots at JAX's default precision get too; precision=highest "
+                 f"{_si(p.chip.f32_flops)}FLOP/s; "
                  f"{_si(p.chip.hbm_bandwidth)}B/s HBM): compute {r['compute_s'] * 1e3:.1f} ms, "
                  f"HBM {r['hbm_s'] * 1e3:.1f} ms, ICI {ici}; step >= {r['step_s'] * 1e3:.1f} ms, "
                  f"<= {r['images_per_s_per_chip']:.0f} img/s per chip, MFU ceiling "

@@ -322,6 +322,8 @@ class Runner:
     self.mode = config.get("parallel", "jit")
     if self.mode not in ("jit", "pmap"):
       raise ValueError(f"Unknown parallel mode {self.mode!r}: use 'jit' or 'pmap'.")
+    # `devices` passed only when given, so that a make_mesh with its own default devices (the
+    # drills' functools.partial) keeps them.
     self.mesh = (parallel.make_mesh(config.get("mesh")) if devices is None else
                  parallel.make_mesh(config.get("mesh"), devices=devices))
     self.config, self.model = config, model
@@ -872,9 +874,10 @@ def load_teacher(config, num_classes: int, image_shape):
                               "train it to the end (it exports params.npz) first.")
     with open(cfg_path) as f:
       tcfg = ml_collections.ConfigDict(json.load(f))
+    exported = checkpoint.load_npz(npz)
     # The teacher's own class count, from its exported head: load_pretrained would re-initialise
     # a head of another count, and distillation would then target class 0 throughout.
-    head = checkpoint.load_npz(npz).get("head", {}).get("kernel")
+    head = exported.get("head", {}).get("kernel")
     if head is None or head.shape[-1] != num_classes:
       raise ValueError(
           f"distill.teacher={source!r} predicts "
@@ -884,7 +887,7 @@ def load_teacher(config, num_classes: int, image_shape):
     init = jax.eval_shape(lambda: dict(module.init(
         jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)), train=False)))
     variables = {"params": checkpoint.load_pretrained(
-        npz, jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), init["params"]))}
+        exported, jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), init["params"]))}
     stats = os.path.join(source, "batch_stats.npz")
     if "batch_stats" in init:
       if not os.path.exists(stats):
