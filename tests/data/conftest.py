@@ -76,10 +76,31 @@ def fakes():
   return types.SimpleNamespace(indexed_images=indexed_images, ids_of=ids_of, keys_of=keys_of,
                                keys_of_parts=keys_of_parts,
                                array_source=array_source, fake_tfds=fake_tfds,
-                               tfds_sizes=FAKE_TFDS_SIZES)
+                               tfds_sizes=FAKE_TFDS_SIZES, sorted_per_shard=SORTED_PER_SHARD)
 
 
 @pytest.fixture
 def tfds_source():
   with fake_tfds():
     yield sources.get_source({"name": "tfds:cifar10"})
+
+
+# A real TFDS data set on disk (TFRecord shards): 64 files of 8 examples sorted by class (file s
+# holds class s * 10 // 64), images indexed_images(512, (8, 8, 1)).
+SORTED_SHARDS, SORTED_PER_SHARD = 64, 8
+
+
+@pytest.fixture(scope="session")
+def sorted_tfds_dir(tmp_path_factory):
+  from benchmarks import data_order  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path_factory.mktemp("tfds"))
+  n = SORTED_SHARDS * SORTED_PER_SHARD
+  data_order.write_tfds(root, indexed_images(n), np.arange(n) // SORTED_PER_SHARD * 10 //
+                        SORTED_SHARDS, SORTED_SHARDS, 10)
+  return root
+
+
+@pytest.fixture
+def sorted_tfds(sorted_tfds_dir):
+  """TfdsSource(**kw) of that data set (shard of example i: i // SORTED_PER_SHARD)."""
+  return lambda **kw: sources.TfdsSource("sorted_shards", data_dir=sorted_tfds_dir, **kw)

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 from vit_jax import data
 from vit_jax.data import sources
+from vit_jax.data import splits
 
 AUG = "random_crop(8, pad=2)|flip_lr|value_range(-1, 1)"
 TFDS_AUG = "decode|inception_crop(24)|flip_lr|value_range(-1, 1)"
@@ -196,6 +197,64 @@ def test_tfds_eval_counts_every_example_once_across_hosts(tfds_source, fakes, sp
   masks = np.concatenate([b["mask"] for h in per_host for b in h])
   assert masks.sum() == len(expected)
   np.testing.assert_array_equal(np.concatenate(keys), expected)  # in order, host after host
+
+
+# TFDS on disk (conftest.sorted_tfds: 64 TFRecord files of 8 examples, sorted by class).
+
+def _stream(fakes, source, steps, *, epoch=0, batch_size=16, seed=0, split="train", **kw):
+  """(ids, class labels) of `steps` batches of host 0 of 1 from the start of `epoch`."""
+  n = source.num_examples(split)
+  it = data.train_iterator(source, split=split, pp="decode", batch_size=batch_size, seed=seed,
+                           start_step=epoch * n // batch_size, process_index=0, process_count=1,
+                           **kw)
+  batches = _take(it, steps)
+  return (np.concatenate([fakes.ids_of(b["image"]) for b in batches]),
+          np.concatenate([b["label"].argmax(1) for b in batches]))
+
+
+def test_tfds_files_are_read_in_a_new_order_each_epoch(sorted_tfds, fakes):
+  src = sorted_tfds(shuffle_buffer=20)  # 4% of the data, as 50k of ImageNet's 1.28M
+  ids, _ = _stream(fakes, src, 64)  # epochs 0 and 1 (512 examples each)
+  shards = ids // fakes.sorted_per_shard
+  for epoch in range(2):  # every example once per epoch
+    np.testing.assert_array_equal(np.sort(ids[512 * epoch:512 * (epoch + 1)]), np.arange(512))
+  assert len(set(shards[:16])) >= 8  # several files at a time (fixed order: 4 or 5)
+  first_files = [list(dict.fromkeys(shards[512 * e:512 * e + 64])) for e in range(2)]
+  assert set(first_files[0]) != set(first_files[1])  # another order (fixed order: files 0-5)
+  assert not set(first_files[0]) <= set(range(16))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tfds_first_examples_of_an_epoch_cover_the_classes(sorted_tfds, fakes, seed):
+  """Files sorted by class: the first 64 of 512 examples span most classes (fixed file order:
+  2 classes, total variation 0.8 from uniform)."""
+  src = sorted_tfds(shuffle_buffer=20)
+  for epoch in range(2):
+    _, labels = _stream(fakes, src, 4, epoch=epoch, seed=seed)
+    share = np.bincount(labels, minlength=10) / len(labels)
+    assert len(np.unique(labels)) >= 6, np.bincount(labels, minlength=10)
+    assert 0.5 * np.abs(share - 0.1).sum() < 0.45, share
+
+
+def test_tfds_file_order_follows_seed_and_resumes_bitwise(sorted_tfds, fakes):
+  """Two hosts, a seeded subset (holes inside files), mixup, random crops: the stream is a
+  function of (seed, step); each host's epoch is its own part once."""
+  src = sorted_tfds(shuffle_buffer=20)
+  split = "train@seeded(300, seed=1)"  # 150 per host: 15 steps of 10 per epoch
+  kw = dict(split=split, pp="decode|inception_crop(8)|flip_lr|value_range(-1, 1)",
+            batch_size=20, seed=3, process_index=1, process_count=2, mixup=0.2)
+  fresh = _take(data.train_iterator(src, **kw), 18)
+  resumed = _take(data.train_iterator(src, start_step=14, **kw), 4)  # across epochs 0 and 1
+  for a, b in zip(resumed, fresh[14:]):
+    _assert_same(a, b)
+  _assert_same(next(data.train_iterator(src, **kw)), fresh[0])
+  assert not np.array_equal(next(data.train_iterator(src, **dict(kw, seed=4)))["image"],
+                            fresh[0]["image"])
+  chunk = np.concatenate([i for _, i in splits.host_chunk(src.resolve(split), 1, 2)])
+  plain = _take(data.train_iterator(src, **dict(kw, pp="decode", mixup=0.0)), 30)
+  ids = np.concatenate([fakes.ids_of(b["image"]) for b in plain])
+  for epoch in range(2):
+    np.testing.assert_array_equal(np.sort(ids[150 * epoch:150 * (epoch + 1)]), chunk)
 
 
 # Image folders: variable sizes, per-example path, unreadable files.

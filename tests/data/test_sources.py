@@ -1,4 +1,5 @@
-"""Sources: Debian's Fashion-MNIST files, TFDS (mocked), image folders, and their errors."""
+"""Sources: Debian's Fashion-MNIST files, TFDS (mocked, and a small one on disk), image folders,
+and their errors."""
 import os
 
 import ml_collections
@@ -9,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from vit_jax import data
 from vit_jax.data import sources
+from vit_jax.data import splits
 
 FMNIST_FILES = os.path.join(sources.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(
@@ -121,3 +123,51 @@ def test_tfds_preparation_failure_is_one_plain_message(tmp_path, monkeypatch):
   assert "\n" not in message and len(message) < 600
   assert "'mnist' is not prepared" in message and "Failed to reach host" in message
   assert "tfds build" in message and "data_dir" in message
+
+
+def _epoch_ids(fakes, reader, epoch):
+  """Indices of the examples of `reader`'s epoch, in order."""
+  images = [tf.io.decode_png(ex["image"]).numpy() for ex in
+            reader(tf.constant(epoch, tf.int64)).as_numpy_iterator()]
+  return fakes.ids_of(np.stack(images).astype(np.float32))
+
+
+def test_tfds_epoch_reader_permutes_files_per_epoch(sorted_tfds, fakes):
+  """The file order is a function of (key, epoch): each epoch its own, the same every time."""
+  src = sorted_tfds()
+  parts = src.resolve("train")
+  reader = src.epoch_reader(parts, key=7)
+  epochs = [_epoch_ids(fakes, reader, e) for e in (0, 1, 0)]
+  np.testing.assert_array_equal(epochs[0], epochs[2])
+  assert not np.array_equal(epochs[0], epochs[1])
+  for ids in epochs[:2]:
+    np.testing.assert_array_equal(np.sort(ids), np.arange(512))
+    assert len(set(ids[:16] // fakes.sorted_per_shard)) == 16  # 16 files, one record each
+  assert not np.array_equal(_epoch_ids(fakes, src.epoch_reader(parts, key=8), 0), epochs[0])
+  # One file at a time: whole files, in a permuted order.
+  whole = _epoch_ids(fakes, sorted_tfds(file_interleave=1).epoch_reader(parts, key=7), 0)
+  files = whole.reshape(64, fakes.sorted_per_shard)
+  np.testing.assert_array_equal(files, files[:, :1] + np.arange(fakes.sorted_per_shard))
+  assert sorted(files[:, 0]) == list(range(0, 512, 8)) and list(files[:, 0]) != sorted(files[:, 0])
+  # shuffle_files=False: the files in order, one at a time (host_dataset), every epoch.
+  fixed = sorted_tfds(shuffle_files=False).epoch_reader(parts, key=7)
+  np.testing.assert_array_equal(_epoch_ids(fakes, fixed, 1), np.arange(512))
+
+
+def test_tfds_epoch_reader_reads_a_hosts_part_with_holes(sorted_tfds, fakes):
+  """Pieces of files: a host's part starts and ends inside files; a seeded subset has holes."""
+  src = sorted_tfds()
+  for split in ("train[13:301]", "train[:400]@seeded(100, seed=3)+train[500:]"):
+    parts = src.resolve(split)
+    for p in range(2):
+      chunk = splits.host_chunk(parts, p, 2)
+      ids = _epoch_ids(fakes, src.epoch_reader(chunk, key=p), 0)
+      np.testing.assert_array_equal(np.sort(ids), np.concatenate([i for _, i in chunk]))
+
+
+def test_tfds_epoch_reader_without_files_reads_in_order(tfds_source, fakes):
+  """Readers without files (tfds.testing.mock_data) read the part in order, every epoch."""
+  parts = tfds_source.resolve("train[10:30]")
+  reader = tfds_source.epoch_reader(parts, key=7)
+  for epoch in range(2):
+    np.testing.assert_array_equal(_epoch_ids(fakes, reader, epoch), np.arange(10, 30))

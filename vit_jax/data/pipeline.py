@@ -8,10 +8,11 @@ Training (`train_iterator`) is an infinite stream in which everything follows fr
   [s*B, (s+1)*B) of the stream and host p takes rows [p*B/P, (p+1)*B/P) of it. So the global batches do not depend on the number of hosts, and
   `start_step` is just where the step counter starts.
 * TFDS sources: host p streams its own contiguous part of the split (`splits.host_chunk`); its
-  epoch e is that part shuffled by tf.data with seed (K_perm(p) + e) and a buffer of
-  min(part, source.shuffle_buffer) records; the host's batch s is positions [s*B/P, (s+1)*B/P) of
-  its stream. `start_step` starts at the right epoch and `skip`s within it (records only; nothing
-  is decoded).
+  epoch e reads the part's files in an order drawn from (K_files(p), e), several at a time
+  (`TfdsSource.epoch_reader`), through a tf.data shuffle buffer of min(part, source.shuffle_buffer)
+  records seeded with (K_perm(p) + e); the host's batch s is positions [s*B/P, (s+1)*B/P) of its
+  stream. `start_step` starts at the right epoch and `skip`s within it (records only; nothing is
+  decoded). So for a fixed host count the stream is a function of (seed, step).
 
 Random augmentations draw uniforms with stateless tf.random ops: for fixed-shape sources the whole
 global batch at once, `stateless_uniform((B, k), seed=(K_aug, s))`, row r belonging to position
@@ -51,7 +52,7 @@ from vit_jax.data import splits as splits_lib
 # branches on tensors in Python, so the functions are traced as written.
 _traced = tf.autograph.experimental.do_not_convert
 
-_PERM, _AUG, _MIXUP, _EVAL, _CUTMIX = 1, 2, 3, 4, 5
+_PERM, _AUG, _MIXUP, _EVAL, _CUTMIX, _FILES = 1, 2, 3, 4, 5, 6
 
 
 def _key(*parts: int) -> int:
@@ -313,22 +314,23 @@ def _train_in_memory(source, chain, indices, B, b, p, seed, start_step, mixup, p
 
 def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp, cutmix=0.0,
                   repeats=1):
-  """TFDS: host p streams its own part, shuffled per epoch with seed (K_perm(p) + epoch)."""
+  """TFDS: host p streams its own part, its files read in an order drawn from (K_files(p),
+  epoch), then shuffled per epoch with seed (K_perm(p) + epoch)."""
   chunk = splits_lib.host_chunk(parts, p, num_p)
   n = splits_lib.num_examples(chunk)
   if n == 0:
     raise ValueError(f"The split has {splits_lib.num_examples(parts)} examples, fewer than the "
                      f"{num_p} processes; host {p} would get none.")
-  host = source.host_dataset(chunk)
   perm_key, aug_key, mix_key, cut_key = (_key(seed, purpose, p)
                                          for purpose in (_PERM, _AUG, _MIXUP, _CUTMIX))
+  read_epoch = source.epoch_reader(chunk, _key(seed, _FILES, p))
   buffer = min(n, source.shuffle_buffer)
   parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   first = start_step * b  # Position of the first example in this host's stream.
   epoch, offset = divmod(first, n * repeats)  # with repeats, each example `repeats` times in a row
 
   def shuffled(e):
-    ds = host.shuffle(buffer, seed=perm_key + e, reshuffle_each_iteration=False)
+    ds = read_epoch(e).shuffle(buffer, seed=perm_key + e, reshuffle_each_iteration=False)
     if repeats > 1:
       ds = ds.flat_map(_traced(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats)))
     return ds

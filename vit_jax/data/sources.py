@@ -7,7 +7,9 @@
                    apt command.
   "tfds:<name>"    any TFDS data set ("tfds:cifar10", "tfds:imagenet2012:5.1.0"); cfg.data_dir is
                    TFDS's data_dir, cfg.manual_dir its manual_dir; cfg.image_key / cfg.label_key
-                   ("image", "label") and cfg.shuffle_buffer (50_000 encoded records per host).
+                   ("image", "label") and cfg.shuffle_buffer (50_000 encoded records per host);
+                   cfg.shuffle_files (True) and cfg.file_interleave (16), if set: how training
+                   reads the files (`TfdsSource.epoch_reader`).
   "image_folder"   cfg.data_dir/<split>/<class>/*.{jpg,jpeg,png}; classes are the sorted union of
                    the class folders of all splits (a class may lack a split's folder: labels
                    still agree between splits; a class folder without an image in any split is an
@@ -20,13 +22,14 @@
 
 A source answers `num_examples(split)` after split arithmetic (`vit_jax.data.splits`). In-memory
 sources (`ArraySource`) give random access by index, so the pipeline can shuffle globally; TFDS
-sources (`TfdsSource`) give each host a stream of its own contiguous part of the split.
+sources (`TfdsSource`) give each host a stream of its own contiguous part of the split; for
+training, epoch by epoch, its files in an order drawn per epoch and several read at a time.
 """
 import functools
 import gzip
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -145,14 +148,21 @@ class TfdsSource(Source):
   processes by process 0 only while the others wait at a barrier, then read by all (a data_dir
   that the others still find unprepared, i.e. not shared, is prepared by each of them). The
   process index and count default to JAX's, asked only when the data set is not prepared.
+
+  Training reads epochs with `epoch_reader`: `shuffle_files` (default) draws each epoch's file
+  order and reads `file_interleave` files at a time; False reads the files in order, one at a time.
   """
 
   def __init__(self, name: str, *, data_dir: Optional[str] = None,
                manual_dir: Optional[str] = None, image_key: str = "image",
                label_key: str = "label", shuffle_buffer: int = 50_000,
+               shuffle_files: bool = True, file_interleave: int = 16,
                process_index: Optional[int] = None, process_count: Optional[int] = None):
     self.name, self.image_key, self.label_key = name, image_key, label_key
     self.shuffle_buffer = shuffle_buffer
+    if file_interleave < 1:
+      raise ValueError(f"file_interleave ({file_interleave}) must be >= 1.")
+    self.shuffle_files, self.file_interleave = shuffle_files, file_interleave
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -248,6 +258,77 @@ class TfdsSource(Source):
         ds = ds.enumerate().filter(_selected(tf.constant(mask))).map(_drop_position)
       datasets.append(ds)
     return functools.reduce(lambda a, b: a.concatenate(b), datasets)
+
+  def epoch_reader(self, parts: splits_lib.Parts, key: int
+                   ) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """For training: epoch e (a scalar int64 tensor) -> {"image", "label"} of every example of
+    `parts` (a host's chunk) once, in an order that follows from (key, e) only.
+
+    The chunk's files (one piece per shard it meets: (file, skip, take), as TFDS's split
+    arithmetic gives them) are permuted by `stateless_shuffle(seed=(key, e))` and read
+    `file_interleave` at a time, one record from each in turn (a piece that ends gives its place
+    to the next one). The pipeline's shuffle buffer then mixes the stream. Without
+    `shuffle_files`, or when the reader has no files (non-TFRecord formats;
+    tfds.testing.mock_data), every epoch is `host_dataset` (the chunk in order).
+    """
+    pieces = self._pieces(parts) if self.shuffle_files else None
+    if pieces is None:
+      host = self.host_dataset(parts)
+      return lambda e: host
+    files, skips, takes, starts, mask = pieces
+    cycle = min(self.file_interleave, len(files))
+    features = self.builder.info.features
+    decoders = {self.image_key: tfds.decode.SkipDecoding()} if self.encoded else None
+
+    @tf.autograph.experimental.do_not_convert
+    def read(file, skip, take, start):  # (chunk position, record) of one piece's records
+      records = tf.data.TFRecordDataset(file).skip(skip).take(take)
+      return tf.data.Dataset.zip(tf.data.Dataset.range(start, start + take), records)
+
+    @tf.autograph.experimental.do_not_convert
+    def parse(position, record):
+      del position
+      ex = features.deserialize_example(record, decoders=decoders)
+      return {"image": ex[self.image_key], "label": ex[self.label_key]}
+
+    def epoch(e):
+      order = tf.random.experimental.stateless_shuffle(
+          tf.range(len(files)), seed=tf.stack([tf.constant(key, tf.int64), tf.cast(e, tf.int64)]))
+      ds = tf.data.Dataset.from_tensor_slices(
+          tuple(tf.gather(t, order) for t in (files, skips, takes, starts)))
+      ds = ds.interleave(read, cycle_length=cycle, block_length=1, num_parallel_calls=cycle,
+                         deterministic=True)
+      if mask is not None:  # a part with holes (seeded subset): keep the selected positions
+        ds = ds.filter(_selected(tf.constant(mask)))
+      return ds.map(parse)
+    return epoch
+
+  def _pieces(self, parts: splits_lib.Parts):
+    """(files, skips, takes, starts, mask) of the pieces of files that hold `parts`, in split
+    order: piece i is records [skip, skip + take) of its file, at positions [start, start + take)
+    of the concatenated ranges base[lo:hi] of the parts; mask (over those positions) selects the
+    parts' examples, None when they have no holes. None when TFDS reads no TFRecord files here."""
+    info = self.builder.info
+    if info.file_format != tfds.core.FileFormat.TFRECORD or not all(
+        base in info.splits for base, _ in parts):
+      return None
+    files, skips, takes, starts, selected, position = [], [], [], [], [], 0
+    for base, indices in parts:
+      lo, hi = int(indices[0]), int(indices[-1]) + 1
+      for instruction in info.splits[f"{base}[{lo}:{hi}]"].file_instructions:
+        files.append(os.fspath(instruction.filename))
+        skips.append(instruction.skip)
+        takes.append(instruction.take)
+        starts.append(position)
+        position += instruction.take
+      part = np.zeros(hi - lo, bool)
+      part[indices - lo] = True
+      selected.append(part)
+    if position != sum(len(s) for s in selected) or not tf.io.gfile.exists(files[0]):
+      return None  # metadata without its files (mocked readers)
+    mask = np.concatenate(selected)
+    return (tf.constant(files), tf.constant(skips, tf.int64), tf.constant(takes, tf.int64),
+            tf.constant(starts, tf.int64), None if mask.all() else mask)
 
 
 def _barrier(name: str):
@@ -412,7 +493,9 @@ def _get_source(cfg) -> Source:
     return TfdsSource(name[len("tfds:"):], data_dir=cfg.get("data_dir"),
                       manual_dir=cfg.get("manual_dir"), image_key=cfg.get("image_key", "image"),
                       label_key=cfg.get("label_key", "label"),
-                      shuffle_buffer=cfg.get("shuffle_buffer", 50_000))
+                      shuffle_buffer=cfg.get("shuffle_buffer", 50_000),
+                      shuffle_files=cfg.get("shuffle_files", True),
+                      file_interleave=cfg.get("file_interleave", 16))
   if name == "image_folder":
     return image_folder(cfg.get("data_dir"), channels=cfg.get("channels", 3))
   if name == "fashion_mnist_canvases":
