@@ -11,6 +11,9 @@ from configs import detr_fashion_mnist
 from vit_jax import config_checks
 from vit_jax import models
 from vit_jax import train
+from vit_jax.data import canvases
+from vit_jax.detection import mean_ap
+from vit_jax.evaluators import detection
 
 # The smallest DETR-Mu that still has every part: one stage of the BiT stem, one encoder layer,
 # two decoder layers (so one auxiliary output), 6 queries (the canvases' most objects).
@@ -33,7 +36,11 @@ def _tiny_config():
 # 2-3 minutes here: compiling the update takes about a minute and is never cached (the matching's
 # host callback keeps it out of JAX's persistent cache), the checkpoint save 15-20 s.
 @pytest.mark.slow
-def test_tiny_detr_trains_and_reports_map(tmp_path):
+def test_tiny_detr_trains_and_reports_map(tmp_path, monkeypatch):
+  scored = []  # (detections, ground truths, result) of every mAP computed
+  coco_map = mean_ap.coco_map
+  monkeypatch.setattr(mean_ap, "coco_map", lambda d, g, **kw: scored.append(
+      (d, g, coco_map(d, g, **kw))) or scored[-1][2])
   result = train.train_and_evaluate(_tiny_config(), str(tmp_path), progress_every_secs=1e9)
   rows = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
   train_rows = [r for r in rows if "train_loss" in r]
@@ -48,8 +55,22 @@ def test_tiny_detr_trains_and_reports_map(tmp_path):
   assert any("val_map50" in r and r["step"] == 2 for r in rows)
   assert result["split"] == "val" and result["num_images"] == 12
   assert result["test_split"] == "test[:8]" and result["test_num_images"] == 8
-  for key in ("map", "map50", "test_map", "test_map50"):
-    assert 0.0 <= result[key] <= 1.0, (key, result[key])
+  # The last two mAPs are the final ones, of val[:12] and test[:8]: every canvas once, in split
+  # order, with its own objects (the padded rows of val's last batch left out), and the reported
+  # numbers are COCO's mAP of the model's detections on them (mean_ap equals pycocotools:
+  # tests/detection/test_mean_ap.py).
+  assert [len(dets) for dets, _, _ in scored] == [12, 12, 8]  # val at step 2; val, test at 3
+  source = canvases.CanvasSource()
+  for (dets, gts, out), (prefix, base, n) in zip(scored[-2:], [("", "val", 12),
+                                                               ("test_", "test", 8)]):
+    want = detection.ground_truth(source.batch(base, range(n)))
+    assert len(dets) == len(gts) == n
+    for g, w in zip(gts, want):
+      np.testing.assert_array_equal(g["labels"], w["labels"])
+      np.testing.assert_array_equal(g["boxes"], w["boxes"])
+    assert all(len(d["scores"]) == TINY["num_queries"] for d in dets)  # every query a detection
+    for key in ("map", "map50", "map75"):
+      assert result[prefix + key] == out[key], (prefix + key, result[prefix + key])
   assert "accuracy" not in result and "test_accuracy" not in result
   assert result["metrics"]["final_test_map50"] == result["test_map50"]
   done = json.load(open(os.path.join(tmp_path, train.COMPLETE)))
@@ -60,6 +81,14 @@ def test_tiny_detr_trains_and_reports_map(tmp_path):
   assert detr_picture.main([f"--workdir={tmp_path}", f"--out={png}", "--num=4",
                             "--threshold=0"]) == 0
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The final test mAP scored the trained model's detections (DETR's post-processing of its
+  # outputs on those 8 canvases, here computed again by the picture's code on one device).
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  again = detr_picture.detections(predict.load(str(tmp_path)), source.batch("test", range(8)),
+                                  threshold=0)
+  for got, want in zip(scored[-1][0], again):
+    np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["boxes"], want["boxes"], rtol=0, atol=1e-5)
 
 
 def _validate(c):

@@ -33,6 +33,21 @@ def test_hand_computed_precision_recall():
   np.testing.assert_allclose(out["map"], (3 * ap50 + 7 * 51 / 101) / 10)
 
 
+def test_images_are_pooled_per_class_not_averaged():
+  # Image A: a hit (IoU 1) at score 0.9; image B: a miss at 0.95, its object undetected. Pooled:
+  # a miss then a hit over 2 objects, precision 0, 1/2 at recall 0, 1/2, made 1/2 at every
+  # recall point up to 1/2: AP = 51 * 0.5 / 101 at every threshold (A alone: 1, B alone: 0; their
+  # mean, 1/2, would be wrong).
+  gt = [{"boxes": [[0, 0, 10, 10]], "labels": [0]}, {"boxes": [[20, 20, 30, 30]], "labels": [0]}]
+  det = [{"boxes": [[0, 0, 10, 10]], "labels": [0], "scores": [0.9]},
+         {"boxes": [[50, 50, 60, 60]], "labels": [0], "scores": [0.95]}]
+  out = mean_ap.coco_map(det, gt)
+  assert out == pytest.approx({"map": 25.5 / 101, "map50": 25.5 / 101, "map75": 25.5 / 101,
+                               "num_classes": 1}, abs=1e-12)
+  assert mean_ap.coco_map(det[:1], gt[:1])["map"] == pytest.approx(1.0, abs=1e-12)
+  assert mean_ap.coco_map(det[1:], gt[1:])["map"] == 0.0
+
+
 def test_class_without_ground_truth_is_left_out_and_one_without_detections_counts_zero():
   gt = [{"boxes": [[0, 0, 10, 10], [0, 0, 5, 5]], "labels": [0, 1]}]
   det = [{"boxes": [[0, 0, 10, 10], [30, 30, 40, 40]], "labels": [0, 2], "scores": [0.5, 0.9]}]

@@ -1,5 +1,6 @@
 """Tests for vit_jax/evaluators/detection.py: post-processing, perfect and noisy predictions
-against mean_ap directly, padded batches and stopping."""
+against mean_ap directly, padded batches, stopping, and the gathering of rows across processes
+(2 processes: tests/evaluators/test_detection_multihost.py)."""
 import numpy as np
 import pytest
 
@@ -64,7 +65,32 @@ def test_perfect_predictions_score_one_and_noisy_ones_match_mean_ap():
 def test_padded_examples_do_not_count_and_stop_is_checked():
   data = _batches(np.random.default_rng(2), n_batches=1)
   data[0]["valid"] = np.array([True, True, False, False])
-  out = detection.DetectionEvaluator(_perfect(), lambda: data).run(None)
-  assert out["num_images"] == 2
+  # Noisy predictions, the first two images' drawn first: the mAP of those two images alone.
+  out = detection.DetectionEvaluator(_perfect(noise=0.02, seed=3), lambda: data).run(None)
+  alone = [{k: v[:2] for k, v in data[0].items()}]
+  want = detection.DetectionEvaluator(_perfect(noise=0.02, seed=3), lambda: alone).run(None)
+  everything = dict(data[0], valid=np.ones(4, bool))
+  padded_too = detection.DetectionEvaluator(_perfect(noise=0.02, seed=3),
+                                            lambda: [everything]).run(None)
+  assert out["num_images"] == 2 and out == want and padded_too["map"] != out["map"]
   with pytest.raises(evaluators.Stopped):
     detection.DetectionEvaluator(_perfect(), lambda: data, should_stop=lambda: True).run(None)
+
+
+def test_gather_rows_keeps_every_bit_and_the_process_order():
+  # Two "processes" of 3 rows each; the allgather gets bytes and returns (2, 3, bytes).
+  rng = np.random.default_rng(4)
+  parts = [{"scores": rng.random((3, 5)), "labels": rng.integers(0, 2 ** 40, (3, 5)),
+            "valid": rng.random(3) < 0.5, "boxes": rng.random((3, 5, 4)).astype(np.float32)}
+           for _ in range(2)]
+  for key in parts[0]:
+    sent = []
+
+    def allgather(x, key=key):
+      sent.append(x.dtype)
+      return np.stack([p[key].view(np.uint8).reshape(3, -1) for p in parts])
+    got = detection.gather_rows(parts[0][key], allgather)
+    assert sent == [np.uint8] and got.dtype == parts[0][key].dtype
+    np.testing.assert_array_equal(got, np.concatenate([p[key] for p in parts]))
+  empty = detection.gather_rows(np.zeros((0, 5)), lambda y: np.stack([y, y]))
+  assert empty.shape == (0, 5) and empty.dtype == np.float64
