@@ -1,7 +1,9 @@
 """Tests for configs/: every config loads, and every key a config has is read by the code."""
+import ast
 import glob
 import importlib
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -10,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from configs import fashion_mnist
+from vit_jax import metrics
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
@@ -157,6 +160,7 @@ def test_config_builds_and_runs_two_steps(tmp_path, monkeypatch, module, arg):
   cfg.lr.warmup_steps = 1
   cfg.fewshot.shots = ()  # 25 shots of 1000 classes do not fit in mock data
   cfg.eval_every_steps = cfg.checkpoint_every_steps = None
+  cfg.log_every_steps = 1
   if cfg.pretrained.required:
     cfg.pretrained.required = False  # weights cannot be downloaded here
   cfg.checkpoint_async = False  # see tests/test_train.py's tiny_config
@@ -166,6 +170,111 @@ def test_config_builds_and_runs_two_steps(tmp_path, monkeypatch, module, arg):
   assert result["steps"] == 2 and np.isfinite(result["loss"])
   if cfg.test_split:
     assert result["test_num_examples"] == 8
+  # The recipe's learning rate drives the optimizer: 0 at step 1 (warm-up), lr.base at step 2.
+  # (Its other values are checked against their sources by test_recipes_match_the_reference_tables.)
+  rows = [r for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl")) if "train_loss" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(cfg.lr.base, rel=1e-6)
+
+
+# ------------------------------------------ recipes against docs/reference.md's source tables.
+RECIPE_SECTION = "## Recipe hyper-parameters"
+CONFIG_SPAN = re.compile(r"`([a-z_0-9]+)\.py:([^`]*)`")
+
+
+def _cell_literal(cell):
+  """A table cell's value: the Python literal in its single code span; None when it has none."""
+  spans = re.findall(r"`([^`]*)`", cell)
+  return (True, ast.literal_eval(spans[0])) if len(spans) == 1 else (False, None)
+
+
+def recipe_rows(path=os.path.join(ROOT, "docs", "reference.md")):
+  """(line, configs, key, expected value) of every row of the section's tables (see the section's
+  "How to read them"): `ours` if the row departs from the source, else `published`."""
+  text = open(path).read()
+  section = text[text.index(RECIPE_SECTION):]
+  section = section[:section.index("\n## ", len(RECIPE_SECTION))]
+  rows, configs, continued = [], [], False
+  for line in section.splitlines():
+    if line.startswith("Configs:") or (continued and line.startswith("`")):
+      configs = (configs if continued else []) + CONFIG_SPAN.findall(line)
+      continued = True
+      continue
+    continued = False
+    if not line.startswith("| ") or line.startswith("| config |"):
+      continue
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    assert len(cells) == 5, line
+    where, key, published, ours, note = cells
+    has_published, published_value = _cell_literal(published)
+    has_ours, ours_value = _cell_literal(ours)
+    assert note, f"row without a source: {line}"
+    if has_ours:
+      assert not has_published or published_value != ours_value, (
+          f"`ours` repeats the published value; leave it empty: {line}")
+      assert "departure" in note or "convention" in note, f"a departure needs its reason: {line}"
+    else:
+      assert not ours and has_published, f"no value to check: {line}"
+    rows.append((line, CONFIG_SPAN.findall(where) or list(configs), key.strip("`"),
+                 ours_value if has_ours else published_value))
+  return rows
+
+
+def _config_value(cfg, key):
+  """The value behind a table key: a config key, `model.X` as the model is built, or
+  `pp_train[op]` (the op of that name in the pipeline string, None if there is none)."""
+  pp = re.fullmatch(r"(pp_train|pp_eval)\[(\w+)\]", key)
+  if pp:
+    ops = [op.replace(" ", "") for op in cfg[pp.group(1)].split("|")]
+    found = [op for op in ops if re.fullmatch(pp.group(2) + r"(\(.*\))?", op)]
+    assert len(found) <= 1, (key, ops)
+    return found[0] if found else None
+  if key.startswith("model."):
+    model = models.get_model(cfg.model_name, num_classes=1000, **cfg.model.to_dict())
+    return getattr(model, key[len("model."):])
+  node = cfg
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def test_recipes_match_the_reference_tables():
+  """Every hyper-parameter of docs/reference.md's recipe tables, in the config it names: the
+  published value, or the documented departure from it."""
+  rows = recipe_rows()
+  built = {}
+  for line, configs, key, expected in rows:
+    assert configs, f"row without configs: {line}"
+    for module, arg in configs:
+      if (module, arg) not in built:
+        built[module, arg] = importlib.import_module(f"configs.{module}").get_config(arg)
+      got = _config_value(built[module, arg], key)
+      if isinstance(expected, str) and key.startswith("pp_"):
+        expected = expected.replace(" ", "")
+      if isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=1e-12, abs=0.0), (module, arg, key, got)
+      else:
+        assert got == expected and type(got) is type(expected), (module, arg, key, got)
+  # Each recipe file is in the tables (fashion_mnist.py: this repository's own CPU recipes).
+  assert {m for _, configs, _, _ in rows for m, _ in configs} == set(CONFIG_ARGS) - {
+      "fashion_mnist"}
+  assert len(rows) > 150
+
+
+def test_recipe_table_reader_catches_a_wrong_value(tmp_path):
+  """The check above fails for a config that disagrees with its table, and for a table row that
+  calls the published value a departure."""
+  text = open(os.path.join(ROOT, "docs", "reference.md")).read()
+  row = "| | `lr.warmup_epochs` | `5.0` | | Table 9; `--warmup-epochs` |"
+  assert row in text
+  wrong = tmp_path / "reference.md"
+  wrong.write_text(text.replace(row, row.replace("`5.0`", "`6.0`")))
+  (_, configs, key, expected), = [r for r in recipe_rows(str(wrong)) if "`6.0`" in r[0]]
+  cfg = importlib.import_module("configs.deit").get_config(configs[0][1])
+  assert (key, expected, _config_value(cfg, key)) == ("lr.warmup_epochs", 6.0, 5.0)
+  wrong.write_text(text.replace(row, "| | `lr.warmup_epochs` | `5.0` | `5.0` | departure: no |"))
+  with pytest.raises(AssertionError, match="`ours` repeats the published value"):
+    recipe_rows(str(wrong))
 
 
 def test_the_defaults_never_choose_on_the_test_split():

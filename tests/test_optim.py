@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import common
@@ -48,18 +49,95 @@ def test_schedule_warmup_then_cosine():
     optim.make_schedule(cfg(lr__decay="cos").lr, total_steps=10, warmup_steps=0)
 
 
-def test_sgd_weight_decay_only_on_kernels_and_frozen_head():
-  c = cfg(optax__name="sgd", optax__momentum=0.0, lr__base=0.1, lr__decay="constant", wd=0.5,
+def test_sgd_momentum_decoupled_weight_decay_on_kernels_and_frozen_head():
+  """Two steps of SGD with momentum 0.9 and weight decay, against optax.sgd's own momentum with
+  the decay added outside it (decoupled: p <- p - lr * wd * p, the momentum never sees it)."""
+  lr, wd, m = 0.1, 0.5, 0.9
+  c = cfg(optax__name="sgd", optax__momentum=m, lr__base=lr, lr__decay="constant", wd=wd,
           grad_clip_norm=0.0, freeze=r"head/.*")
   tx, _ = optim.make_optimizer(c, PARAMS, total_steps=10, warmup_steps=0)
-  grads = jax.tree_util.tree_map(jnp.ones_like, PARAMS)
-  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
-  # kernel: -lr * (g + wd * p) = -0.1 * 1.5; bias/scale: -0.1 * 1; frozen head: 0.
-  np.testing.assert_allclose(updates["embedding"]["kernel"], -0.15)
-  np.testing.assert_allclose(updates["embedding"]["bias"], -0.1)
-  np.testing.assert_allclose(updates["Transformer"]["encoder_norm"]["scale"], -0.1)
-  np.testing.assert_allclose(updates["head"]["kernel"], 0.0)
-  np.testing.assert_allclose(updates["head"]["bias"], 0.0)
+  reference = optax.sgd(lr, momentum=m)
+  leaves, treedef = jax.tree_util.tree_flatten(PARAMS)
+  rng = np.random.default_rng(0)
+  gradients = [jax.tree_util.tree_unflatten(treedef, [
+      jnp.asarray(rng.normal(size=x.shape), jnp.float32) for x in leaves]) for _ in range(2)]
+  params, state, ref_state = PARAMS, tx.init(PARAMS), reference.init(PARAMS)
+  for grads in gradients:
+    updates, state = tx.update(grads, state, params)
+    sgd, ref_state = reference.update(grads, ref_state, params)
+    for name in ("embedding/kernel", "embedding/bias", "Transformer/encoder_norm/scale"):
+      path = name.split("/")
+      got, want, p = (_leaf(t, path) for t in (updates, sgd, params))
+      if name.endswith("kernel"):
+        want = want - lr * wd * p  # decoupled decay, kernels only
+      np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(updates["head"]["kernel"], 0.0)  # frozen
+    np.testing.assert_array_equal(updates["head"]["bias"], 0.0)
+    params = optax.apply_updates(params, updates)
+  # The second step holds the first's gradient times the momentum: a decay fed through the
+  # momentum (optax.chain(add_decayed_weights, sgd)) would be 0.9 * lr * wd * p0 away from it.
+  coupled = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=m))
+  st = coupled.init(PARAMS)
+  u, st = coupled.update(gradients[0], st, PARAMS)
+  u, _ = coupled.update(gradients[1], st, optax.apply_updates(PARAMS, u))
+  np.testing.assert_allclose(updates["embedding"]["kernel"] - u["embedding"]["kernel"],
+                             m * lr * wd * PARAMS["embedding"]["kernel"], rtol=1e-4)
+
+
+def _leaf(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _decayed_names(model_name, **overrides):
+  """Names of the parameters of a real model that default weight decay moves (SGD without
+  momentum, zero gradients, every parameter 1: the update is -lr * wd on decayed ones)."""
+  from vit_jax import models
+  model = models.get_model(model_name, num_classes=10, **overrides)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)),
+                                             train=False))["params"]
+  params = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+  c = cfg(optax__name="sgd", lr__base=0.1, lr__decay="constant", wd=0.5, grad_clip_norm=0.0)
+  tx, _ = optim.make_optimizer(c, params, total_steps=1, warmup_steps=0)
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
+  moved = {}
+  for name, u in zip(optim.param_names(updates), jax.tree_util.tree_leaves(updates)):
+    values = set(np.unique(np.asarray(u)).tolist())
+    assert values in ({0.0}, {np.float32(-0.05)}), (name, values)
+    moved[name] = values == {np.float32(-0.05)}
+  return {n for n, m in moved.items() if m}, {n for n, m in moved.items() if not m}
+
+
+def test_weight_decay_convention_on_a_real_vits_names():
+  """optim.py's convention (wd_mask's default): every Dense / conv kernel decays, head and
+  pre-logits included; biases, LayerNorm scales and biases, the class token and the position
+  embedding do not."""
+  decayed, kept = _decayed_names("ViT-Mu/7", hidden_size=16, mlp_dim=32, num_heads=2,
+                                 num_layers=1, representation_size=8)
+  block = "Transformer/encoderblock_0/"
+  attn = block + "MultiHeadDotProductAttention_1/"
+  assert decayed == {"embedding/kernel", attn + "query/kernel", attn + "key/kernel",
+                     attn + "value/kernel", attn + "out/kernel",
+                     block + "MlpBlock_3/Dense_0/kernel", block + "MlpBlock_3/Dense_1/kernel",
+                     "pre_logits/kernel", "head/kernel"}
+  assert kept == {"cls", "Transformer/posembed_input/pos_embedding", "embedding/bias",
+                  attn + "query/bias", attn + "key/bias", attn + "value/bias", attn + "out/bias",
+                  block + "MlpBlock_3/Dense_0/bias", block + "MlpBlock_3/Dense_1/bias",
+                  block + "LayerNorm_0/scale", block + "LayerNorm_0/bias",
+                  block + "LayerNorm_2/scale", block + "LayerNorm_2/bias",
+                  "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias",
+                  "pre_logits/bias", "head/bias"}
+  # DeiT's distillation token and second head; Swin's relative position bias tables (which
+  # Swin's reference exempts too) and its patch embedding's norm.
+  decayed, kept = _decayed_names("DeiT-Mu/7-distilled", hidden_size=16, mlp_dim=32, num_heads=2,
+                                 num_layers=1)
+  assert {"dist", "cls", "head_dist/bias"} <= kept and "head_dist/kernel" in decayed
+  decayed, kept = _decayed_names("Swin-T", embed_dim=8, depths=(1,), num_heads=(2,),
+                                 patch_size=4, window_size=7, img_size=28)
+  assert {"layers_0/blocks_0/attn/relative_position_bias_table", "patch_embed/norm/scale",
+          "patch_embed/proj/bias", "norm/scale"} <= kept
+  assert {"patch_embed/proj/kernel", "layers_0/blocks_0/attn/query/kernel"} <= decayed
 
 
 def test_clipping_and_adamw_first_step():

@@ -115,12 +115,28 @@ def test_predict_and_attention_maps_on_fashion_mnist(workdir, image_files, tmp_p
   np.testing.assert_allclose(np.stack([r["probs"] for r in one]),
                              np.stack([r["probs"] for r in results]), atol=1e-6)
 
-  x = predictor.preprocess(np.stack([r["image"] for r in results]))
-  assert x.shape == (3, 28, 28, 1) and -1.0 <= x.min() and x.max() <= 1.0  # value_range(-1,1)
+  images = np.stack([r["image"] for r in results])
+  x = predictor.preprocess(images)
+  assert x.shape == (3, 28, 28, 1)
+  np.testing.assert_allclose(x, images.reshape(x.shape) / 127.5 - 1.0, atol=1e-6)  # value_range
   maps = predict.attention_maps(predictor, x)
   assert maps["rollout"].shape == (3, 4, 4) and maps["heads"].shape == (3, 2, 4, 4)
-  # The class token's rollout row is a distribution over all tokens; the grid gets part of it.
-  assert np.all(maps["rollout"] >= 0) and np.all(maps["rollout"].sum((1, 2)) <= 1 + 1e-6)
+  # Recomputed here from the attention weights the 2 blocks sow (each (B, heads, 17, 17): cls
+  # and 16 patches): rollout = prod over blocks of (mean over heads + I) / 2, from the first block
+  # up; the maps are the class token's row over the patches, and the last block's heads' rows.
+  inter = predictor.model.apply(predictor.variables, jnp.asarray(x), train=False,
+                                mutable=["intermediates"])[1]["intermediates"]
+  weights = [np.asarray(w, np.float64) for path, w in sorted(
+      jax.tree_util.tree_flatten_with_path(inter)[0], key=lambda pw: jax.tree_util.keystr(pw[0]))
+             if "attention_weights" in jax.tree_util.keystr(path)]
+  weights = [w for stack in weights for w in (stack if stack.ndim == 5 else [stack])]
+  assert [w.shape for w in weights] == [(3, 2, 17, 17)] * 2
+  rollout = np.eye(17)
+  for w in weights:
+    rollout = 0.5 * (w.mean(1) + np.eye(17)) @ rollout
+  np.testing.assert_allclose(maps["rollout"], rollout[:, 0, 1:].reshape(3, 4, 4), rtol=1e-5)
+  np.testing.assert_allclose(maps["heads"], weights[-1][:, :, 0, 1:].reshape(3, 2, 4, 4),
+                             rtol=1e-5)
 
 
 def _random_predictor(model, size, channels=3):

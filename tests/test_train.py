@@ -4,6 +4,7 @@ import os
 from unittest import mock
 import re
 import signal
+import types
 
 import jax
 import numpy as np
@@ -59,12 +60,64 @@ def final_params(workdir):
   return checkpoint.load_npz(os.path.join(workdir, "params.npz"))
 
 
+def eval_split_by_hand(workdir, n=50, params="params.npz"):
+  """(accuracy, loss) of the exported params on the first `n` test examples ("test[:50]"),
+  computed here: the model applied to all of them at once, no padding, no masking, no trainer
+  code. (mock_data ignores split slices: the first n of "test" are "test[:n]".)"""
+  import jax.numpy as jnp
+  from vit_jax import models
+  examples = list(tfds.as_numpy(tfds.load("mnist", split="test", shuffle_files=False).take(n)))
+  assert len(examples) == n
+  data = {k: np.stack([e[k] for e in examples]) for k in ("image", "label")}
+  images = data["image"].astype(np.float32) / 127.5 - 1.0  # decode|value_range(-1,1)
+  model = models.get_model("ViT-Mu/7", num_classes=10, **TINY)
+  weights = checkpoint.load_npz(os.path.join(workdir, params))
+  logits = np.asarray(model.apply({"params": weights}, jnp.asarray(images),
+                                  train=False), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  return (float(np.mean(logits.argmax(-1) == data["label"])),
+          float(-logp[np.arange(len(logp)), data["label"]].mean()))
+
+
+class FakeClock:
+  """Stands in for metrics.time: each training batch fetched takes 1 s, each evaluation batch
+  100 s and each checkpoint save 1000 s."""
+
+  def __init__(self, monkeypatch):
+    self.t = 0.0
+    monkeypatch.setattr(train.metrics_lib, "time", types.SimpleNamespace(monotonic=self.now))
+    for module, name, seconds in ((data_lib, "train_iterator", 1.0),
+                                  (data_lib, "eval_iterator", 100.0)):
+      monkeypatch.setattr(module, name, self._ticking(getattr(module, name), seconds))
+    save = checkpoint.TrainCheckpointer.save
+
+    def slow_save(ckpt, *args, **kwargs):
+      self.t += 1000.0
+      return save(ckpt, *args, **kwargs)
+    monkeypatch.setattr(checkpoint.TrainCheckpointer, "save", slow_save)
+
+  def now(self):
+    return self.t
+
+  def _ticking(self, original, seconds):
+    def wrapped(*args, **kwargs):
+      for batch in original(*args, **kwargs):
+        self.t += seconds
+        yield batch
+    return wrapped
+
+
 @pytest.mark.parametrize("mode", ["jit", "pmap"])
-def test_train_runs_logs_checkpoints_and_exports(tmp_path, mode):
+def test_train_runs_logs_checkpoints_and_exports(tmp_path, monkeypatch, mode):
   workdir = str(tmp_path)
-  result = train.train_and_evaluate(tiny_config(parallel=mode), workdir)
+  FakeClock(monkeypatch)
+  result = train.train_and_evaluate(tiny_config(parallel=mode, eval_every_steps=3), workdir)
   assert result["num_examples"] == 50  # every eval example counted once, the last batch padded
-  assert 0.0 <= result["accuracy"] <= 1.0 and np.isfinite(result["loss"])
+  # The evaluation's accuracy and loss are those of the exported params on the 50 examples.
+  accuracy, loss = eval_split_by_hand(workdir)
+  assert result["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+  assert round(result["accuracy"] * 50) == pytest.approx(result["accuracy"] * 50, abs=1e-6)
+  np.testing.assert_allclose(result["loss"], loss, rtol=1e-5)
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   train_rows = [r for r in rows if "train_loss" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
@@ -73,12 +126,42 @@ def test_train_runs_logs_checkpoints_and_exports(tmp_path, mode):
     assert key in train_rows[-1], key
   assert train_rows[-1]["examples_seen"] == 6 * 16
   assert (result["steps"], result["examples"]) == (6, 6 * 16)
-  assert 0 < result["train_seconds"] <= train_rows[-1]["train_sec"] + 60
+  # Training time counts the 5 batches fetched after the first (1 s each), not the evaluation of
+  # step 3 (4 batches, 400 s) nor the saves of steps 2, 4 and 6 (1000 s each); the wall clock
+  # (core-hours) counts everything up to step 6's row, written before its save.
+  assert [r["train_sec"] for r in train_rows] == [1.0, 2.0, 3.0, 4.0, 5.0, 5.0]
+  assert result["train_seconds"] == 5.0
+  cores = train.metrics_lib.Progress(first_step=0, total_steps=1, batch_size=1).cores
+  assert train_rows[-1]["core_hours"] == pytest.approx((5 + 400 + 2000) / 3600 * cores)
+  assert train_rows[-1]["eta_sec"] == 0.0 and train_rows[2]["eta_sec"] == pytest.approx(3.0)
   np.testing.assert_allclose(train_rows[0]["lr"], 0.0)  # warm-up starts at 0
   np.testing.assert_allclose(train_rows[1]["lr"], 5e-3)
   assert rows[-1]["test_num_examples"] == 50
   assert checkpoint.TrainCheckpointer(workdir).latest_step() == 6
   assert final_params(workdir)["head"]["kernel"].shape == (16, 10)
+
+
+class _Logits(__import__("flax").linen.Module):
+  """A "model" whose logits are its input: evaluation cases made by hand."""
+
+  @__import__("flax").linen.compact
+  def __call__(self, x, train: bool = False):
+    return x
+
+
+def test_eval_step_counts_the_real_rows_of_a_padded_batch():
+  """4 real rows, 3 predicted right (accuracy 0.75), and 4 padding rows (mask 0, zero labels)
+  whose logits pick class 0, the arg-max of a zero label: they must count for nothing."""
+  logits = np.array([[2.0, 0.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]] +
+                    [[5.0, 0.0, 0.0]] * 4, np.float32)
+  labels = np.zeros((8, 3), np.float32)
+  labels[np.arange(4), [0, 1, 2, 1]] = 1.0  # the 4th row is wrong
+  mask = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32)
+  out = jax.jit(train.make_eval_fn(_Logits()))({"params": {}}, dict(image=logits, label=labels,
+                                                                    mask=mask))
+  logp = logits[:4] - np.log(np.exp(logits[:4]).sum(-1, keepdims=True))
+  assert (float(out["correct"]), float(out["count"])) == (3.0, 4.0)
+  np.testing.assert_allclose(out["loss"], -np.sum(logp * labels[:4]), rtol=1e-6)
 
 
 STOCHASTIC = dict(model__dropout_rate=0.1, model__droppath_rate=0.1, optax__name="adamw",
@@ -162,11 +245,15 @@ def test_resume_is_bitwise_exact(tmp_path, monkeypatch, how, mode):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   cfg = tiny_config(optax__name="sgd", lr__base=1e30, lr__warmup_steps=None, grad_clip_norm=0.0,
                     checkpoint_every_steps=1, lr__decay="constant")
-  with pytest.raises(train.NonFiniteLossError, match=r"at step \d.*last good checkpoint"):
+  # Step 1's loss is computed before its update (finite: ln 10 from the zero head); the update
+  # multiplies the gradient by 1e30, so step 2's loss is NaN. Step 1's checkpoint stays.
+  with pytest.raises(train.NonFiniteLossError, match=r"'train_loss': nan\} at step 2: .*The "
+                                                    r"last good checkpoint \(step 1\) is kept"):
     train.train_and_evaluate(cfg, str(tmp_path))
-  ckpt = checkpoint.TrainCheckpointer(str(tmp_path))
-  step = ckpt.latest_step()
-  assert step is not None and step >= 1
+  assert checkpoint.TrainCheckpointer(str(tmp_path)).all_steps() == [1]
+  rows = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [1]
+  np.testing.assert_allclose(rows[0]["train_loss"], np.log(10), rtol=1e-6)
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
@@ -520,18 +607,43 @@ def test_batch_stats_are_updated_averaged_over_devices_and_used_in_evaluation():
   config = tiny_config()
   model = _TinyBN()
   batch = _bn_batch()
-  st_jit, _ = _one_update(model, "jit", config, batch)
+  st_jit, history = _one_update(model, "jit", config, batch)
   st_pmap, _ = _one_update(model, "pmap", config, batch)
-  mean_jit = np.asarray(st_jit["batch_stats"]["BatchNorm_0"]["mean"])
-  assert np.abs(mean_jit).max() > 0.1  # moved from its initial zeros (momentum 0.5)
-  # The mean of equal per-device means is the global mean: pmean makes pmap agree with jit.
-  np.testing.assert_allclose(st_pmap["batch_stats"]["BatchNorm_0"]["mean"], mean_jit, atol=1e-5)
+  # By hand: the Dense layer's output on the batch with the initial params, and the running
+  # averages (momentum 0.5, from mean 0 and var 1) of its statistics. Under jit they are the
+  # global batch's; under pmap each device's (2 contiguous rows), averaged over the devices
+  # (make_update_fn's docstring): the same mean, but a variance without the spread between the
+  # devices' means.
+  dense = jax.tree_util.tree_map(np.asarray, history[0]["Dense_0"])
+  h = batch["image"].reshape(16, -1).astype(np.float64) @ dense["kernel"] + dense["bias"]
+  per_device = h.reshape(jax.device_count(), -1, h.shape[-1])
+  want = {"jit": dict(mean=0.5 * h.mean(0), var=0.5 + 0.5 * h.var(0)),
+          "pmap": dict(mean=0.5 * h.mean(0), var=0.5 + 0.5 * per_device.var(1).mean(0))}
+  assert np.abs(want["jit"]["var"] - want["pmap"]["var"]).min() > 0.1  # the case tells them apart
+  for mode, st in (("jit", st_jit), ("pmap", st_pmap)):
+    assert jax.tree_util.tree_structure(st["batch_stats"]) == jax.tree_util.tree_structure(
+        {"BatchNorm_0": {"mean": 0, "var": 0}})
+    for key, value in want[mode].items():
+      np.testing.assert_allclose(st["batch_stats"]["BatchNorm_0"][key], value, rtol=1e-5,
+                                 atol=1e-6, err_msg=f"{mode} {key}")
+  # Evaluation normalises with the running averages (not the batch's statistics): its loss and
+  # correct count are those of the forward pass computed here with them.
   eval_step = jax.jit(train.make_eval_fn(model))
   variables = train.model_variables(st_jit)
   assert set(variables) == {"params", "batch_stats"}
   out = eval_step(variables, dict(image=batch["image"], label=batch["label"],
                                   mask=np.ones(16, np.float32)))
+  p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), st_jit["params"])
+  stats = st_jit["batch_stats"]["BatchNorm_0"]
+  h = batch["image"].reshape(16, -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  h = (h - stats["mean"]) / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-5)
+  logits = (h * p["BatchNorm_0"]["scale"] + p["BatchNorm_0"]["bias"]) @ p["head"]["kernel"] + (
+      p["head"]["bias"])
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  labels = batch["label"].argmax(-1)
   assert float(out["count"]) == 16
+  assert float(out["correct"]) == np.sum(logits.argmax(-1) == labels)
+  np.testing.assert_allclose(out["loss"], -logp[np.arange(16), labels].sum(), rtol=1e-5)
 
 
 def test_ema_of_the_params_follows_the_updates():
@@ -548,23 +660,66 @@ def test_ema_is_evaluated_and_exported_beside_the_raw_weights(tmp_path):
   assert "ema_test_accuracy" in result["metrics"] and "test_accuracy" in result["metrics"]
   ema = checkpoint.load_npz(os.path.join(tmp_path, "params_ema.npz"))
   raw = final_params(str(tmp_path))
-  assert ema["head"]["kernel"].shape == raw["head"]["kernel"].shape
-  assert not np.array_equal(ema["head"]["kernel"], raw["head"]["kernel"])
+  # Step 1 (warm-up, lr 0) leaves the params p0; so the EMA after step 2 is 0.5 p0 + 0.5 p2, and
+  # the head starts at zero: the EMA head is half the raw one.
+  for k in ("kernel", "bias"):
+    assert np.abs(raw["head"][k]).max() > 1e-4
+    np.testing.assert_allclose(ema["head"][k], 0.5 * raw["head"][k], rtol=1e-6, atol=1e-12)
+  # The ema_ metrics are the EMA weights' (the test[:50] evaluation, recomputed here).
+  accuracy, loss = eval_split_by_hand(str(tmp_path), params="params_ema.npz")
+  assert result["metrics"]["ema_test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+  np.testing.assert_allclose(result["metrics"]["ema_test_loss"], loss, rtol=1e-5)
 
 
-def test_distillation_from_a_finished_workdir(tmp_path):
+def test_distillation_from_a_finished_workdir(tmp_path, monkeypatch):
+  """The teacher's logits on the student's own first batch make the loss: checked against the
+  DeiT losses computed here. The student's head starts at zero (uniform predictions), so every
+  gradient but the head's is zero and its first step (warm-up: lr 0) changes nothing."""
+  from vit_jax import models
   teacher_dir = str(tmp_path / "teacher")
-  train.train_and_evaluate(tiny_config(total_steps=2), teacher_dir)
-  rows = lambda d: [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))
-                    if "train_loss" in l]
-  plain = train.train_and_evaluate(tiny_config(total_steps=1), str(tmp_path / "plain"))
-  student = str(tmp_path / "student")
-  train.train_and_evaluate(tiny_config(total_steps=1, distill__teacher=teacher_dir,
-                                       distill__alpha=1.0), student)
-  assert plain is not None
-  # Same init and batch; alpha 1 replaces the labels by the teacher's predictions, so the
-  # gradient differs (the loss does not: the zero-initialised head predicts uniformly).
-  assert rows(student)[0]["grad_norm"] != rows(str(tmp_path / "plain"))[0]["grad_norm"]
+  train.train_and_evaluate(tiny_config(), teacher_dir)
+  batches = []
+  original = data_lib.train_iterator
+
+  def recording(*args, **kwargs):
+    for i, batch in enumerate(original(*args, **kwargs)):
+      if i == 0:
+        batches.append(batch)
+      yield batch
+  monkeypatch.setattr(data_lib, "train_iterator", recording)
+  runs = {"hard": dict(), "soft": dict(distill__type="soft", distill__tau=2.0)}
+  logged = {}
+  for name, kw in runs.items():
+    workdir = str(tmp_path / name)
+    train.train_and_evaluate(tiny_config(total_steps=1, distill__teacher=teacher_dir,
+                                         distill__alpha=1.0, **kw), workdir)
+    logged[name], = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))
+                     if "train_loss" in l]
+  images, labels = batches[0]["image"], batches[0]["label"]
+  np.testing.assert_array_equal(batches[1]["image"], images)  # both students saw this batch
+  teacher = models.get_model("ViT-Mu/7", num_classes=10, **TINY)
+  t_logits = np.asarray(teacher.apply({"params": final_params(teacher_dir)}, images), np.float64)
+  student = final_params(str(tmp_path / "hard"))  # = its initial params (lr 0 at step 1)
+  np.testing.assert_array_equal(student["head"]["kernel"], 0.0)
+  features = np.asarray(models.get_model("ViT-Mu/7", num_classes=0, **TINY).apply(
+      {"params": {k: v for k, v in student.items() if k != "head"}}, images), np.float64)
+
+  def head_grad_norm(target):  # d CE(softmax(0), target) / d (head kernel, head bias)
+    d_logits = (0.1 - target) / len(target)
+    return np.sqrt(np.sum((features.T @ d_logits) ** 2) + np.sum(d_logits.sum(0) ** 2))
+  # Hard: cross-entropy against the teacher's arg-max (uniform prediction: the loss is ln 10
+  # whatever the target; the gradient tells the target).
+  hard_target = np.eye(10)[t_logits.argmax(-1)]
+  np.testing.assert_allclose(logged["hard"]["train_loss"], np.log(10), rtol=1e-6)
+  np.testing.assert_allclose(logged["hard"]["grad_norm"], head_grad_norm(hard_target), rtol=1e-4)
+  assert abs(head_grad_norm(hard_target) - head_grad_norm(labels)) > 1e-2  # labels: another
+  # Soft: tau^2 x KL(softmax(teacher / tau) || softmax(student / tau)) summed, divided by
+  # batch x classes (DeiT's code); the student's softmax is uniform.
+  tau = 2.0
+  p_t = np.exp(t_logits / tau) / np.exp(t_logits / tau).sum(-1, keepdims=True)
+  kl = np.sum(p_t * (np.log(p_t) - np.log(0.1)))
+  assert kl > 1e-3  # the teacher is far enough from uniform for the check to mean something
+  np.testing.assert_allclose(logged["soft"]["train_loss"], tau ** 2 * kl / p_t.size, rtol=1e-4)
   with pytest.raises(ValueError, match="distill.type='medium'"):
     train.train_and_evaluate(tiny_config(distill__teacher=teacher_dir, distill__type="medium"),
                              str(tmp_path / "bad"))

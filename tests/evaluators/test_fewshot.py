@@ -2,6 +2,7 @@
 against a direct least-squares one, the probe, and the evaluator end to end on images whose pixels
 are their class, on the training data set or on a separate (mock TFDS) one through
 train.evaluate_all."""
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -232,11 +233,42 @@ def test_evaluate_all_probes_a_separate_data_set_built_once(monkeypatch):
   assert set(out) == {"fewshot_1shot_accuracy", "fewshot_2shot_accuracy"}
   assert set(runner.shapes) == {(4, 4, 1)} and not built
   c.fewshot.dataset.name = "tfds:cifar10"
+  c.fewshot.test_split = "test"  # 100 mock images (train[98%:] would be 2): steps of 1/100
   runner.shapes.clear()
   with tfds.testing.mock_data(num_examples=100):
     first = train.evaluate_all(runner, None, train_source, c)
     second = train.evaluate_all(runner, None, train_source, c)
+    expected = _probe_by_hand(get_source(ml_collections.ConfigDict(  # unrecorded
+        dict(name="tfds:cifar10"))), c)
   assert set(first) == {"fewshot_1shot_accuracy", "fewshot_2shot_accuracy"}
-  assert first == second and all(0.0 <= v <= 1.0 for v in first.values())
+  assert first == second
+  # The probe of CIFAR-10's pixels, computed here (ridge regression in its dual form).
+  assert first.keys() == expected.keys()
+  for k, v in expected.items():
+    assert first[k] == pytest.approx(v, abs=1e-9), k
   assert set(runner.shapes) == {(32, 32, 3)}  # CIFAR-10's images, not the training set's
   assert built == ["tfds:cifar10"]  # built once, then reused
+
+
+def _probe_by_hand(source, c):
+  """Few-shot accuracies of flattened pixels on `source`, without the evaluator: shots as
+  sample_shots draws them (seed [seed, trial]), features standardised with the support's
+  statistics plus a bias column of 100, W = Z^T (Z Z^T + l2 I)^-1 T for +-1 targets, arg-max."""
+  def read(split):
+    batches = list(data_lib.eval_iterator(source, split=split, pp=c.pp_eval, batch_size=32))
+    keep = np.concatenate([b["mask"] for b in batches]) > 0
+    x = np.concatenate([b["image"].reshape(len(b["image"]), -1) for b in batches])[keep]
+    return x.astype(np.float64), np.concatenate([b["label"].argmax(-1) for b in batches])[keep]
+  x, y = read(c.fewshot.train_split)
+  x_test, y_test = read(c.fewshot.test_split)
+  k_classes, l2 = source.num_classes, float(c.fewshot.l2_reg)
+  acc = {}
+  for t in range(c.fewshot.num_trials):
+    for k, rows in fewshot.sample_shots(y, c.fewshot.shots, k_classes, seed=[c.seed, t]).items():
+      z, targets = _augmented(x[rows], y[rows], k_classes, l2)
+      w = z.T @ np.linalg.solve(z @ z.T + l2 * np.eye(len(z)), targets)
+      std = x[rows].std(0) + 1e-5
+      z_test = np.concatenate([(x_test - x[rows].mean(0)) / std,
+                               np.full((len(x_test), 1), 100.0)], axis=1)
+      acc.setdefault(k, []).append(np.mean((z_test @ w).argmax(-1) == y_test))
+  return {f"fewshot_{k}shot_accuracy": float(np.mean(v)) for k, v in acc.items()}

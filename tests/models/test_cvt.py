@@ -63,13 +63,24 @@ def test_train_forward_28x28_greyscale_updates_batch_stats(random_variables):
                        num_heads=(1, 2, 3), droppath_rate=0.1)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 1))
   variables = random_variables(m, x)
-  out, state = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"],
-                                            rngs={"dropout": jax.random.PRNGKey(2)}))(variables, x)
+  is_conv = lambda mdl, method: method == "__call__" and mdl.name == "conv"
+  out, state = jax.jit(lambda v, x: m.apply(
+      v, x, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=is_conv,
+      rngs={"dropout": jax.random.PRNGKey(2)}))(variables, x)
   assert out.shape == (4, 3) and np.all(np.isfinite(out))
-  old = variables["batch_stats"]["stage_0"]["block_0"]["attn"]["conv_proj_q"]["bn"]["mean"]
-  new = state["batch_stats"]["stage_0"]["block_0"]["attn"]["conv_proj_q"]["bn"]["mean"]
-  np.testing.assert_array_equal(old, 0.0)
-  assert np.abs(new).max() > 0  # running mean moved by 0.1 * batch mean
+  # Every projection's statistics move from (mean 0, var 1) by 0.1 towards the batch statistics
+  # of its conv's output (momentum 0.9, torch's 0.1), over batch and positions.
+  convs = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+  assert len(convs) == 3 * 3  # 3 blocks x (q, k, v)
+  for path, h in convs:
+    where = jax.tree_util.keystr(path[:-3])  # ['stage_0']['block_0']['attn']['conv_proj_q']
+    bn = state["batch_stats"]
+    for k in [getattr(p, "key") for p in path[:-3]] + ["bn"]:
+      bn = bn[k]
+    h = np.asarray(h, np.float64)
+    np.testing.assert_allclose(bn["mean"], 0.1 * h.mean((0, 1, 2)), rtol=1e-4, atol=1e-6,
+                               err_msg=where)
+    np.testing.assert_allclose(bn["var"], 0.9 + 0.1 * h.var((0, 1, 2)), rtol=1e-4, err_msg=where)
   ev = m.apply({**variables, **state}, x[:1], train=False)  # uses the running averages
   assert ev.shape == (1, 3) and np.all(np.isfinite(ev))
 

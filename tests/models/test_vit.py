@@ -170,7 +170,12 @@ def test_classifiers_and_feature_extractor(classifier):
   assert ("MAPHead_0" in v["params"]) == (classifier == "map")
   out = m.apply(v, x)
   assert out.shape == (2, 64)
-  assert float(jnp.abs(out).max()) <= 1.0  # tanh representation layer
+  # The representation layer: tanh of a Dense layer on the pooled tokens (the same model without
+  # it returns those).
+  rest = {k: p for k, p in v["params"].items() if k != "pre_logits"}
+  pooled = np.asarray(m.clone(representation_size=None).apply({"params": rest}, x), np.float64)
+  pre = v["params"]["pre_logits"]
+  np.testing.assert_allclose(out, np.tanh(pooled @ pre["kernel"] + pre["bias"]), atol=1e-5)
 
 
 def test_sincos_posemb_values():
