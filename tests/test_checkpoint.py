@@ -5,6 +5,8 @@ model), and the loaded model is checked against a numpy re-implementation of the
 """
 import json
 import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -581,3 +583,155 @@ def test_disk_full_is_recognised_through_wrapping_errors():
   except RuntimeError as outer:
     assert checkpoint._is_disk_full(outer)
   assert not checkpoint._is_disk_full(ValueError("shape mismatch"))
+
+
+# ------------------------------------- manifests: per-process parts, off the training thread.
+def test_save_returns_before_hashing_and_wait_waits_for_it(tmp_path, monkeypatch):
+  """Issue 34, item 10: the manifest's hashing runs on a background thread; `save()` returns while
+  it is blocked, `wait()` returns once it is done, with a manifest that verifies."""
+  original, caller = checkpoint._sha256, threading.current_thread()
+  started, release, on_caller = threading.Event(), threading.Event(), []
+
+  def blocking_sha256(path):
+    if threading.current_thread() is caller:
+      on_caller.append(str(path))  # the old behaviour: hashing on the training thread
+    else:
+      started.set()
+      assert release.wait(60)
+    return original(path)
+  monkeypatch.setattr(checkpoint, "_sha256", blocking_sha256)
+  ckpt = checkpoint.TrainCheckpointer(tmp_path)
+  try:
+    assert ckpt.save(1, train_state(1))
+    assert on_caller == [], "save() hashed the files on the caller's thread"
+    assert started.wait(30), "no background thread hashed the files"
+    manifest = os.path.join(_step_dir(ckpt, 1), checkpoint.MANIFEST)
+    assert not os.path.exists(manifest)
+    waiter = threading.Thread(target=ckpt.wait)
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive(), "wait() returned while the manifest was being written"
+    release.set()
+    waiter.join(60)
+    assert not waiter.is_alive() and on_caller == []
+    assert os.path.exists(manifest) and checkpoint.verify_step(_step_dir(ckpt, 1)) is None
+  finally:
+    release.set()
+    ckpt.close()
+
+
+PROCESS_1_FILES = ("default/array_metadatas/process_1", "default/ocdbt.process_1/manifest.ocdbt",
+                   "default/ocdbt.process_1/d/88bc599dd9ce3186d5183d4280e99645")
+
+
+def _two_process_step(tmp_path):
+  """A step directory laid out as a 2-process save is (orbax 0.12.8; measured): a real
+  1-process save, plus the files that process 1 writes in its own directories."""
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    ckpt.save(1, train_state(1))
+  step_dir = _step_dir(ckpt, 1)
+  os.remove(os.path.join(step_dir, checkpoint.MANIFEST))
+  for i, rel in enumerate(PROCESS_1_FILES):
+    os.makedirs(os.path.dirname(os.path.join(step_dir, rel)), exist_ok=True)
+    with open(os.path.join(step_dir, rel), "wb") as f:
+      f.write(bytes(range(256)) * (i + 1))
+  return step_dir
+
+
+def _all_files(step_dir):
+  return {os.path.relpath(os.path.join(r, f), step_dir) for r, _, fs in os.walk(step_dir)
+          for f in fs if not f.startswith("vit_jax_manifest")}
+
+
+def test_each_process_hashes_and_lists_only_its_own_files(tmp_path, monkeypatch):
+  """Issue 34, item 10: with 2 processes, each one's manifest part lists exactly the files it
+  wrote (process 0: the shared metadata and its shards); verification splits along the parts."""
+  step_dir = _two_process_step(tmp_path)
+  hashed = {}
+  original = checkpoint._sha256
+  monkeypatch.setattr(checkpoint, "_sha256", lambda p: hashed.setdefault(
+      jax.process_index(), []).append(os.path.relpath(str(p), step_dir)) or original(p))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for p in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+    checkpoint.write_manifest(step_dir)
+  monkeypatch.undo()
+  parts = {p: json.load(open(os.path.join(step_dir, name)))
+           for p, name in ((0, checkpoint.MANIFEST), (1, "vit_jax_manifest.process1.json"))}
+  everything = _all_files(step_dir)
+  assert set(parts[1]["files"]) == set(PROCESS_1_FILES)
+  assert set(parts[0]["files"]) == everything - set(PROCESS_1_FILES)
+  assert "default/ocdbt.process_0/manifest.ocdbt" in parts[0]["files"]
+  assert "_CHECKPOINT_METADATA" in parts[0]["files"]
+  assert {p: set(h) for p, h in hashed.items()} == {p: set(parts[p]["files"]) for p in (0, 1)}
+  assert [parts[p]["num_processes"] for p in (0, 1)] == [2, 2]
+  assert not [f for f in os.listdir(step_dir) if ".tmp" in f]
+
+  assert checkpoint.verify_step(step_dir) is None
+  with open(os.path.join(step_dir, PROCESS_1_FILES[2]), "r+b") as f:
+    f.write(b"\xff")
+  problem = f"{PROCESS_1_FILES[2]} does not match its checksum (bytes changed on disk)"
+  assert checkpoint.verify_step(step_dir) == problem  # one process checks every part
+  assert checkpoint.verify_step(step_dir, share=(1, 2)) == problem  # process 1's share
+  assert checkpoint.verify_step(step_dir, share=(0, 2)) is None  # not in process 0's share
+
+
+def test_a_missing_manifest_part_falls_back_to_orbax_metadata(tmp_path):
+  """A process killed between orbax's final rename and its manifest part: the parts written are
+  checked, orbax's rename vouches for the rest (as for a step without any manifest)."""
+  step_dir = _two_process_step(tmp_path)
+  for p in (0, 1):
+    checkpoint.write_manifest(step_dir, process_index=p, process_count=2)
+  os.remove(os.path.join(step_dir, "vit_jax_manifest.process1.json"))
+  assert checkpoint.verify_step(step_dir) is None
+  assert checkpoint.verify_step(step_dir, share=(1, 2)) is None
+  # Process 0's part missing: process 1's names the process count; its files are checked, and
+  # orbax's metadata, which no part lists now.
+  os.remove(os.path.join(step_dir, checkpoint.MANIFEST))
+  checkpoint.write_manifest(step_dir, process_index=1, process_count=2)
+  assert checkpoint.verify_step(step_dir) is None
+  os.remove(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
+  assert checkpoint.verify_step(step_dir) == ("_CHECKPOINT_METADATA is missing (a half-written "
+                                              "or half-copied directory)")
+  assert checkpoint.verify_step(step_dir, share=(1, 2)) is None  # process 0's share to see
+  os.truncate(os.path.join(step_dir, PROCESS_1_FILES[0]), 3)
+  assert "has 3 bytes" in checkpoint.verify_step(step_dir, share=(1, 2))
+
+
+def test_a_manifest_written_before_there_were_parts_still_verifies(tmp_path):
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    ckpt.save(1, train_state(1))
+  step_dir = _step_dir(ckpt, 1)
+  path = os.path.join(step_dir, checkpoint.MANIFEST)
+  files = json.load(open(path))["files"]
+  with open(path, "w") as f:
+    json.dump({"version": 1, "files": files}, f)  # the format of vit_jax before issue 34
+  assert checkpoint.verify_step(step_dir) is None
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 1
+  os.truncate(_biggest_data_file(step_dir), 3)
+  assert "has 3 bytes" in checkpoint.verify_step(step_dir)
+
+
+def test_a_save_that_deletes_a_step_being_hashed_waits_for_it(tmp_path, monkeypatch):
+  """max_to_keep=1: saving step 2 deletes step 1, so it waits for step 1's manifest first (else
+  the hashing thread would read a directory being deleted)."""
+  original = checkpoint._sha256
+
+  def slow(path):
+    time.sleep(0.05)
+    return original(path)
+  monkeypatch.setattr(checkpoint, "_sha256", slow)
+  with checkpoint.TrainCheckpointer(tmp_path, max_to_keep=1) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, train_state(step))
+  assert os.listdir(ckpt.directory) == ["3"]
+  assert checkpoint.verify_step(_step_dir(ckpt, 3)) is None
+
+
+def test_the_checkpoint_save_benchmark_runs(capsys):
+  from benchmarks import checkpoint_save  # pylint: disable=g-import-not-at-top
+  results = checkpoint_save.main(["--mib=2", "--rounds=1"])
+  assert set(results) == set(checkpoint_save.CONTENDERS)
+  assert results["ours"]["hash_s"] > 0 and results["orbax"]["bytes"] > 1 << 20
+  assert "| ours_async |" in capsys.readouterr().out

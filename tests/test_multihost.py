@@ -35,12 +35,15 @@ MODEL_RULES = ((r"MlpBlock_3/Dense_\d/kernel", "model"),
 
 
 def get_config(arg: str = "dp,jit"):
-  """A tiny ViT on 256 Fashion-MNIST images; arg = '{dp|fsdp|tp},{jit|pmap}[,ids]'. With `ids`
-  every process logs the example ids of each batch it takes (`log_example_ids`; this module is
-  the config file the subprocesses load)."""
+  """A tiny ViT on 256 Fashion-MNIST images; arg = '{dp|fsdp|tp},{jit|pmap}[,ids][,probe]'. With
+  `ids` every process logs the example ids of each batch it takes (`log_example_ids`), with
+  `probe` what latest_step() returned and listed (`probe_latest_step`); this module is the config
+  file the subprocesses load."""
   kind, mode, *extra = (arg or "dp,jit").split(",")
   if "ids" in extra:
     log_example_ids()
+  if "probe" in extra:
+    probe_latest_step()
   c = common.base_config()
   c.model_name = "ViT-Mu/7"
   c.model.update(hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1)
@@ -100,6 +103,45 @@ def log_example_ids(set_attr=setattr):
 
 
 _current_workdir = {}
+
+
+def probe_latest_step(delay_s: float = 3.0):
+  """For the drill of a damaged newest checkpoint, in each process of the run: every
+  `latest_step()` appends {"latest", "listed"} (the step it returned, then the steps this
+  process lists) to WORKDIR/latest_step.process{P}.jsonl, and the process exits at once (code 3)
+  when a step newer than the one returned is still listed: the run would hang at the next save
+  of that step (a process that lists it skips the save, the others wait for it), and a raised
+  error would wait for JAX's shutdown barrier (300 s). Renaming a damaged step
+  directory (`{step}.corrupt`) takes `delay_s` longer, as on a file system that copies a directory
+  to rename it (GCS): a process that does not wait for the rename lists the old step."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  cls = type(epath.Path("/"))
+  if getattr(cls.rename, "slowed", False):
+    return
+  rename = cls.rename
+
+  def slow_rename(self, target, *args, **kwargs):
+    if checkpoint.QUARANTINE in os.path.basename(str(target)):
+      time.sleep(delay_s)
+    return rename(self, target, *args, **kwargs)
+  slow_rename.slowed = True
+  cls.rename = slow_rename
+  latest_step = checkpoint.TrainCheckpointer.latest_step
+
+  def probed(self):
+    step = latest_step(self)
+    listed = self.all_steps()
+    path = os.path.join(str(self.directory.parent),
+                        f"latest_step.process{jax.process_index()}.jsonl")
+    with open(path, "a") as f:
+      f.write(json.dumps({"latest": step, "listed": listed}) + "\n")
+    if listed and max(listed) != step:
+      sys.stderr.write(f"process {jax.process_index()}: latest_step() returned {step}, but the "
+                       f"steps listed after it are {listed}\n")
+      sys.stderr.flush()
+      os._exit(3)
+    return step
+  checkpoint.TrainCheckpointer.latest_step = probed
 
 
 def example_ids(workdir, num_processes):
@@ -339,3 +381,42 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert checkpoint.TrainCheckpointer(workdir).latest_step() == stopped
   for log in logs:
     assert f"saved the checkpoint of step {stopped} in" in log
+
+
+@pytest.mark.slow  # two 2-process runs: 35-40 s here idle, 64 s with a cold compilation cache
+def test_two_processes_agree_on_a_damaged_newest_checkpoint(tmp_path):
+  """Issue 34, items 10 and 11. A 2-process FSDP run saves steps 2 and 4, each process writing
+  the manifest part of its own files. A byte of step 4 that process 1 wrote is flipped; both
+  processes, restarted, must agree that step 4 is damaged (only process 1 hashes that file), and
+  process 0 must have renamed it before either lists the steps again (the rename is slowed down
+  by 3 s: `probe_latest_step`). Both resume from step 2 and end with the uninterrupted run's
+  parameters."""
+  workdir = str(tmp_path / "run")
+  no_test_split = "--config.test_split="  # the full test split at the end: minutes, not tested
+  run_processes("fsdp,jit", workdir, no_test_split)
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  parts = {p: json.load(open(os.path.join(step_dir, name)))["files"]
+           for p, name in ((0, checkpoint.MANIFEST), (1, "vit_jax_manifest.process1.json"))}
+  files = {os.path.relpath(os.path.join(r, f), step_dir) for r, _, fs in os.walk(step_dir)
+           for f in fs if not f.startswith("vit_jax_manifest")}
+  own = {f for f in files if "ocdbt.process_1/" in f or f.endswith("array_metadatas/process_1")}
+  assert set(parts[1]) == own and set(parts[0]) == files - own
+  shards = [f for f in own if "/d/" in f]
+  assert shards, f"process 1 wrote no array data: {sorted(files)}"
+  uninterrupted = npz_params(workdir)
+
+  path = os.path.join(step_dir, max(shards, key=lambda f: os.path.getsize(
+      os.path.join(step_dir, f))))
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    data[len(data) // 2] ^= 0x5A
+    f.seek(0)
+    f.write(data)
+  run_processes("fsdp,jit,probe", workdir, no_test_split,
+                "--config.distributed.heartbeat_timeout_seconds=10")
+  for p in (0, 1):
+    with open(os.path.join(workdir, f"latest_step.process{p}.jsonl")) as f:
+      assert json.loads(f.readline()) == {"latest": 2, "listed": [2]}, f"process {p}"
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "4.corrupt"]
+  assert_params_close(npz_params(workdir), uninterrupted)
+  assert [r["step"] for r in metrics(workdir) if "train_loss" in r][-2:] == [3, 4]

@@ -9,10 +9,12 @@ Published `.npz` files (docs/reference.md) hold one array per '/'-joined paramet
 Training state (params, optimizer state, step, rng — any pytree of jax.Arrays) goes through
 `TrainCheckpointer`, a thin wrapper over `orbax.checkpoint.CheckpointManager`.
 """
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -24,6 +26,7 @@ from absl import logging
 from etils import epath
 import flax
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 import scipy.ndimage
@@ -109,7 +112,6 @@ def load_npz(path: Union[str, os.PathLike]) -> Params:
 def _host(x) -> np.ndarray:
   """A leaf as a host numpy array (gathers a multi-process jax.Array first)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(x)
 
@@ -309,8 +311,19 @@ def _stored_shape(x) -> tuple:
   return tuple(np.shape(x))
 
 
-MANIFEST = "vit_jax_manifest.json"  # in each step's directory: {file: [bytes, sha256]}
+# The manifest of a step (`write_manifest`) comes in parts, one per process that saved it: process
+# 0's is `vit_jax_manifest.json` (the whole manifest of a one-process save, and the name a manifest
+# had before there were parts), process P's `vit_jax_manifest.process{P}.json`. Each part is
+# {"version", "process", "num_processes", "files": {path: [bytes, sha256]}}.
+MANIFEST = "vit_jax_manifest.json"
+_PART_RE = re.compile(r"vit_jax_manifest(?:\.process(\d+))?\.json")
+# The files of a step that process P writes (orbax 0.12.8, OCDBT; seen in a 2-process save):
+# `default/ocdbt.process_P/` (its array shards and their OCDBT manifest) and
+# `default/array_metadatas/process_P`. The rest -- `_CHECKPOINT_METADATA`, `commit_success.txt`,
+# `default/{_METADATA,_sharding,manifest.ocdbt,d/}` (the merged OCDBT root) -- is process 0's.
+_OWNED_RE = re.compile(r"(?:^|/)(?:ocdbt\.process_|array_metadatas/process_)(\d+)(?:/|$)")
 QUARANTINE = ".corrupt"  # a corrupt step directory is renamed `{step}.corrupt[-N]`
+_REASON_BYTES = 512  # a verifier's problem as the processes exchange it (UTF-8, cut there)
 
 
 class CorruptCheckpointError(ValueError):
@@ -322,13 +335,28 @@ class DiskFullError(OSError):
   """A checkpoint save ran out of disk space; the previous checkpoint is intact."""
 
 
-def _files(root: epath.Path, prefix: str = ""):
-  """(relative path, Path) of every file under `root`, sorted; works for any epath (gs:// too)."""
+def _part_name(process: int) -> str:
+  return MANIFEST if process == 0 else f"vit_jax_manifest.process{process}.json"
+
+
+def _process_of(rel: str) -> Optional[int]:
+  """The process whose own file or directory `rel` (relative to the step directory) is, or None
+  for the shared ones, which process 0 writes."""
+  m = _OWNED_RE.search(rel)
+  return int(m.group(1)) if m else None
+
+
+def _files(root: epath.Path, prefix: str = "", owner: Optional[int] = None):
+  """(relative path, Path) of every file under `root` but the manifest parts (and their temporary
+  files), sorted; with `owner`, only that process's files (other processes' directories are not
+  even listed). Works for any epath (gs:// too)."""
   for child in sorted(root.iterdir(), key=lambda c: c.name):
     rel = prefix + child.name
     if child.is_dir():
-      yield from _files(child, rel + "/")
-    elif rel != MANIFEST:
+      if owner is None or _process_of(rel + "/") in (None, owner):
+        yield from _files(child, rel + "/", owner)
+    elif not (prefix == "" and rel.startswith("vit_jax_manifest")) and (
+        owner is None or (_process_of(rel) or 0) == owner):
       yield rel, child
 
 
@@ -340,51 +368,96 @@ def _sha256(path: epath.Path) -> str:
   return digest.hexdigest()
 
 
-def write_manifest(step_dir: Union[str, os.PathLike]) -> None:
-  """Writes `{step_dir}/vit_jax_manifest.json`: the size and SHA-256 of every file of a finalized
-  checkpoint, atomically (a temporary file renamed). Orbax writes no checksums of its own: a
-  flipped byte in an array file restores silently (measured with orbax 0.12.8)."""
+def write_manifest(step_dir: Union[str, os.PathLike], *, process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> None:
+  """Writes this process's part of the manifest of a finalized checkpoint: the size and SHA-256
+  of the files this process wrote (`_OWNED_RE`; with one process, every file), as
+  `{step_dir}/vit_jax_manifest.json` (process 0) or `vit_jax_manifest.process{P}.json`,
+  atomically (a temporary file renamed). Every process calls it for its own files; the process
+  index and count default to JAX's. Orbax writes no checksums of its own: a flipped byte in an
+  array file restores silently (measured with orbax 0.12.8)."""
   step_dir = epath.Path(step_dir)
-  files = {rel: [f.stat().length, _sha256(f)] for rel, f in _files(step_dir)}
-  tmp = step_dir / f"{MANIFEST}.tmp-{uuid.uuid4().hex}"
-  tmp.write_text(json.dumps({"version": 1, "files": files}, indent=1))
-  tmp.replace(step_dir / MANIFEST)
+  p = jax.process_index() if process_index is None else int(process_index)
+  n = jax.process_count() if process_count is None else int(process_count)
+  files = {rel: [f.stat().length, _sha256(f)]
+           for rel, f in _files(step_dir, owner=p if n > 1 else None)}
+  name = _part_name(p)
+  tmp = step_dir / f"{name}.tmp-{uuid.uuid4().hex}"
+  tmp.write_text(json.dumps({"version": 2, "process": p, "num_processes": n, "files": files},
+                            indent=1))
+  tmp.replace(step_dir / name)
 
 
-def verify_step(step_dir: Union[str, os.PathLike]) -> Optional[str]:
+def _read_part(path: epath.Path) -> Optional[dict]:
+  """A manifest part's {path: [bytes, sha256]} and process count (None when damaged). A
+  manifest written before there were parts has no count: it is a whole manifest (count 1)."""
+  try:
+    part = json.loads(path.read_text())
+    files, count = part["files"], int(part.get("num_processes", 1))
+    if isinstance(files, dict) and all(isinstance(v, list) and len(v) == 2
+                                       for v in files.values()):
+      return {"files": files, "num_processes": count}
+  except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+    pass
+  return None
+
+
+def _structure_problem(step_dir: epath.Path) -> Optional[str]:
+  """Orbax's two metadata files are there and parse as JSON (None), or what is wrong."""
+  for rel in ("_CHECKPOINT_METADATA", "default/_METADATA"):
+    if not (step_dir / rel).exists():
+      return f"{rel} is missing (a half-written or half-copied directory)"
+    try:
+      json.loads((step_dir / rel).read_text())
+    except (ValueError, UnicodeDecodeError):
+      return f"{rel} is not valid JSON (damaged or cut short)"
+  return None
+
+
+def verify_step(step_dir: Union[str, os.PathLike], *, share: tuple = (0, 1)) -> Optional[str]:
   """None when the checkpoint in `step_dir` is intact, else what is wrong with it (a phrase).
 
-  With a manifest (`write_manifest`): every file listed is there with its size and SHA-256. Without
-  one (a checkpoint saved before manifests existed, or a process killed between orbax's final
-  rename and the manifest's): orbax's two metadata files are there and parse as JSON; orbax's
-  atomic rename vouches for the rest.
+  Every file listed in the manifest parts (`write_manifest`) is there with its size and SHA-256.
+  Where parts are missing -- none at all (a checkpoint saved before manifests existed), or only
+  some (a process killed between orbax's final rename and its part, or a part still being
+  written) -- orbax's two metadata files must also be there and parse as JSON; orbax's atomic
+  rename vouches for the files no part lists.
+
+  `share=(i, n)`: the work of verifier i of n (processes checking one step together; the step
+  is intact when every share is): the files of the parts of processes i, i + n, ... are hashed,
+  and verifier 0 also reads every part (the process count of the save, hence which parts are
+  missing) and checks orbax's metadata where one is.
   """
   step_dir = epath.Path(step_dir)
+  index, count = share
   if not step_dir.is_dir():
     return "not a directory"
-  manifest = step_dir / MANIFEST
-  if not manifest.exists():
-    for rel in ("_CHECKPOINT_METADATA", "default/_METADATA"):
-      if not (step_dir / rel).exists():
-        return f"{rel} is missing (a half-written or half-copied directory)"
-      try:
-        json.loads((step_dir / rel).read_text())
-      except (ValueError, UnicodeDecodeError):
-        return f"{rel} is not valid JSON (damaged or cut short)"
-    return None
-  try:
-    files = json.loads(manifest.read_text())["files"]
-  except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-    return f"{MANIFEST} is damaged"
-  for rel, (size, sha) in sorted(files.items()):
-    path = step_dir / rel
-    if not path.exists():
-      return f"{rel} is missing"
-    actual = path.stat().length
-    if actual != size:
-      return f"{rel} has {actual} bytes, {size} were written (cut short or appended to)"
-    if _sha256(path) != sha:
-      return f"{rel} does not match its checksum (bytes changed on disk)"
+  parts = {}
+  for child in step_dir.iterdir():
+    m = _PART_RE.fullmatch(child.name)
+    if m:
+      parts[int(m.group(1) or 0)] = child
+  expected = 1
+  for p, path in sorted(parts.items()):
+    if p % count != index and index != 0:
+      continue
+    part = _read_part(path)
+    if part is None:
+      return f"{path.name} is damaged"
+    expected = max(expected, part["num_processes"])
+    if p % count != index:
+      continue
+    for rel, (size, sha) in sorted(part["files"].items()):
+      f = step_dir / rel
+      if not f.exists():
+        return f"{rel} is missing"
+      actual = f.stat().length
+      if actual != size:
+        return f"{rel} has {actual} bytes, {size} were written (cut short or appended to)"
+      if _sha256(f) != sha:
+        return f"{rel} does not match its checksum (bytes changed on disk)"
+  if index == 0 and set(parts) != set(range(expected)):
+    return _structure_problem(step_dir)
   return None
 
 
@@ -411,15 +484,21 @@ class TrainCheckpointer:
   caller goes on, which breaks under file-system mocks such as `tfds.testing.mock_data`).
   Only the newest `max_to_keep` steps are kept (None: all).
 
-  Integrity: once a save is final (at the next save, `wait()` or `close()`), process 0 writes a
-  manifest of its files' sizes and SHA-256 (`write_manifest`) into the step's directory.
-  `latest_step()` checks the newest steps against theirs (`verify_step`): a damaged one is renamed
-  `{step}.corrupt` with a warning naming it, and the one before it is used; when none is intact,
-  CorruptCheckpointError names the directories to delete. A save that fills the disk raises
-  DiskFullError; the previous checkpoint is untouched.
+  Integrity: once a save is final (at the end of a synchronous `save()`; an asynchronous one at
+  the next save, `wait()` or `close()`), every process hashes the files it wrote and writes its
+  part of the step's manifest (`write_manifest`), on a background thread: `save()` does not wait for the hashing; `wait()`, `close()`, `restore()` and
+  `latest_step()` do (a save that would delete a step still being hashed waits for it too).
+  `latest_step()` checks the newest steps against their manifests (`verify_step`), each process
+  hashing its share of the files; the processes agree on the verdict (one damaged share makes
+  the step damaged everywhere): a damaged step is renamed `{step}.corrupt` by process 0 with a
+  warning naming it, every process waits for the rename before it lists the steps again, and the
+  one before it is used; when none is intact, CorruptCheckpointError names the directories to
+  delete. A save that fills the disk raises DiskFullError; the previous checkpoint is
+  untouched.
 
   Every process must call every method — orbax coordinates the processes and writes each array
-  shard from the process that holds it; do not guard calls by process index.
+  shard from the process that holds it, and `latest_step()` and `restore()` exchange the
+  verdicts of their checks; do not guard calls by process index.
   """
 
   def __init__(self, workdir: Union[str, os.PathLike], *, max_to_keep: Optional[int] = 3,
@@ -439,9 +518,12 @@ class TrainCheckpointer:
         create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
+    self._max_to_keep = max_to_keep
     self._tmp_dirs_removed = False  # at the first save: an evaluation never touches them
     self._verified = set()  # steps checked (or saved) by this instance
-    self._unfinished = []  # steps saved whose manifest is not written yet
+    self._unfinished = []  # steps saved that orbax has not finished yet
+    self._hashing = []  # (step, Future) of the manifest parts being written in the background
+    self._hasher = None  # the single thread writing them, started with the first
     self._saving = None  # the step of the save in flight (for the disk-full message)
     self._async = async_save
 
@@ -463,12 +545,14 @@ class TrainCheckpointer:
     """The newest intact checkpoint's step, or None when there is no checkpoint.
 
     Newer damaged ones (`verify_step`) are renamed `{step}.corrupt` by process 0 with a warning
-    naming them; CorruptCheckpointError when every checkpoint is damaged."""
+    naming them; CorruptCheckpointError when every checkpoint is damaged. With several processes
+    every process must call it: they check each step together and return the same step."""
+    self._collect(wait=True)
     bad = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      if step in self._verified or step in self._unfinished:  # saved by this instance
+    for step, vouched in self._candidates():
+      if vouched:
         break
-      reason = verify_step(self._step_dir(step))
+      reason = self._verify(step)
       if reason is None:
         self._verified.add(step)
         break
@@ -484,37 +568,90 @@ class TrainCheckpointer:
     for s, reason in bad:
       self._quarantine(s, reason, step)
     if bad:
+      if jax.process_count() > 1:  # nobody lists the steps again before process 0 renamed
+        multihost_utils.sync_global_devices("vit_jax_checkpoint_quarantine")
       self._manager.reload()
     return step
 
+  def _candidates(self):
+    """(step, whether this instance saved or verified it) of the steps kept, newest first; with
+    several processes, process 0's (broadcast one at a time, so that every process goes through
+    the same steps even where their listings differ)."""
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for i in itertools.count():
+      step = steps[i] if i < len(steps) else -1
+      vouched = step in self._verified or step in self._unfinished
+      if jax.process_count() > 1:
+        step, vouched = (int(v) for v in multihost_utils.broadcast_one_to_all(
+            np.array([step, vouched], np.int32)))
+      if step < 0:
+        return
+      yield step, bool(vouched)
+
+  def _verify(self, step: int) -> Optional[str]:
+    """`verify_step` of `step`, each process hashing its share of the files; with several
+    processes, the first problem any of them found (the same answer on every process)."""
+    index, count = jax.process_index(), jax.process_count()
+    if count == 1:
+      return verify_step(self._step_dir(step))
+    try:  # an error here must not leave the other processes waiting for this one's verdict
+      reason = verify_step(self._step_dir(step), share=(index, count))
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f"process {index} could not check it ({type(e).__name__}: {e})"
+    mine = np.zeros(_REASON_BYTES, np.uint8)
+    text = (reason or "").encode()[:_REASON_BYTES]
+    mine[:len(text)] = np.frombuffer(text, np.uint8)
+    found = [bytes(r).rstrip(b"\0").decode(errors="replace")
+             for r in np.asarray(multihost_utils.process_allgather(mine))]
+    return next((r for r in found if r), None)
+
   def _quarantine(self, step: int, reason: str, fallback: int) -> None:
-    """Renames a damaged step directory out of orbax's sight (process 0), so that the run
-    resuming from `fallback` can save `step` again."""
-    src, dst = self._step_dir(step), self.directory / f"{step}{QUARANTINE}"
-    n = 1
+    """Renames a damaged step directory out of orbax's sight (process 0; the others only warn),
+    so that the run resuming from `fallback` can save `step` again."""
+    src = self._step_dir(step)
+    if jax.process_index() != 0:
+      logging.warning("Checkpoint %s is damaged (%s): process 0 moves it aside; resuming from the "
+                      "checkpoint of step %d instead.", src, reason, fallback)
+      return
+    dst, n = self.directory / f"{step}{QUARANTINE}", 1
     while dst.exists():
       dst, n = self.directory / f"{step}{QUARANTINE}-{n}", n + 1
     logging.warning("Checkpoint %s is damaged (%s): moved to %s; resuming from the checkpoint of "
                     "step %d instead. Delete %s when you no longer need it.", src, reason, dst,
                     fallback, dst)
-    if jax.process_index() == 0:
-      src.rename(dst)
+    src.rename(dst)
 
   def all_steps(self) -> list:
     """Steps of the complete checkpoints kept, ascending."""
     return sorted(self._manager.all_steps())
 
-  def _finish(self) -> None:
-    """Waits for the save in flight, then writes the manifests of the finished saves."""
+  def _finish(self, *, hashes: bool = False) -> None:
+    """Waits for the save in flight, then starts writing the manifest parts of the finished saves
+    on the background thread (with `hashes`, waits for them as well)."""
     with self._disk_full_as_error():
       self._manager.wait_until_finished()
       done = set(self._manager.all_steps())
       for step in self._unfinished:
         if step in done:
-          if jax.process_index() == 0:
-            write_manifest(self._step_dir(step))
+          if self._hasher is None:
+            self._hasher = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="vit_jax_manifest")
+          self._hashing.append((step, self._hasher.submit(
+              write_manifest, self._step_dir(step), process_index=jax.process_index(),
+              process_count=jax.process_count())))
           self._verified.add(step)
       self._unfinished = []
+      self._saving = None
+    self._collect(wait=hashes)
+
+  def _collect(self, *, wait: bool) -> None:
+    """Raises the error of a manifest part that could not be written; with `wait`, waits for
+    those still being written."""
+    while self._hashing and (wait or self._hashing[0][1].done()):
+      step, future = self._hashing.pop(0)
+      self._saving = step
+      with self._disk_full_as_error():
+        future.result()
       self._saving = None
 
   @contextlib.contextmanager
@@ -539,8 +676,9 @@ class TrainCheckpointer:
 
     A step that is already saved is skipped (never overwritten), and so, unless `force`, is a step
     below latest_step(). With `async_save` it returns once the arrays are copied off the devices;
-    `wait()` blocks until the checkpoint is complete. DiskFullError when the disk fills up (here,
-    or for an asynchronous save at the next save, `wait()` or `close()`).
+    `wait()` blocks until the checkpoint is complete. Either way it returns before the step's
+    files are hashed for its manifest (see the class docstring). DiskFullError when the disk
+    fills up (here, or for an asynchronous save at the next save, `wait()` or `close()`).
     """
     step = int(step)
     self._finish()
@@ -551,6 +689,10 @@ class TrainCheckpointer:
       logging.info("Checkpoint of step %d already in %s; not saving it again.", step,
                    self.directory)
       return False
+    if self._max_to_keep is not None:  # orbax deletes the steps beyond the newest max_to_keep
+      kept = sorted(set(self._manager.all_steps()) | {step})[-self._max_to_keep:]
+      if any(s not in kept for s, _ in self._hashing):
+        self._collect(wait=True)
     self._saving = step
     with self._disk_full_as_error():
       saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
@@ -571,7 +713,7 @@ class TrainCheckpointer:
     shape differs from the checkpoint's, or that only one of them has, and CorruptCheckpointError
     (naming the directory to delete) when the files are damaged or orbax cannot read them.
     """
-    self._finish()
+    self._finish(hashes=True)
     if step is None:
       step = self.latest_step()
       if step is None:
@@ -580,7 +722,7 @@ class TrainCheckpointer:
       raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
                               f"available steps: {self.all_steps()}.")
     elif step not in self._verified:
-      reason = verify_step(self._step_dir(step))
+      reason = self._verify(step)
       if reason is not None:
         raise CorruptCheckpointError(
             f"Checkpoint {self._step_dir(step)} is damaged: {reason}. Delete it (rm -r "
@@ -630,19 +772,23 @@ class TrainCheckpointer:
 
   def wait(self) -> None:
     """Blocks until pending (async) saves are complete and their manifests written."""
-    self._finish()
+    self._finish(hashes=True)
 
   def close(self) -> None:
-    """Waits for pending saves and releases orbax's resources. A failed save raises here too
-    (orbax keeps raising its error); orbax's resources are released all the same."""
+    """Waits for pending saves and their manifests, and releases orbax's resources. A failed save
+    raises here too (orbax keeps raising its error); the resources are released all the same."""
     try:
-      self._finish()
+      self._finish(hashes=True)
     except Exception:
       try:
         self._manager.close()
       except Exception:  # pylint: disable=broad-except
         pass  # the same failure again: the first one is raised
       raise
+    finally:
+      if self._hasher is not None:
+        self._hasher.shutdown(wait=True)
+        self._hasher, self._hashing = None, []
     with self._disk_full_as_error():
       self._manager.close()
 
