@@ -33,11 +33,11 @@ demo: $(STAMP) data
 # each holds jax, TensorFlow and torch in memory).
 XDIST := -n auto --maxprocesses=4 --dist worksteal
 test: $(STAMP) data
-	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" --durations=15 tests
 
 # The slow tests one at a time: the kill drills time how fast a run exits.
 test-all: $(STAMP) data
-	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" --durations=15 tests
 	$(PY) -m pytest -q -m slow tests
 
 clean:

@@ -4,7 +4,7 @@ layers, one JSON line per (model, layout) and a summary line.
   python -m benchmarks.compile_time                                  # B/16, L/16, H/14
   python -m benchmarks.compile_time --models=ViT-B/16 --layouts=scan --repeats=3
 
-The step is the trainer's (`train.make_update_fn`, AdamW, clipping, donated state) at batch
+The step is the trainer's (`trainer.make_update_fn`, AdamW, clipping, donated state) at batch
 `--batch`; only shapes are needed, so even ViT-H/14 compiles in little memory. The persistent
 compilation cache is off and every compile starts from a fresh `jax.jit`, so nothing is reused.
 With `--repeats` > 1 the (model, layout) pairs take turns and each reports its median. `cpu_s` is

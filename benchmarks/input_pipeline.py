@@ -7,7 +7,7 @@ one synthetic batch, one JSON line.
 
 The default mode:
 
-Both loops are the trainer's own: `train.Runner` (jit over the mesh, state donated), and for real
+Both loops are the trainer's own: `trainer.Runner` (jit over the mesh, state donated), and for real
 data `data.train_iterator` with the next batch fetched and put on the device while the step in
 flight runs, as `train.train_and_evaluate` does. The synthetic loop feeds the same device batch
 every step. They take turns in chunks of `--steps` steps (real, synthetic, real, ...); each reports
@@ -31,19 +31,19 @@ import numpy as np
 from benchmarks import harness
 from configs import fashion_mnist
 from vit_jax import data as data_lib
-from vit_jax import train
+from vit_jax import trainer as trainer_lib
 from vit_jax.data import preprocess
 
 
 def build(config):
   """(runner, state, train iterator, first host batch), set up by the trainer's own
-  `train.build_trainer`."""
+  `trainer.build_trainer`."""
   source = data_lib.get_source(config.dataset)
   it = data_lib.train_iterator(source, split=config.train_split, pp=config.pp_train,
                                batch_size=int(config.batch_size), seed=int(config.seed),
                                mixup=float(config.get("mixup", 0.0)))
   first = next(it)
-  trainer = train.build_trainer(config, source.num_classes, first["image"].shape[1:],
+  trainer = trainer_lib.build_trainer(config, source.num_classes, first["image"].shape[1:],
                                 total_steps=10_000, warmup_steps=0)
   state = jax.jit(trainer.init_state, out_shardings=trainer.shardings)(jax.random.PRNGKey(0))
   trainer.runner.compile(trainer.shardings)

@@ -1,9 +1,9 @@
 """The JAX side of the benchmarks: the trainer's own update function on synthetic batches.
 
-The train step is `vit_jax.train.make_update_fn`, set up by `train.build_trainer` (model,
+The train step is `vit_jax.trainer.make_update_fn`, set up by `trainer.build_trainer` (model,
 `optim.make_optimizer`'s chain, state) from `configs.common.base_config()` (AdamW, global-norm
-clipping 1.0, constant schedule here), jitted with the state donated, as `train.Runner` does on one
-device. Inference is the model's `apply` with `train=False`.
+clipping 1.0, constant schedule here), jitted with the state donated, as `trainer.Runner` does on
+one device. Inference is the model's `apply` with `train=False`.
 """
 import time
 from typing import Optional
@@ -15,7 +15,7 @@ import numpy as np
 
 from benchmarks import harness
 from configs import common
-from vit_jax import train
+from vit_jax import trainer
 
 
 def make_config(name: str, batch: int, overrides: Optional[dict] = None
@@ -51,7 +51,7 @@ class JaxStep:
     self.batch = dict(image=jnp.asarray(images), label=jnp.asarray(labels),
                       row=jnp.arange(b, dtype=jnp.int32))
     # The trainer's own set-up (model, optimizer, state); the step is jitted here on one device.
-    self._trainer = train.build_trainer(config, num_classes, (image_size, image_size, channels),
+    self._trainer = trainer.build_trainer(config, num_classes, (image_size, image_size, channels),
                                         total_steps=1000, warmup_steps=0)
     self.model = self._trainer.model
     self._fn, self._abstract_args = self._build()
@@ -67,7 +67,7 @@ class JaxStep:
     if self.mode == "inference":
       fn = jax.jit(lambda p, x: t.model.apply({"params": p}, x, train=False))
       return fn, (t.abstract_state["params"], batch["image"])
-    fn = jax.jit(train.make_update_fn(t.model, t.tx, t.schedule, self.config),
+    fn = jax.jit(trainer.make_update_fn(t.model, t.tx, t.schedule, self.config),
                  donate_argnums=(0,) if self.donate else ())
     return fn, (t.abstract_state, batch)
 

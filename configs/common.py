@@ -124,8 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fewshot.l2_reg = 2.0 ** 10  # big_vision's, on features standardised per dimension
   c.fewshot.num_trials = 3  # random support sets per k, averaged (big_vision's num_seeds)
 
-  # An exponential moving average of the parameters (0: off), updated after every step,
-  # evaluated beside the raw weights (metrics prefixed `ema_`) and exported as params_ema.npz.
+  # An exponential moving average of the parameters and of the BatchNorm statistics (0: off),
+  # updated after every step, evaluated beside the raw weights (metrics prefixed `ema_`) and
+  # exported as params_ema.npz (and batch_stats_ema.npz).
   c.ema_decay = 0.0
   # Distillation (DeiT): a frozen teacher sees the same augmented batch; `teacher` is a workdir
   # of ours or any vit_jax.pretrained source ("" disables it), `model` names an .npz teacher's

@@ -1,7 +1,7 @@
 """What a sweep will cost on this machine, measured before it runs.
 
 For every distinct model set-up among the points (model, batch size, preprocessing, dtype, parallel
-mode), a short timed run of the trainer's own step (`train.build_trainer`, real first batch,
+mode), a short timed run of the trainer's own step (`trainer.build_trainer`, real first batch,
 `steps` steps after the compiling one) gives seconds per training step, and a timed evaluation
 step gives seconds per evaluated example. A point's cost is then
 
@@ -40,17 +40,17 @@ def measure(config, steps: int = 3) -> Dict[str, float]:
   """Times `steps` training steps (after one compiling step) and one evaluation batch (after a
   compiling one) of `config`'s set-up with the trainer's own functions."""
   from vit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import workdirs  # pylint: disable=g-import-not-at-top
   source = data_lib.get_source(config.dataset)
   batch_size = int(config.batch_size)
   it = data_lib.train_iterator(source, split=config.train_split, pp=config.pp_train,
                                batch_size=batch_size, seed=int(config.seed))
   first = next(it)
   t0 = time.perf_counter()
-  trainer = train.build_trainer(config, source.num_classes, first["image"].shape[1:],
-                                total_steps=1000, warmup_steps=10,
-                                teacher=train.load_teacher(config, source.num_classes,
-                                                           first["image"].shape[1:]))
+  trainer = trainer_lib.build_trainer(
+      config, source.num_classes, first["image"].shape[1:], total_steps=1000, warmup_steps=10,
+      teacher=workdirs.teacher(config, source.num_classes, first["image"].shape[1:]))
   runner = trainer.runner
   state = jax.jit(trainer.init_state, out_shardings=trainer.shardings)(jax.random.PRNGKey(0))
   runner.compile(trainer.shardings)

@@ -11,9 +11,11 @@ import pytest
 from configs import common
 from configs import fashion_mnist
 from vit_jax import config_checks
+from vit_jax import errors
 from vit_jax import main
 from vit_jax import models
 from vit_jax import train
+from vit_jax import trainer
 
 
 def parse(*args):
@@ -81,7 +83,7 @@ def test_every_field_of_the_model_is_reachable_from_the_command_line(arg):
     args.append(f"--config.model.{f}={_literal(value)}")
   c = parse(f"--config=configs/fashion_mnist.py:{arg}", *args)
   assert set(c.model.keys()) == fields
-  model = train.build_model(c, 10)
+  model = trainer.build_model(c, 10)
   for f in fields:
     want = getattr(named, f)
     got = getattr(model, f)
@@ -113,7 +115,7 @@ def test_validate_names_the_key_before_anything_runs(change, message):
       c[node][path[0]] = v
     else:
       c[k] = v
-  with pytest.raises(config_checks.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     config_checks.validate(c, device_count=8, process_count=1,
                            model_fields=models.fields(c.model_name))
 
@@ -157,7 +159,7 @@ def test_keys_added_since_a_run_started_are_ignored_while_switched_off():
 ])
 def test_model_shapes_names_the_field(name, fields, shape, match):
   model = models.get_model(name, num_classes=10, **fields)
-  with pytest.raises(config_checks.ConfigError, match=match):
+  with pytest.raises(errors.ConfigError, match=match):
     config_checks.model_shapes(model, shape)
 
 
@@ -185,7 +187,7 @@ def test_a_model_field_of_the_wrong_type_is_named(field, value, match):
     return c
   check = lambda c: config_checks.validate(c, device_count=1, process_count=1,
                                            model_fields=models.fields(c.model_name))
-  with pytest.raises(config_checks.ConfigError, match=match):
+  with pytest.raises(errors.ConfigError, match=match):
     check(config(**{field: value}))
   check(config(patch_size=(7, 7), hidden_size=16, scan=True, classifier="gap",
                dropout_rate=0))  # the right types (an int for a float field is fine)
@@ -194,7 +196,7 @@ def test_a_model_field_of_the_wrong_type_is_named(field, value, match):
 def test_keep_checkpoints_below_one_is_named():
   c = common.base_config()
   c.total_steps, c.keep_checkpoints = 1, 0
-  with pytest.raises(config_checks.ConfigError, match=r"keep_checkpoints=0: must be an int >= 1"):
+  with pytest.raises(errors.ConfigError, match=r"keep_checkpoints=0: must be an int >= 1"):
     config_checks.validate(c, device_count=1, process_count=1)
 
 

@@ -4,6 +4,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -114,3 +115,65 @@ def test_the_readme_commands_run_as_written(tmp_path):
                env=ONE_DEVICE)
   assert p.returncode == 0 and "already complete at step 5" in p.stdout
   assert open(tmp_path / "fmnist_vit" / "metrics.jsonl").read() == before
+
+
+# ------------------------------------------------------ a bug is not a user error (issue 34.13).
+CONFIG = os.path.relpath(os.path.abspath(__file__), ROOT)
+
+
+def get_config(arg: str = "bug"):
+  """This module is also a config file: test_multihost's tiny run with an injected bug of ours,
+  a ValueError that is no user error (`bug`: in train_and_evaluate; `bug_on_1`: on process 1
+  only, when it takes its 3rd training batch, the other process then waiting in the step)."""
+  from tests import test_multihost  # pylint: disable=g-import-not-at-top
+  from vit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def bug(*a, **kw):
+    raise ValueError("an internal bug")
+  if arg == "bug":
+    train.train_and_evaluate = bug
+  elif arg == "bug_on_1":
+    original = data_lib.train_iterator
+
+    def train_iterator(*a, **kw):
+      for i, batch in enumerate(original(*a, **kw)):
+        if i == 2 and jax.process_index() == 1:
+          bug()
+        yield batch
+    data_lib.train_iterator = train_iterator
+  config = test_multihost.get_config("dp,jit")
+  config.total_steps = 1000
+  config.checkpoint_every_steps = 1000
+  return config
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+  """main.py used to turn every ValueError into a one-line user error, internal bugs included."""
+  p = run_main(f"--config={CONFIG}:bug", f"--workdir={tmp_path}", env=ONE_DEVICE)
+  assert p.returncode == 1
+  assert "Traceback" in p.stderr and "ValueError: an internal bug" in p.stderr
+  assert "error: an internal bug" not in p.stderr
+
+
+def test_a_bug_on_one_process_stops_both_at_once(tmp_path):
+  """Process 1 fails with a bug while process 0 waits for it in a training step: both exit
+  within 60 s (they used to hang in jax.distributed's shutdown barrier until its 300-s
+  timeout), process 1 with the traceback."""
+  from tests import test_multihost  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  procs = test_multihost.start_processes("bug_on_1", workdir, config=CONFIG)
+  deadline, exited = time.monotonic() + 240, {}
+  while len(exited) < 2 and time.monotonic() < deadline:
+    exited.update({i: time.monotonic() for i, p in enumerate(procs)
+                   if i not in exited and p.poll() is not None})
+    time.sleep(0.2)
+  for p in procs:
+    p.kill()
+    p.wait()
+  logs = [open(p.log_path).read() for p in procs]
+  assert "ValueError: an internal bug" in logs[1] and "Traceback" in logs[1], logs[1][-3000:]
+  assert sorted(exited) == [0, 1], f"still running: {logs[0][-2000:]}\n{logs[1][-2000:]}"
+  assert procs[1].returncode == 1 and procs[0].returncode != 0
+  assert abs(exited[0] - exited[1]) < 60

@@ -261,8 +261,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(arg, workdir, *flags, num_processes=2):
-  """`python -m vit_jax.main --distributed` as processes 0..n-1 of one run on localhost."""
+def start_processes(arg, workdir, *flags, num_processes=2, config=CONFIG):
+  """`python -m vit_jax.main --distributed` as processes 0..n-1 of one run on localhost, with
+  `config` (default: this module) as the config file."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
@@ -271,7 +272,7 @@ def start_processes(arg, workdir, *flags, num_processes=2):
   for i in range(num_processes):
     log = open(f"{workdir}.process{i}.log", "w")
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "vit_jax.main", "--distributed", f"--config={CONFIG}:{arg}",
+        [sys.executable, "-m", "vit_jax.main", "--distributed", f"--config={config}:{arg}",
          f"--workdir={workdir}", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
          f"--config.distributed.num_processes={num_processes}",
          f"--config.distributed.process_id={i}", *flags],

@@ -9,11 +9,13 @@ import pytest
 
 from configs import detr_fashion_mnist
 from vit_jax import config_checks
+from vit_jax import errors
 from vit_jax import models
 from vit_jax import train
 from vit_jax.data import canvases
 from vit_jax.detection import mean_ap
 from vit_jax.evaluators import detection
+from vit_jax import workdirs
 
 # The smallest DETR-Mu that still has every part: one stage of the BiT stem, one encoder layer,
 # two decoder layers (so one auxiliary output), 6 queries (the canvases' most objects).
@@ -73,7 +75,7 @@ def test_tiny_detr_trains_and_reports_map(tmp_path, monkeypatch):
       assert result[prefix + key] == out[key], (prefix + key, result[prefix + key])
   assert "accuracy" not in result and "test_accuracy" not in result
   assert result["metrics"]["final_test_map50"] == result["test_map50"]
-  done = json.load(open(os.path.join(tmp_path, train.COMPLETE)))
+  done = json.load(open(os.path.join(tmp_path, workdirs.COMPLETE)))
   assert done["step"] == 3 and done["test_map"] == result["test_map"]
   # The README's picture from this workdir: every query drawn (threshold 0), 4 test canvases.
   from experiments import detr_picture  # pylint: disable=g-import-not-at-top
@@ -118,7 +120,7 @@ def test_what_detr_cannot_take_is_rejected_in_one_line(key, value, message):
   for p in path:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(config_checks.ConfigError, match=message) as e:
+  with pytest.raises(errors.ConfigError, match=message) as e:
     _validate(c)
   assert "\n" not in str(e.value)
 
@@ -126,12 +128,12 @@ def test_what_detr_cannot_take_is_rejected_in_one_line(key, value, message):
 def test_canvases_need_the_detr_loss():
   c = detr_fashion_mnist.get_config()
   c.loss = "classification"
-  with pytest.raises(config_checks.ConfigError, match="is a detection data set"):
+  with pytest.raises(errors.ConfigError, match="is a detection data set"):
     _validate(c)
 
 
 def test_fewer_queries_than_objects_is_named_before_compiling(tmp_path):
   c = _tiny_config()
   c.model.num_queries = 4
-  with pytest.raises(config_checks.ConfigError, match=r"model\.num_queries=4: .* up to 6 objects"):
+  with pytest.raises(errors.ConfigError, match=r"model\.num_queries=4: .* up to 6 objects"):
     train.train_and_evaluate(c, str(tmp_path))

@@ -742,11 +742,16 @@ class TrainCheckpointer:
           f"its files are damaged, delete it (rm -r {self._step_dir(step)}) and run again: the "
           "run resumes from the checkpoint before it.") from e
 
+  def stored_tree(self, step: int) -> Optional[PyTree]:
+    """The tree a step's checkpoint holds, its leaves orbax's array metadata (`.shape`,
+    `.dtype`), read without restoring anything; None when orbax cannot read it."""
+    stored = self._manager.metadata(step).item_metadata
+    return getattr(stored, "tree", stored)
+
   def _check_shapes(self, abstract_state: PyTree, step: int) -> None:
     """Compares the checkpoint's stored shapes with `abstract_state`'s, naming each mismatch
     (orbax's own error names neither the key nor the tree position)."""
-    stored = self._manager.metadata(step).item_metadata
-    stored = getattr(stored, "tree", stored)
+    stored = self.stored_tree(step)
     if stored is None:
       return  # metadata unreadable: leave the checking to orbax
     have = {_path_name(p): tuple(m.shape) for p, m in

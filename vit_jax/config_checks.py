@@ -10,13 +10,15 @@
   `resume_changes` the keys of a resumed run whose change would alter its data order, schedule or
                   model (compared with the config.json its workdir was started with).
 
-Every error is a `ConfigError` (a ValueError) whose message names the key and says what to do.
+Every error is a `errors.ConfigError` (a ValueError) whose message names the key and says what to do.
 """
 import difflib
 import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import ml_collections
+
+from vit_jax import errors
 
 DURATIONS = ("total", "lr.warmup", "log_every", "eval_every", "checkpoint_every")
 UNITS = ("steps", "epochs", "examples")
@@ -44,10 +46,6 @@ DETR_KEYS = ("eos_coef", "class_weight", "bbox_weight", "giou_weight", "aux")
 # valid: those that do not move pixels (the boxes are not transformed with the image).
 DETECTION_DATASETS = ("fashion_mnist_canvases",)
 DETECTION_PP_OPS = ("decode", "value_range")
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key."""
 
 
 def flatten(cfg, prefix: str = "") -> Dict[str, Any]:
@@ -95,17 +93,17 @@ def command_line(config: ml_collections.ConfigDict, overrides: Iterable[str], *,
       names = list(config.model.keys()) if key == "model" else [key.split(".")[1]]
       for name in names:
         if model_fields is not None and name not in fields:
-          raise ConfigError(
+          raise errors.ConfigError(
               f"--config.{key}: {config.model_name} has no field {name!r}."
               f"{_did_you_mean(name, fields)} Its fields: {', '.join(sorted(fields))}.")
       continue
     if key not in schema and not any(k.startswith(key + ".") for k in schema):
-      raise ConfigError(f"--config.{key}: unknown config key.{_did_you_mean(key, schema)} "
+      raise errors.ConfigError(f"--config.{key}: unknown config key.{_did_you_mean(key, schema)} "
                         "The keys are listed in configs/common.py.")
   for group in DURATIONS:
     given = [u for u in UNITS if f"{group}_{u}" in overrides]
     if len(given) > 1:
-      raise ConfigError(f"--config.{group}_{given[0]} and --config.{group}_{given[1]} both set "
+      raise errors.ConfigError(f"--config.{group}_{given[0]} and --config.{group}_{given[1]} both set "
                         f"one duration: give only one of them.")
     if given:
       node, leaf = _node(config, f"{group}_{given[0]}")
@@ -125,12 +123,12 @@ def _node(config, key: str):
 # ------------------------------------------------------------------------------------ validate.
 def validate(config, *, device_count: int, process_count: int, model_fields=None) -> None:
   """Everything about `config` that can be wrong before data, models or compilation: raises a
-  ConfigError naming the key. `model_fields` (names the chosen model takes) checks `model.*`."""
+  errors.ConfigError naming the key. `model_fields` (names the chosen model takes) checks `model.*`."""
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top  (jax only when validating)
 
   def need(ok: bool, msg: str):
     if not ok:
-      raise ConfigError(msg)
+      raise errors.ConfigError(msg)
 
   for group in DURATIONS:
     set_units = []
@@ -153,7 +151,7 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
   try:
     data, fsdp, _ = parallel.mesh_shape(config.mesh, device_count)
   except ValueError as e:
-    raise ConfigError(f"mesh: {e}") from None
+    raise errors.ConfigError(f"mesh: {e}") from None
   shards = data * fsdp if config.parallel == "jit" else device_count
   what = "mesh.data x mesh.fsdp" if config.parallel == "jit" else "the device count"
   for key in ("batch_size", "eval_batch_size"):
@@ -199,7 +197,7 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
     try:
       preprocess.parse(config[key])
     except ValueError as e:
-      raise ConfigError(f"{key}: {e}") from None
+      raise errors.ConfigError(f"{key}: {e}") from None
   split_keys = ["train_split", "eval_split", "test_split"]
   if config.fewshot.shots:
     split_keys += ["fewshot.train_split", "fewshot.test_split"]
@@ -209,7 +207,7 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
       try:
         splits.parse(node[leaf])
       except ValueError as e:
-        raise ConfigError(f"{key}: {e}") from None
+        raise errors.ConfigError(f"{key}: {e}") from None
 
   _check_loss(config, need)
 
@@ -317,7 +315,7 @@ def _check_model_types(config) -> None:
     if key in ("dtype", "param_dtype") or kind is None:
       continue
     if not _fits(value, kind):
-      raise ConfigError(f"model.{key}={value!r}: {config.model_name}'s {key} is {kind} "
+      raise errors.ConfigError(f"model.{key}={value!r}: {config.model_name}'s {key} is {kind} "
                         f"(its value is {getattr(model, key)!r}).")
 
 
@@ -327,33 +325,33 @@ def model_shapes(model, image_shape) -> None:
   would silently drop the remainder), heads divide the width (ViT's hidden_size, each Swin stage's
   embed_dim * 2**stage), and a Swin window is no larger than the first stage's feature map (the
   published clamp to the map size is meant for the last stages; a window larger than the first map
-  makes every stage one global window). Raises ConfigError naming `model.KEY`."""
+  makes every stage one global window). Raises errors.ConfigError naming `model.KEY`."""
   h, w = int(image_shape[0]), int(image_shape[1])
   patch = getattr(model, "patch_size", None)
   if isinstance(patch, int):
     patch = (patch, patch)
   resnet = getattr(model, "resnet", None)
   if patch is not None and not resnet and (h % patch[0] or w % patch[1]):
-    raise ConfigError(
+    raise errors.ConfigError(
         f"model.patch_size={tuple(patch)} does not divide the {h}x{w} images: the last "
         f"{h % patch[0]} rows / {w % patch[1]} columns would be dropped. Use a patch size that "
         "divides the image size, or resize / crop to a multiple of it in pp_train and pp_eval.")
   heads = getattr(model, "num_heads", None)
   width = getattr(model, "hidden_size", None)
   if isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads:
-    raise ConfigError(f"model.num_heads={heads} does not divide model.hidden_size={width}: each "
+    raise errors.ConfigError(f"model.num_heads={heads} does not divide model.hidden_size={width}: each "
                       "head takes hidden_size / num_heads features.")
   embed = getattr(model, "embed_dim", None)
   if isinstance(embed, int) and isinstance(heads, (tuple, list)):
     for i, n in enumerate(heads):
       if n <= 0 or (embed * 2 ** i) % n:
-        raise ConfigError(f"model.num_heads={tuple(heads)}: stage {i} has {n} heads for "
+        raise errors.ConfigError(f"model.num_heads={tuple(heads)}: stage {i} has {n} heads for "
                           f"{embed * 2 ** i} features (embed_dim * 2**{i}); it must divide them.")
   window = getattr(model, "window_size", None)
   if isinstance(window, int) and patch is not None:
     grid = (h // patch[0], w // patch[1])
     if window > min(grid):
-      raise ConfigError(
+      raise errors.ConfigError(
           f"model.window_size={window} is larger than the first stage's {grid[0]}x{grid[1]} "
           f"feature map ({h}x{w} images, patch {patch[0]}): use a window of at most "
           f"{min(grid)}, or larger images.")
@@ -365,7 +363,7 @@ def detection_queries(model, max_objects: int) -> None:
   would come from inside the compiled step, where it aborts the process)."""
   queries = getattr(model, "num_queries", None)
   if isinstance(queries, int) and queries < max_objects:
-    raise ConfigError(f"model.num_queries={queries}: the data set has images with up to "
+    raise errors.ConfigError(f"model.num_queries={queries}: the data set has images with up to "
                       f"{max_objects} objects and each needs its own query; use at least "
                       f"{max_objects}.")
 

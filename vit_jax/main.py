@@ -17,11 +17,14 @@ import os
 import sys
 import textwrap
 import time
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from vit_jax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,12 +127,16 @@ def main(argv):
                                         progress_every_secs=_PROGRESS_SECS.value)
     else:
       result = train.evaluate_checkpoint(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    # User errors (config, data, checkpoints): the message alone, unless --verbose.
+  except errors.UserError as e:
+    # What the user can fix (config, data, files, checkpoints): the message alone.
     if _VERBOSE.value:
       raise
     print(f"error: {e}\n(--verbose shows the traceback)", file=sys.stderr)
-    sys.exit(2)
+    _exit(2, str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    # A bug of ours (or of a library): its traceback, always.
+    traceback.print_exc()
+    _exit(1, f"{type(e).__name__}: {e}")
   if jax.process_index() != 0:
     return
   if result.get("already_complete"):
@@ -160,6 +167,22 @@ def main(argv):
           f"{result['test_accuracy']:.4f} on {result['test_num_examples']} images", flush=True)
   elif "stopped_at_step" in result:
     print(f"stopped at step {result['stopped_at_step']}; rerun to resume", flush=True)
+
+
+def _exit(status: int, message: str) -> None:
+  """Exits with `status` after an error (`message`). With several processes: first tells the
+  others (parallel.report_failure: they exit at once with an `error:` line naming this process,
+  instead of waiting in their next collective for the coordination service's 100-s heartbeat
+  timeout), then exits at once (os._exit): a normal exit would run jax.distributed's shutdown, a
+  barrier that waits for every process."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+    from vit_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.report_failure(message.splitlines()[0][:500] if message else "an error")
+    logging.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
 
 
 def parse_flags(argv):

@@ -26,6 +26,8 @@ from typing import Callable
 import jax
 import optax
 
+from vit_jax import errors
+
 KERNELS_ONLY = r".*/kernel"
 
 
@@ -49,8 +51,8 @@ def regex_mask(regex: str, params, *, what: str):
   names = param_names(params)
   flags = [bool(pattern.fullmatch(n)) for n in names]
   if not any(flags):
-    raise ValueError(f"{what} regex {regex!r} matches no parameter; names look like "
-                     f"{names[:3]} ... {names[-2:]} (matched with re.fullmatch).")
+    raise errors.ConfigError(f"{what} regex {regex!r} matches no parameter; names look like "
+                             f"{names[:3]} ... {names[-2:]} (matched with re.fullmatch).")
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
 
 
@@ -65,7 +67,7 @@ def make_schedule(lr_cfg, *, total_steps: int, warmup_steps: int) -> optax.Sched
   elif lr_cfg.decay == "constant":
     decay = optax.constant_schedule(base)
   else:
-    raise ValueError(f"Unknown lr.decay {lr_cfg.decay!r}: use cosine, linear or constant.")
+    raise errors.ConfigError(f"Unknown lr.decay {lr_cfg.decay!r}: use cosine, linear or constant.")
   if not warmup_steps:
     return decay
   warmup = optax.linear_schedule(0.0, base, warmup_steps)
@@ -79,12 +81,13 @@ def _base_optimizer(cfg) -> optax.GradientTransformation:
     m = (0.9 if name == "momentum" else 0.0) if m is None else float(m)
     return optax.trace(decay=m, nesterov=False) if m else optax.identity()
   if name == "adam" and cfg.get("wd"):
-    raise ValueError(f"optax.name='adam' has no weight decay (as optax.adam), but wd={cfg.wd}: "
-                     "use optax.name='adamw' for Adam with decoupled weight decay, or wd=0.")
+    raise errors.ConfigError(
+        f"optax.name='adam' has no weight decay (as optax.adam), but wd={cfg.wd}: "
+        "use optax.name='adamw' for Adam with decoupled weight decay, or wd=0.")
   if name in ("adam", "adamw"):
     return optax.scale_by_adam(b1=cfg.optax.get("b1", 0.9), b2=cfg.optax.get("b2", 0.999),
                                eps=cfg.optax.get("eps", 1e-8))
-  raise ValueError(f"Unknown optax.name {name!r}: use sgd, momentum, adam or adamw.")
+  raise errors.ConfigError(f"Unknown optax.name {name!r}: use sgd, momentum, adam or adamw.")
 
 
 def make_optimizer(cfg, params, *, total_steps: int, warmup_steps: int):
@@ -119,10 +122,10 @@ def durations(cfg, prefix: str, *, steps_per_epoch: float, batch_size: int,
   given = {u: get(f"{prefix}_{u}") for u in ("steps", "epochs", "examples")}
   given = {u: v for u, v in given.items() if v is not None}
   if len(given) > 1:
-    raise ValueError(f"Set only one of {', '.join(f'{prefix}_{u}' for u in given)}.")
+    raise errors.ConfigError(f"Set only one of {', '.join(f'{prefix}_{u}' for u in given)}.")
   if not given:
     if required:
-      raise ValueError(f"Set one of {prefix}_steps, {prefix}_epochs or {prefix}_examples.")
+      raise errors.ConfigError(f"Set one of {prefix}_steps, {prefix}_epochs or {prefix}_examples.")
     return default
   (unit, value), = given.items()
   if unit == "steps":

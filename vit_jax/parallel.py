@@ -13,7 +13,11 @@ Several processes (hosts) are JAX's own multi-controller runtime: `initialize_di
 `jax.distributed.initialize`, each process feeds its own rows of the global batch
 (`global_batch`), and jit / pmap span all processes' devices.
 """
+import atexit
+import os
 import re
+import sys
+import threading
 from typing import Any, Dict, Optional, Sequence
 
 from absl import logging
@@ -22,6 +26,8 @@ from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vit_jax import errors
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -34,26 +40,29 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple:
   cfg = dict(mesh_cfg.items()) if mesh_cfg else {}
   unknown = sorted(set(cfg) - set(AXES))
   if unknown:
-    raise ValueError(f"Unknown mesh axis {unknown}: the mesh axes are {', '.join(AXES)}.")
+    raise errors.ConfigError(f"Unknown mesh axis {unknown}: the mesh axes are {', '.join(AXES)}.")
   defaults = dict(data=-1, fsdp=1, model=1)
   sizes = {a: defaults[a] if cfg.get(a) is None else int(cfg[a]) for a in AXES}
   bad = {a: s for a, s in sizes.items() if s < 1 and s != -1}
   if bad:
-    raise ValueError(f"mesh sizes must be >= 1 or -1 (all that is left), got {bad}.")
+    raise errors.ConfigError(f"mesh sizes must be >= 1 or -1 (all that is left), got {bad}.")
   free = [a for a in AXES if sizes[a] == -1]
   if len(free) > 1:
-    raise ValueError(f"At most one mesh axis may be -1, got {', '.join(free)}; give the others "
-                     "explicit sizes.")
+    raise errors.ConfigError(
+        f"At most one mesh axis may be -1, got {', '.join(free)}; give the others "
+        "explicit sizes.")
   fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh {sizes}: {num_devices} devices are not divisible by the fixed axes' "
-                       f"product {fixed}.")
+      raise errors.ConfigError(
+          f"mesh {sizes}: {num_devices} devices are not divisible by the fixed axes' "
+          f"product {fixed}.")
     sizes[free[0]] = num_devices // fixed
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x model={sizes['model']} "
-                     f"does not use the {num_devices} devices; set one axis to -1 to take the "
-                     "rest.")
+    raise errors.ConfigError(
+        f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x model={sizes['model']} "
+        f"does not use the {num_devices} devices; set one axis to -1 to take the "
+        "rest.")
   return tuple(sizes[a] for a in AXES)
 
 
@@ -88,9 +97,10 @@ def make_mesh(mesh_cfg=None, devices: Optional[Sequence[Any]] = None) -> Mesh:
     grid = np.asarray(devices, dtype=object).reshape(shape)
   groups = grid.reshape(-1, shape[-1])
   if any(len({d.process_index for d in g}) > 1 for g in groups):
-    raise ValueError(f"mesh.model={shape[-1]} spans processes (each has "
-                     f"{len(grid.flat) // len({d.process_index for d in grid.flat})} devices); "
-                     "a model-parallel group must lie within one process: lower mesh.model.")
+    raise errors.ConfigError(
+        f"mesh.model={shape[-1]} spans processes (each has "
+        f"{len(grid.flat) // len({d.process_index for d in grid.flat})} devices); "
+        "a model-parallel group must lie within one process: lower mesh.model.")
   return Mesh(grid, AXES)
 
 
@@ -138,24 +148,26 @@ def _check_rule(regex: str, kind, mesh: Mesh):
       names = entry if isinstance(entry, (tuple, list)) else (entry,)
       unknown = [n for n in names if n is not None and n not in mesh.axis_names]
       if unknown:
-        raise ValueError(f"Sharding rule {regex!r}: {unknown} are not mesh axes "
-                         f"({', '.join(mesh.axis_names)}).")
+        raise errors.ConfigError(f"Sharding rule {regex!r}: {unknown} are not mesh axes "
+                                 f"({', '.join(mesh.axis_names)}).")
     return P(*(tuple(e) if isinstance(e, list) else e for e in kind))
-  raise ValueError(f"Sharding rule {regex!r} has kind {kind!r}: use 'replicate', a mesh axis "
-                   f"({', '.join(mesh.axis_names)}), or a PartitionSpec-like tuple such as "
-                   "(None, 'model').")
+  raise errors.ConfigError(
+      f"Sharding rule {regex!r} has kind {kind!r}: use 'replicate', a mesh axis "
+      f"({', '.join(mesh.axis_names)}), or a PartitionSpec-like tuple such as "
+      "(None, 'model').")
 
 
 def _check_spec(name: str, shape, spec: P, mesh: Mesh) -> P:
   if len(spec) != len(shape):
-    raise ValueError(f"Sharding rule spec {spec} has {len(spec)} entries but {name} has shape "
-                     f"{tuple(shape)}.")
+    raise errors.ConfigError(
+        f"Sharding rule spec {spec} has {len(spec)} entries but {name} has shape "
+        f"{tuple(shape)}.")
   for dim, entry in zip(shape, spec):
     size = int(np.prod([mesh.shape[a] for a in (entry if isinstance(entry, tuple) else (entry,))
                         if a is not None]))
     if dim % size:
-      raise ValueError(f"Sharding rule spec {spec} splits a dimension of {dim} of {name} "
-                       f"{tuple(shape)} into {size} parts, which does not divide it.")
+      raise errors.ConfigError(f"Sharding rule spec {spec} splits a dimension of {dim} of {name} "
+                               f"{tuple(shape)} into {size} parts, which does not divide it.")
   return spec
 
 
@@ -213,9 +225,10 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   for k, v in local_batch.items():
     v = np.asarray(v)
     if v.shape[0] % local_shards:
-      raise ValueError(f"This process's batch has {v.shape[0]} rows ({k!r}), not divisible by "
-                       f"its {local_shards} batch shards (mesh data x fsdp over its devices); "
-                       "make batch_size a multiple of data x fsdp.")
+      raise errors.ConfigError(
+          f"This process's batch has {v.shape[0]} rows ({k!r}), not divisible by "
+          f"its {local_shards} batch shards (mesh data x fsdp over its devices); "
+          "make batch_size a multiple of data x fsdp.")
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
 
@@ -244,8 +257,8 @@ def pmap_shard(local_batch: dict) -> dict:
   n = jax.local_device_count()
   def split(x):
     if x.shape[0] % n:
-      raise ValueError(f"per-process batch {x.shape[0]} is not divisible by the "
-                       f"{n} local devices")
+      raise errors.ConfigError(f"per-process batch {x.shape[0]} is not divisible by the "
+                               f"{n} local devices")
     return x.reshape((n, x.shape[0] // n) + x.shape[1:])
   return {k: split(np.asarray(v)) for k, v in local_batch.items()}
 
@@ -296,10 +309,55 @@ def initialize_distributed(cfg=None) -> None:
   try:
     jax.distributed.initialize(**kwargs)
   except ValueError as e:
-    raise ValueError(
+    raise errors.ConfigError(
         f"jax.distributed.initialize failed: {e}. Outside SLURM, Open MPI and Cloud TPU set "
         "config.distributed.coordinator_address ('host:port' of process 0), num_processes and "
         "process_id (--config.distributed.KEY=VALUE).") from e
+  _watch_for_failures()
+
+
+_FAILED_KEY = "vit_jax/failed"  # in the coordination service's key-value store
+
+
+def report_failure(message: str) -> None:
+  """Tells the other processes that this one stops on an error (`message`, one line): their
+  watchers (started by initialize_distributed) exit them at once. Without it they would wait in
+  their next collective until the coordination service's heartbeat timeout (100 s by default)
+  notices that this process is gone."""
+  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+  if client is None:
+    return
+  try:
+    client.key_value_set(_FAILED_KEY, f"process {jax.process_index()}: {message}")
+  except Exception:  # pylint: disable=broad-except
+    pass  # another process reported first, or the service is gone: the others know
+
+
+def _watch_for_failures() -> None:
+  """A daemon thread that exits this process (status 1, one `error:` line naming the failed
+  process) when another reports a failure (report_failure)."""
+  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+  me = f"process {jax.process_index()}:"
+
+  stop = threading.Event()
+
+  def watch():
+    while not stop.is_set():
+      try:  # short waits: a thread left inside the client's call at exit aborts the process
+        message = client.blocking_key_value_get(_FAILED_KEY, 1000)
+      except Exception:  # pylint: disable=broad-except
+        continue  # a timeout, or the service is shutting down with the run
+      if not message.startswith(me):
+        print(f"error: stopping: {message}", file=sys.stderr, flush=True)
+        os._exit(1)  # pylint: disable=protected-access
+      return
+  thread = threading.Thread(target=watch, name="vit_jax-failure-watcher", daemon=True)
+  thread.start()
+
+  def join():  # registered after jax.distributed's shutdown, so it runs before it
+    stop.set()
+    thread.join(timeout=5.0)
+  atexit.register(join)
   logging.info("Process %d of %d: %d local and %d global devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 

@@ -3,7 +3,7 @@ r"""Compiles a config's train step for a TPU pod slice from this machine, and re
   python -m vit_jax.plan --config=configs/imagenet_scratch.py:imagenet1k,ViT-B/16 \
       --topology=v5e:4x4 [--config.KEY=VALUE ...] [--json=plan.json]
 
-The step is the one training runs: `train.build_trainer` makes the model, optimizer, train state
+The step is the one training runs: `trainer.build_trainer` makes the model, optimizer, train state
 and its shardings, and the Runner's jitted update, over a mesh of the topology's devices
 (`parallel.make_mesh` takes them like any others). The real TPU compiler (libtpu, `pip install
 -e .[plan]`) compiles it for the slice without a TPU attached (`jax.experimental.topologies`),
@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
+
+from vit_jax import errors
 
 GiB = 2 ** 30
 
@@ -82,7 +84,7 @@ CHIPS = {
 _MEGACORE = ("v4", "v5p")
 
 
-class PlanError(ValueError):
+class PlanError(errors.UserError, ValueError):
   """The config cannot be planned for this topology (a user error: exit status 2)."""
 
 
@@ -528,6 +530,7 @@ def plan(config, topology: str = "local", *, image_shape=None, num_classes=None,
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vit_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from vit_jax import train  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from vit_jax.data import sources  # pylint: disable=g-import-not-at-top
@@ -554,7 +557,7 @@ def plan(config, topology: str = "local", *, image_shape=None, num_classes=None,
   # The trainer's own reading of the durations (only the optimizer's schedule depends on them).
   total, warmup = train._resolve_durations(  # pylint: disable=protected-access
       config, steps_per_epoch)[:2]
-  trainer = train.build_trainer(config, num_classes, image_shape, total_steps=total,
+  trainer = trainer_lib.build_trainer(config, num_classes, image_shape, total_steps=total,
                                 warmup_steps=min(warmup, total), devices=devices)
   runner, shardings = trainer.runner, trainer.shardings
   mesh = runner.mesh
@@ -596,7 +599,7 @@ def plan(config, topology: str = "local", *, image_shape=None, num_classes=None,
 
   eval_plan, eval_batch = None, int(config.eval_batch_size)
   if compile_eval:
-    variables = {k: state[k] for k in ("params",) + train.MODEL_STATE if k in state}
+    variables = {k: state[k] for k in ("params",) + trainer_lib.MODEL_STATE if k in state}
     eval_rows = dict(image=sds((eval_batch,) + image_shape, jnp.float32),
                      label=sds((eval_batch, num_classes), jnp.float32),
                      mask=sds((eval_batch,), jnp.float32))
@@ -722,7 +725,7 @@ def main(argv):
   except DoesNotFit as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  except (ValueError, FileNotFoundError) as e:
+  except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(report(p), flush=True)

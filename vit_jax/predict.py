@@ -26,7 +26,6 @@ when that collection is mutable.
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import errors
 from vit_jax import pretrained
 from vit_jax.models import resnet
 from vit_jax.models import swin
@@ -58,22 +58,10 @@ def _normalise(mean, std, channels):
   return lambda x: ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
 
-def is_workdir(path: str) -> bool:
-  """A training workdir of ours: config.json without Hugging Face's model_type, and checkpoints
-  or an exported params.npz."""
-  cfg = os.path.join(path, "config.json")
-  if not (os.path.isdir(path) and os.path.exists(cfg)):
-    return False
-  with open(cfg) as f:
-    if "model_type" in json.load(f):
-      return False
-  return (os.path.isdir(os.path.join(path, "checkpoints")) or
-          os.path.exists(os.path.join(path, "params.npz")))
-
-
 def load(source: str, model: Optional[str] = None) -> Predictor:
   """A Predictor for `source`: a training workdir, or any `pretrained.load` source."""
-  if is_workdir(source):
+  from vit_jax import workdirs  # pylint: disable=g-import-not-at-top
+  if workdirs.is_workdir(source):
     return _load_workdir(source)
   info = pretrained.load_with_info(source, model=model)
   return Predictor(info.model, {"params": info.params}, info.image_size, info.channels,
@@ -81,37 +69,14 @@ def load(source: str, model: Optional[str] = None) -> Predictor:
 
 
 def _load_workdir(workdir: str) -> Predictor:
-  """The latest checkpoint of a run of `vit_jax.train` (or its params.npz), its model from the
-  run's config.json, its preprocessing from `pp_eval` and its class names from its data set."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  """The run in `workdir` (workdirs.load: its latest checkpoint, or its exported weights), its
+  preprocessing from `pp_eval` and its class names from its data set."""
   from vit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax import workdirs  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = train.for_these_devices(ml_collections.ConfigDict(json.load(f)))
+  run = workdirs.load(workdir)
+  config, shape = run.config, run.image_shape
   source = data_lib.get_source(config.dataset)
-  batch = next(iter(data_lib.eval_iterator(source, split=config.eval_split, pp=config.pp_eval,
-                                           batch_size=int(config.eval_batch_size))))
-  shape = tuple(batch["image"].shape[1:])  # (H, W, C) after pp_eval
-  ckpt = checkpoint.TrainCheckpointer(workdir)
-  try:
-    if ckpt.latest_step() is not None:
-      trainer = train.build_trainer(config, source.num_classes, shape, total_steps=1,
-                                    warmup_steps=0)
-      state = ckpt.restore(trainer.abstract_state, shardings=trainer.shardings)
-      model = trainer.model
-      variables = {"params": state["params"],
-                   **{k: state[k] for k in ("batch_stats",) if k in state}}
-    else:
-      model = train.build_model(config, source.num_classes)
-      shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
-      zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
-      variables = {"params": checkpoint.load_pretrained(os.path.join(workdir, "params.npz"),
-                                                        zeros)}
-  finally:
-    ckpt.close()
-  variables = jax.device_get(variables)
   ops = [op for op in preprocess.parse(config.pp_eval, channels=shape[-1])
          if op.name not in ("decode", "decode_and_crop")]
 
@@ -120,7 +85,7 @@ def _load_workdir(workdir: str) -> Predictor:
     u = tf.zeros((images.shape[0], preprocess.num_random(ops)), tf.float32)
     return preprocess.apply(ops, tf.constant(images), u).numpy()
 
-  return Predictor(model, variables, shape[:2], shape[-1], pp, tuple(source.class_names))
+  return Predictor(run.model, run.variables, shape[:2], shape[-1], pp, tuple(source.class_names))
 
 
 # ------------------------------------------------------------------------------ predictions.
@@ -134,7 +99,7 @@ def read_image(path: str, size: Tuple[int, int], channels: int) -> np.ndarray:
         im = im.resize((size[1], size[0]), Image.BILINEAR)
       x = np.asarray(im, np.uint8)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+    raise errors.DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
   return x[..., None] if x.ndim == 2 else x
 
 
@@ -148,7 +113,7 @@ def predict(predictor: Predictor, paths: Sequence[str], *, batch_size: int = 32,
       results.append({"path": path, "image": read_image(path, predictor.image_size,
                                                         predictor.channels)})
       good.append(results[-1])
-    except ValueError as e:
+    except errors.DataError as e:
       results.append({"path": path, "error": str(e)})
   apply = jax.jit(lambda v, x: jax.nn.softmax(predictor.model.apply(v, x, train=False), -1))
   for start in range(0, len(good), batch_size):
@@ -304,7 +269,11 @@ def main(argv=None) -> int:
   parser.add_argument("--attention_dir", default=None, help="write attention maps here")
   parser.add_argument("images", nargs="+")
   args = parser.parse_args(argv)
-  predictor = load(args.weights, args.model)
+  try:
+    predictor = load(args.weights, args.model)
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.labels:
     names = pretrained.class_names(args.labels)
     classes = predictor.variables["params"]["head"]["kernel"].shape[-1]

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import checkpoint
+from vit_jax import errors
 from vit_jax import models
 from vit_jax.models import layers
 from vit_jax.models import resnet
@@ -194,8 +195,9 @@ def load_with_info(source, model=None, num_classes=None, img_size=None, *, stric
   ckpt_classes = _head_classes(conv.tree)
   if num_classes is None:
     if ckpt_classes is None:
-      raise ValueError(f"{source} has no classification head; pass num_classes=... (0 for the "
-                       "pre-head features).")
+      raise errors.CheckpointError(
+          f"{source} has no classification head; pass num_classes=... (0 for the "
+          "pre-head features).")
     num_classes = ckpt_classes
   size = _pair(img_size or conv.image_size)
   kwargs = dict(conv.kwargs)
@@ -234,25 +236,29 @@ def _convert(source: str, model: Optional[str], log) -> _Converted:
     with open(os.path.join(source, "config.json")) as f:
       cfg = json.load(f)
     if "model_type" not in cfg:
-      raise ValueError(f"{source}/config.json has no 'model_type': not a Hugging Face model "
-                       "directory. (A training workdir of ours loads through "
-                       "`python -m vit_jax.predict --weights=WORKDIR`.)")
+      raise errors.CheckpointError(
+          f"{source}/config.json has no 'model_type': not a Hugging Face model "
+          "directory. (A training workdir of ours loads through "
+          "`python -m vit_jax.predict --weights=WORKDIR`.)")
     return _convert_hf(source, log)
   if source.endswith(".npz"):
     if model is None:
       base = os.path.basename(source)[:-len(".npz")]
       hits = {e.model for k, e in ZOO.items() if k.split("/")[-1] == base}
       if len(hits) != 1:
-        raise ValueError(f"Which model is {source}? Pass model=... (e.g. model='ViT-B/16'); "
-                         f"known names: {', '.join(models.known_names())}.")
+        raise errors.CheckpointError(
+            f"Which model is {source}? Pass model=... (e.g. model='ViT-B/16'); "
+            f"known names: {', '.join(models.known_names())}.")
       model = hits.pop()
     return _convert_npz(source, model, 224, None)
   if os.path.isdir(source):
-    raise ValueError(f"{source} is a directory without config.json: expected a Hugging Face model "
-                     "directory (save_pretrained) or, for predict, a training workdir.")
-  raise ValueError(f"Unknown weights source {source!r}: expected an .npz path (local or gs://), a "
-                   "Hugging Face model directory, or a zoo name (python -m vit_jax.pretrained "
-                   "--list).")
+    raise errors.CheckpointError(
+        f"{source} is a directory without config.json: expected a Hugging Face model "
+        "directory (save_pretrained) or, for predict, a training workdir.")
+  raise errors.CheckpointError(
+      f"Unknown weights source {source!r}: expected an .npz path (local or gs://), a "
+      "Hugging Face model directory, or a zoo name (python -m vit_jax.pretrained "
+      "--list).")
 
 
 def _fit(tree: Params, init: Params, *, strict, log) -> Params:
@@ -303,7 +309,7 @@ def fetch(name: str) -> str:
           hub_id, allow_patterns=["config.json", "preprocessor_config.json", "*.safetensors",
                                   "pytorch_model.bin"])
     except Exception as e:  # pylint: disable=broad-except
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"Could not get {hub_id} from the Hugging Face Hub ({type(e).__name__}: {e}). On a "
           f"machine with network: `huggingface-cli download {hub_id} --local-dir DIR` (or "
           "from_pretrained(...).save_pretrained(DIR)), copy DIR here and pass DIR as the "
@@ -316,7 +322,8 @@ def fetch(name: str) -> str:
           "(or set VIT_JAX_PRETRAINED_DIR), or pass the file's path as the source with "
           f"model={entry.model!r}.")
   if _offline():
-    raise FileNotFoundError(f"{local} does not exist and downloads are off (offline mode). {hint}")
+    raise errors.MissingFileError(
+        f"{local} does not exist and downloads are off (offline mode). {hint}")
   from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
   try:
     os.makedirs(os.path.dirname(local), exist_ok=True)
@@ -324,8 +331,8 @@ def fetch(name: str) -> str:
     gfile.copy(entry.location, tmp, overwrite=True)
     os.replace(tmp, local)
   except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(f"Could not download {entry.location} ({type(e).__name__}: {e}). "
-                            f"{hint}") from None
+    raise errors.MissingFileError(f"Could not download {entry.location} ({type(e).__name__}: {e}). "
+                                  f"{hint}") from None
   return local
 
 
@@ -381,8 +388,9 @@ def class_names(which: str) -> Tuple[str, ...]:
   if which in ("imagenet1k", "imagenet21k"):
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{which}_classes.txt")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"Labels {which!r}: no such file; use imagenet, imagenet21k or a text "
-                            "file with one class name per line.")
+    raise errors.MissingFileError(
+        f"Labels {which!r}: no such file; use imagenet, imagenet21k or a text "
+        "file with one class name per line.")
   with open(path) as f:
     lines = [l.rstrip("\n") for l in f if l.strip() and not l.startswith("#")]
   return tuple(l.split("\t", 1)[-1] for l in lines)
@@ -398,7 +406,7 @@ def _bit_release_to_ours(tree: Params) -> Params:
   def take(*key):
     key = ("resnet",) + key
     if key not in flat:
-      raise ValueError(f"BiT .npz lacks {'/'.join(key)!r}.")
+      raise errors.CheckpointError(f"BiT .npz lacks {'/'.join(key)!r}.")
     used.add(key)
     return np.asarray(flat[key])
 
@@ -426,7 +434,7 @@ def _bit_release_to_ours(tree: Params) -> Params:
                    "bias": take("head", "conv2d", "bias")}
   leftover = sorted("/".join(k) for k in set(flat) - used)
   if leftover:
-    raise ValueError(f"Unconverted keys in the BiT .npz: {leftover[:10]}")
+    raise errors.CheckpointError(f"Unconverted keys in the BiT .npz: {leftover[:10]}")
   return out
 
 
@@ -486,8 +494,8 @@ def _hf_state_dict(directory: str) -> dict:
       raise ImportError(f"Reading {binary} needs torch (pip install -e '.[torch,hf]').") from None
     sd = torch.load(binary, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
-  raise FileNotFoundError(f"{directory} has config.json but neither model.safetensors nor "
-                          "pytorch_model.bin (sharded checkpoints are not supported).")
+  raise errors.MissingFileError(f"{directory} has config.json but neither model.safetensors nor "
+                                "pytorch_model.bin (sharded checkpoints are not supported).")
 
 
 def _hf_preprocessing(directory, model_type) -> Tuple[tuple, tuple]:
@@ -505,8 +513,8 @@ def _convert_hf(directory, log) -> _Converted:
     cfg = json.load(f)
   model_type = cfg.get("model_type")
   if model_type not in ("vit", "deit", "swin", "bit"):
-    raise NotImplementedError(f"{directory}: Hugging Face model_type {model_type!r} is not "
-                              "supported; supported: vit, deit, swin, bit.")
+    raise errors.UnsupportedError(f"{directory}: Hugging Face model_type {model_type!r} is not "
+                                  "supported; supported: vit, deit, swin, bit.")
   sd = _hf_state_dict(directory)
   if model_type == "vit":
     tree, (name, kwargs) = _vit_from_hf(sd, cfg)
@@ -534,7 +542,8 @@ _GELU = {"gelu": False, "gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast"
 def _gelu_option(cfg) -> bool:
   act = cfg.get("hidden_act", "gelu")
   if act not in _GELU:
-    raise NotImplementedError(f"hidden_act={act!r} is not supported; known: {', '.join(_GELU)}.")
+    raise errors.UnsupportedError(
+        f"hidden_act={act!r} is not supported; known: {', '.join(_GELU)}.")
   return _GELU[act]
 
 
@@ -547,7 +556,7 @@ def _vit_name(d, mlp, heads, depth, patch) -> str:
 
 def _vit_kwargs(cfg) -> Tuple[str, dict]:
   if not cfg.get("qkv_bias", True):
-    raise NotImplementedError("ViT configs with qkv_bias=False are not supported.")
+    raise errors.UnsupportedError("ViT configs with qkv_bias=False are not supported.")
   d, mlp = int(cfg.get("hidden_size", 768)), int(cfg.get("intermediate_size", 3072))
   heads, depth = int(cfg.get("num_attention_heads", 12)), int(cfg.get("num_hidden_layers", 12))
   p = int(cfg.get("patch_size", 16))
@@ -585,7 +594,7 @@ def _deit_from_hf(sd, cfg):
   ViT checkpoints (model_type 'vit') and load as ViT."""
   deit = _deit_family()
   if deit is None:
-    raise NotImplementedError(
+    raise errors.UnsupportedError(
         "Hugging Face DeiT checkpoints (model_type 'deit') need the DeiT family, "
         "vit_jax/models/deit.py, which this installation lacks. Non-distilled DeiT weights "
         "(facebook/deit-*-patch16-224, model_type 'vit') load as ViT.")
@@ -602,11 +611,11 @@ def _deit_from_hf(sd, cfg):
 
 def _swin_kwargs(cfg) -> Tuple[str, dict]:
   if cfg.get("use_absolute_embeddings"):
-    raise NotImplementedError("Swin with absolute position embeddings is not supported.")
+    raise errors.UnsupportedError("Swin with absolute position embeddings is not supported.")
   if cfg.get("hidden_act", "gelu") != "gelu":
-    raise NotImplementedError(f"Swin hidden_act={cfg['hidden_act']!r}: only 'gelu' (exact).")
+    raise errors.UnsupportedError(f"Swin hidden_act={cfg['hidden_act']!r}: only 'gelu' (exact).")
   if not cfg.get("qkv_bias", True):
-    raise NotImplementedError("Swin configs with qkv_bias=False are not supported.")
+    raise errors.UnsupportedError("Swin configs with qkv_bias=False are not supported.")
   kwargs = dict(embed_dim=int(cfg.get("embed_dim", 96)), depths=tuple(cfg.get("depths")),
                 num_heads=tuple(cfg.get("num_heads")), window_size=int(cfg.get("window_size", 7)),
                 patch_size=int(cfg.get("patch_size", 4)),
@@ -617,14 +626,16 @@ def _swin_kwargs(cfg) -> Tuple[str, dict]:
 
 def _bit_kwargs(cfg, log) -> Tuple[str, dict]:
   if cfg.get("layer_type", "preactivation") != "preactivation":
-    raise NotImplementedError(f"BiT layer_type={cfg['layer_type']!r}: only 'preactivation' (the "
-                              "BiT paper's ResNet-v2) is supported.")
+    raise errors.UnsupportedError(
+        f"BiT layer_type={cfg['layer_type']!r}: only 'preactivation' (the "
+        "BiT paper's ResNet-v2) is supported.")
   width = int(cfg.get("embedding_size", 64))
   depths = tuple(int(d) for d in cfg["depths"])
   want = [4 * width * 2**i for i in range(len(depths))]
   if list(cfg["hidden_sizes"]) != want:
-    raise NotImplementedError(f"BiT hidden_sizes {cfg['hidden_sizes']} are not 4 x embedding_size "
-                              f"x 2**stage ({want}), the layout our ResNet builds.")
+    raise errors.UnsupportedError(
+        f"BiT hidden_sizes {cfg['hidden_sizes']} are not 4 x embedding_size "
+        f"x 2**stage ({want}), the layout our ResNet builds.")
   if cfg.get("global_padding") is not None:
     log(f"BiT global_padding={cfg['global_padding']!r}: Hugging Face pads stride-2 convolutions "
         "TF-style (SAME, asymmetric); ours pads symmetrically, so logits differ slightly at the "
@@ -663,13 +674,14 @@ def load_detr_hf(directory: str) -> Tuple[nn.Module, dict]:
   from vit_jax.models import detr  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{directory} has no config.json; load_detr_hf reads a directory "
-                            "written by DetrForObjectDetection.save_pretrained.")
+    raise errors.MissingFileError(f"{directory} has no config.json; load_detr_hf reads a directory "
+                                  "written by DetrForObjectDetection.save_pretrained.")
   with open(path) as f:
     cfg = json.load(f)
   if cfg.get("model_type") != "detr":
-    raise ValueError(f"{directory}: model_type {cfg.get('model_type')!r}; load_detr_hf reads "
-                     "'detr' directories (use load() for classifiers).")
+    raise errors.CheckpointError(
+        f"{directory}: model_type {cfg.get('model_type')!r}; load_detr_hf reads "
+        "'detr' directories (use load() for classifiers).")
   variables = detr.from_hf_state_dict(_hf_state_dict(directory), cfg)
   return detr.DETR(**detr.model_kwargs_from_hf(cfg)), variables
 
@@ -707,7 +719,7 @@ def save_hf(model: Union[str, nn.Module], params: Params, directory: str) -> str
   elif fam == "resnet":
     config, sd = _bit_to_hf(module, params, transformers)
   else:
-    raise NotImplementedError(f"save_hf supports ViT, Swin and BiT models, not {fam}.")
+    raise errors.UnsupportedError(f"save_hf supports ViT, Swin and BiT models, not {fam}.")
   os.makedirs(directory, exist_ok=True)
   config.save_pretrained(directory)
   save_file({k: np.ascontiguousarray(v) for k, v in sd.items()},
@@ -744,8 +756,9 @@ def _vit_to_hf(m, params, transformers, deit=False):
   (DeiTForImageClassification without `head_dist`)."""
   if (m.classifier != "token" or m.representation_size or m.resnet is not None
       or m.posemb != "learn"):
-    raise NotImplementedError("save_hf writes plain ViTs with a class token, learned position "
-                              "embeddings and no representation layer (ViTForImageClassification).")
+    raise errors.UnsupportedError(
+        "save_hf writes plain ViTs with a class token, learned position "
+        "embeddings and no representation layer (ViTForImageClassification).")
   emb = np.asarray(params["embedding"]["kernel"])  # (P, P, C, D)
   pos = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
   grid = int(round(np.sqrt(pos.shape[1] - 1 - deit)))
@@ -784,9 +797,9 @@ def _swin_to_hf(m, params, transformers):
   img = _pair(m.img_size)
   windows = swin.stage_windows(img, m.patch_size, len(depths), m.window_size)
   if any(w != m.window_size for w in windows):
-    raise NotImplementedError(f"save_hf: at img_size {img} the stage windows are {windows}; "
-                              "Hugging Face Swin clamps them only at run time, so write models "
-                              "whose every stage is larger than the window.")
+    raise errors.UnsupportedError(f"save_hf: at img_size {img} the stage windows are {windows}; "
+                                  "Hugging Face Swin clamps them only at run time, so write models "
+                                  "whose every stage is larger than the window.")
   num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
   proj = np.asarray(params["patch_embed"]["proj"]["kernel"])
   cfg = transformers.SwinConfig(
@@ -823,8 +836,8 @@ def _swin_to_hf(m, params, transformers):
 
 def _bit_to_hf(m, params, transformers):
   if not m.preact or m.root != "imagenet":
-    raise NotImplementedError("save_hf writes BiT ResNet-v2 models (preact=True) with the "
-                              "imagenet root (BitForImageClassification).")
+    raise errors.UnsupportedError("save_hf writes BiT ResNet-v2 models (preact=True) with the "
+                                  "imagenet root (BitForImageClassification).")
   if not m.zero_pad_pool:
     logging.warning("save_hf: Hugging Face BiT pads the root max-pool with zeros, this model with "
                     "-inf: logits will differ slightly near the image borders.")

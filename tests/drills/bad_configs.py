@@ -1,5 +1,5 @@
-"""Bad config overrides: each must give a named error (a ConfigError or ValueError whose message
-names the key, raised by this project's code) before anything is compiled; never a traceback from
+"""Bad config overrides: each must give a named error (a vit_jax.errors.UserError, such as a
+ConfigError, whose message names the key, raised by this project's code) before anything is compiled; never a traceback from
 inside JAX, Flax or TensorFlow.
 
   python -m tests.drills.bad_configs [--subprocess]
@@ -17,6 +17,7 @@ import traceback
 from absl import flags
 
 from tests.drills import runs
+from vit_jax import errors
 
 # (name, overrides, text the error must contain, devices[, config arg]). On 28x28 images: ViT
 # patch 7, width 16, 2 heads; the `swin` config's first stage has a 7x7 map (patch 4).
@@ -117,7 +118,7 @@ def try_in_process(overrides, devices: int, workdir: str, arg: str = ""):
         train.train_and_evaluate(config, workdir)
       finally:
         parallel.make_mesh, jax.device_count = original, original_count
-  except (flags.Error, ValueError, FileNotFoundError) as e:
+  except (flags.Error, errors.UserError) as e:
     if compiles.count:
       return "compiled first", f"{type(e).__name__}: {e}"
     if not _ours(e.__traceback__) and not isinstance(e, flags.Error):

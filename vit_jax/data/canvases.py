@@ -26,6 +26,7 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
+from vit_jax import errors
 from vit_jax.data import sources
 
 SPLITS = {"train": 0, "val": 1, "test": 2}  # split -> number mixed into the seed
@@ -73,11 +74,12 @@ class CanvasConfig:
 
   def check(self):
     if not 1 <= self.min_objects <= self.max_objects:
-      raise ValueError(f"Canvases need 1 <= min_objects <= max_objects, got {self.min_objects}, "
-                       f"{self.max_objects}.")
+      raise errors.DataError(
+          f"Canvases need 1 <= min_objects <= max_objects, got {self.min_objects}, "
+          f"{self.max_objects}.")
     if not 1 <= self.min_size <= self.max_size <= self.canvas_size:
-      raise ValueError(f"Canvases need 1 <= min_size <= max_size <= canvas_size, got "
-                       f"{self.min_size}, {self.max_size}, {self.canvas_size}.")
+      raise errors.DataError(f"Canvases need 1 <= min_size <= max_size <= canvas_size, got "
+                             f"{self.min_size}, {self.max_size}, {self.canvas_size}.")
 
 
 class FashionMnistCanvases:
@@ -90,7 +92,7 @@ class FashionMnistCanvases:
     otherwise it is read from `data_dir` (Debian's directory by default) as vit_jax.data.sources
     reads it."""
     if split not in SPLITS:
-      raise ValueError(f"Unknown canvas split {split!r}; known: {', '.join(SPLITS)}.")
+      raise errors.DataError(f"Unknown canvas split {split!r}; known: {', '.join(SPLITS)}.")
     config.check()
     self.split, self.seed, self.num_examples, self.config = split, seed, num_examples, config
     if images is None:
@@ -103,8 +105,9 @@ class FashionMnistCanvases:
     self.images = images.reshape(images.shape[:3])  # (N, 28, 28)
     self.labels = np.asarray(labels).astype(np.int32)
     if len(self.images) != len(self.labels) or not len(self.images):
-      raise ValueError(f"Canvas pool: {len(self.images)} images and {len(self.labels)} labels; "
-                       "need the same, non-zero number.")
+      raise errors.DataError(
+          f"Canvas pool: {len(self.images)} images and {len(self.labels)} labels; "
+          "need the same, non-zero number.")
     self.class_names = sources.FASHION_MNIST_CLASSES
     self.num_classes = len(self.class_names)
 
@@ -157,8 +160,8 @@ class FashionMnistCanvases:
     per_epoch = (self.num_examples // batch_size if shuffle
                  else -(-self.num_examples // batch_size))
     if per_epoch < 1:
-      raise ValueError(f"batch_size {batch_size} exceeds the split's {self.num_examples} "
-                       "canvases.")
+      raise errors.DataError(f"batch_size {batch_size} exceeds the split's {self.num_examples} "
+                             "canvases.")
     step = start
     while epochs is None or step < epochs * per_epoch:
       epoch, i = divmod(step, per_epoch)
@@ -204,7 +207,8 @@ class CanvasSource(sources.Source):
 
   def split_size(self, base: str) -> int:
     if base not in self._sizes:
-      raise ValueError(f"Unknown split {base!r} for {self.name}; known: {sorted(self._sizes)}.")
+      raise errors.DataError(
+          f"Unknown split {base!r} for {self.name}; known: {sorted(self._sizes)}.")
     return self._sizes[base]
 
   def batch(self, base: str, indices: Sequence[int]) -> Dict[str, np.ndarray]:

@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,11 +46,12 @@ class CocoAugment:
 
   def check(self):
     if self.pad_size < self.max_size + 1:
-      raise ValueError(f"COCO pad_size {self.pad_size} must be at least max_size + 1 = "
-                       f"{self.max_size + 1} (a resize can round the longer side up by one).")
+      raise errors.DataError(f"COCO pad_size {self.pad_size} must be at least max_size + 1 = "
+                             f"{self.max_size + 1} (a resize can round the longer side up by one).")
     if not 1 <= self.crop_min <= self.crop_max:
-      raise ValueError(f"COCO crop sizes need 1 <= crop_min <= crop_max, got {self.crop_min}, "
-                       f"{self.crop_max}.")
+      raise errors.DataError(
+          f"COCO crop sizes need 1 <= crop_min <= crop_max, got {self.crop_min}, "
+          f"{self.crop_max}.")
 
 
 def _size_with_aspect_ratio(h, w, size, max_size):

@@ -43,6 +43,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from vit_jax import errors
 from vit_jax.data import preprocess
 from vit_jax.data import sources as sources_lib
 from vit_jax.data import splits as splits_lib
@@ -70,14 +71,15 @@ def _processes(process_index, process_count):
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, process_count={process_count}).")
+    raise errors.DataError(
+        f"process_index {process_index} not in [0, process_count={process_count}).")
   return process_index, process_count
 
 
 def _local_batch(batch_size: int, process_count: int) -> int:
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"The global batch_size {batch_size} must be a positive multiple of the "
-                     f"number of processes {process_count}.")
+    raise errors.DataError(f"The global batch_size {batch_size} must be a positive multiple of the "
+                           f"number of processes {process_count}.")
   return batch_size // process_count
 
 
@@ -107,8 +109,17 @@ class _Chain:
 
   def check_fixed(self, spec: tf.TensorSpec, pp: str):
     if not spec.shape.is_fully_defined():
-      raise ValueError(f"pp {pp!r} gives images of varying size {spec.shape} for this source; end "
-                       "it with a fixed size (resize, central_crop, random_crop, inception_crop).")
+      raise errors.DataError(
+          f"pp {pp!r} gives images of varying size {spec.shape} for this source; end "
+          "it with a fixed size (resize, central_crop, random_crop, inception_crop).")
+
+
+def _beta(seed, alpha: float, fold: bool = False):
+  """lambda ~ Beta(alpha, alpha) from a stateless seed (as the ratio of two Gamma draws; 1 when
+  both are 0); `fold`: max(lambda, 1 - lambda), mixup's convention."""
+  g = tf.random.stateless_gamma([2], seed, alpha=alpha)
+  lam = tf.where(g[0] + g[1] > 0, g[0] / (g[0] + g[1]), 1.0)
+  return tf.maximum(lam, 1.0 - lam) if fold else lam
 
 
 def _cutmix(own, partner, alpha: float, lam_seed, box_seed):
@@ -116,8 +127,7 @@ def _cutmix(own, partner, alpha: float, lam_seed, box_seed):
   sides int(sqrt(1 - lambda) (H, W)) centred at a uniform pixel, clipped to the image (as timm's
   `rand_bbox`); the partner's box pasted over `own`. Returns the images and the kept fraction
   (1 - box area / image area), the weight of the own label."""
-  g = tf.random.stateless_gamma([2], lam_seed, alpha=alpha)
-  lam = tf.where(g[0] + g[1] > 0, g[0] / (g[0] + g[1]), 1.0)
+  lam = _beta(lam_seed, alpha)
   u = tf.random.stateless_uniform([2], box_seed)
   h, w = tf.shape(own)[1], tf.shape(own)[2]
   fh, fw = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
@@ -142,34 +152,26 @@ def _finish(images, labels, num_classes: int, mixup: float = 0.0, seed=None,
   `cutmix` > 0: CutMix with the same partners (`_cutmix`, from `cutmix_seed`); with mixup also on,
   each batch is CutMix'ed with probability 1/2, else mixed up. Mixed labels sum to 1."""
   labels = tf.one_hot(labels, num_classes, dtype=tf.float32)
+  if not (cutmix > 0 or mixup > 0):
+    return {"image": images, "label": labels}
+  if partner_row:
+    own, partner, own_l, partner_l = images[1:], images[:-1], labels[1:], labels[:-1]
+  else:
+    own, partner = images, tf.roll(images, 1, axis=0)
+    own_l, partner_l = labels, tf.roll(labels, 1, axis=0)
   if cutmix > 0:
-    if partner_row:
-      own, partner, own_l, partner_l = images[1:], images[:-1], labels[1:], labels[:-1]
-    else:
-      own, partner = images, tf.roll(images, 1, axis=0)
-      own_l, partner_l = labels, tf.roll(labels, 1, axis=0)
     lam_seed, box_seed, switch_seed = tf.unstack(
         tf.random.experimental.stateless_split(cutmix_seed, 3))
     images, lam = _cutmix(own, partner, cutmix, lam_seed, box_seed)
     if mixup > 0:
-      g = tf.random.stateless_gamma([2], seed, alpha=mixup)
-      lam_mix = tf.where(g[0] + g[1] > 0, g[0] / (g[0] + g[1]), 1.0)
-      lam_mix = tf.maximum(lam_mix, 1.0 - lam_mix)
+      lam_mix = _beta(seed, mixup, fold=True)
       switch = tf.random.stateless_uniform([], switch_seed) < 0.5
       images = tf.where(switch, images, lam_mix * own + (1.0 - lam_mix) * partner)
       lam = tf.where(switch, lam, lam_mix)
-    return {"image": images, "label": lam * own_l + (1.0 - lam) * partner_l}
-  if mixup > 0:
-    g = tf.random.stateless_gamma([2], seed, alpha=mixup)
-    lam = tf.where(g[0] + g[1] > 0, g[0] / (g[0] + g[1]), 1.0)
-    lam = tf.maximum(lam, 1.0 - lam)
-    if partner_row:
-      images = lam * images[1:] + (1.0 - lam) * images[:-1]
-      labels = lam * labels[1:] + (1.0 - lam) * labels[:-1]
-    else:
-      images = lam * images + (1.0 - lam) * tf.roll(images, 1, axis=0)
-      labels = lam * labels + (1.0 - lam) * tf.roll(labels, 1, axis=0)
-  return {"image": images, "label": labels}
+  else:
+    lam = _beta(seed, mixup, fold=True)
+    images = lam * own + (1.0 - lam) * partner
+  return {"image": images, "label": lam * own_l + (1.0 - lam) * partner_l}
 
 
 def _numpy_batches(ds: tf.data.Dataset, on_error: Optional[Callable[[int], None]] = None
@@ -227,28 +229,29 @@ def train_iterator(source: sources_lib.Source, *, split: str, pp: str, batch_siz
   """
   sources_lib.hide_accelerators()
   if seed < 0 or start_step < 0:
-    raise ValueError(f"seed ({seed}) and start_step ({start_step}) must be >= 0.")
+    raise errors.DataError(f"seed ({seed}) and start_step ({start_step}) must be >= 0.")
   if mixup < 0 or cutmix < 0:
-    raise ValueError(f"mixup ({mixup}) and cutmix ({cutmix}) must be >= 0 (0 disables them).")
+    raise errors.DataError(f"mixup ({mixup}) and cutmix ({cutmix}) must be >= 0 (0 disables them).")
   if repeats < 1 or batch_size % repeats:
-    raise ValueError(f"repeated augmentation: batch_size {batch_size} must be a multiple of "
-                     f"repeats={repeats} (>= 1).")
+    raise errors.DataError(f"repeated augmentation: batch_size {batch_size} must be a multiple of "
+                           f"repeats={repeats} (>= 1).")
   p, num_p = _processes(process_index, process_count)
   b = _local_batch(batch_size, num_p)
   parts = source.resolve(split)
   chain = _Chain(source, pp)
   if source.detection:
     if mixup or cutmix or repeats > 1:
-      raise ValueError("mixup, cutmix and repeated augmentation mix or repeat whole images; "
-                       f"the detection source {source.name} takes none of them.")
+      raise errors.DataError("mixup, cutmix and repeated augmentation mix or repeat whole images; "
+                             f"the detection source {source.name} takes none of them.")
     return _detection_train(source, chain, parts, batch_size, b, p, seed, start_step, prefetch)
   if isinstance(source, sources_lib.ArraySource):
     ds, on_error = _train_in_memory(source, chain, source.table_indices(parts), batch_size, b, p,
                                     seed, start_step, mixup, pp, cutmix, repeats)
   else:
     if b % repeats:
-      raise ValueError(f"repeated augmentation: the batch per host ({b}) must be a multiple of "
-                       f"repeats={repeats} for a streamed data set.")
+      raise errors.DataError(
+          f"repeated augmentation: the batch per host ({b}) must be a multiple of "
+          f"repeats={repeats} for a streamed data set.")
     ds, on_error = _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp,
                                  cutmix, repeats)
   if prefetch:
@@ -319,8 +322,9 @@ def _train_stream(source, chain, parts, b, p, num_p, seed, start_step, mixup, pp
   chunk = splits_lib.host_chunk(parts, p, num_p)
   n = splits_lib.num_examples(chunk)
   if n == 0:
-    raise ValueError(f"The split has {splits_lib.num_examples(parts)} examples, fewer than the "
-                     f"{num_p} processes; host {p} would get none.")
+    raise errors.DataError(
+        f"The split has {splits_lib.num_examples(parts)} examples, fewer than the "
+        f"{num_p} processes; host {p} would get none.")
   perm_key, aug_key, mix_key, cut_key = (_key(seed, purpose, p)
                                          for purpose in (_PERM, _AUG, _MIXUP, _CUTMIX))
   read_epoch = source.epoch_reader(chunk, _key(seed, _FILES, p))
@@ -488,7 +492,7 @@ def _detection_train(source, chain, parts, B, b, p, seed, start_step, prefetch):
   bases, indices = _flat_parts(parts)
   n = len(indices)
   if n == 0:
-    raise ValueError(f"The training split of {source.name} has no examples.")
+    raise errors.DataError(f"The training split of {source.name} has no examples.")
   perm_key, aug_key = _key(seed, _PERM), _key(seed, _AUG)
   rows = p * b + np.arange(b)
 

@@ -20,6 +20,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from vit_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Op:
@@ -38,7 +40,7 @@ def _pair(size) -> Tuple[int, int]:
     return size, size
   if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
     return tuple(size)
-  raise ValueError(f"size must be an int or a pair of ints, got {size!r}")
+  raise errors.ConfigError(f"size must be an int or a pair of ints, got {size!r}")
 
 
 def _hw(x: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -64,7 +66,7 @@ def decode(channels: Optional[int] = None) -> Op:
     if x.dtype != tf.string:
       return x
     if channels is None:
-      raise ValueError("decode needs the channel count (the pipeline passes the source's).")
+      raise errors.ConfigError("decode needs the channel count (the pipeline passes the source's).")
     # Encoded images come one at a time (batch of one; see the module docstring).
     img = tf.io.decode_image(x[0], channels=channels, expand_animations=False)
     return img[None]
@@ -81,7 +83,7 @@ def _decode_window(x, u, channels, window, crop_fn, size) -> tf.Tensor:
   if x.dtype != tf.string:
     return crop_fn(x, u)
   if channels is None:
-    raise ValueError("decode needs the channel count (the pipeline passes the source's).")
+    raise errors.ConfigError("decode needs the channel count (the pipeline passes the source's).")
   data = x[0]
 
   def jpeg():
@@ -111,7 +113,7 @@ def resize_small(size: int, method: str = "area", antialias: bool = False) -> Op
   ratio (the other side rounded), e.g. "decode|resize_small(256)|central_crop(224)" for eval.
   Default method "area" as big_vision's; float32 output in the input's value range."""
   if not isinstance(size, int) or size <= 0:
-    raise ValueError(f"resize_small needs a positive int size, got {size!r}")
+    raise errors.ConfigError(f"resize_small needs a positive int size, got {size!r}")
 
   def new_size(h, w):
     ratio = size / tf.minimum(h, w)
@@ -151,7 +153,8 @@ def random_crop(size, pad: int = 0, mode: str = "constant") -> Op:
   position: the classic CIFAR / Fashion-MNIST augmentation."""
   h, w = _pair(size)
   if mode not in ("constant", "reflect", "symmetric"):
-    raise ValueError(f"random_crop mode must be constant, reflect or symmetric, got {mode!r}")
+    raise errors.ConfigError(
+        f"random_crop mode must be constant, reflect or symmetric, got {mode!r}")
 
   def fn(x, u):  # u (B, 2)
     if pad:
@@ -187,8 +190,8 @@ def random_resized_crop(size, scale: Sequence[float] = (0.08, 1.0),
   oh, ow = _pair(size)
   (s0, s1), (r0, r1) = scale, ratio
   if not (0 < s0 <= s1 <= 1 and 0 < r0 <= r1):
-    raise ValueError(f"random_resized_crop needs 0 < scale[0] <= scale[1] <= 1 and "
-                     f"0 < ratio[0] <= ratio[1], got scale={scale}, ratio={ratio}")
+    raise errors.ConfigError(f"random_resized_crop needs 0 < scale[0] <= scale[1] <= 1 and "
+                             f"0 < ratio[0] <= ratio[1], got scale={scale}, ratio={ratio}")
   lr0, lr1 = math.log(r0), math.log(r1)
 
   def window(fh, fw, u):  # image height, width (float32 scalars), u (B, 2 * attempts + 2)
@@ -332,9 +335,9 @@ def random_erase(probability: float = 0.25, area: Sequence[float] = (0.02, 1 / 3
   per-pixel noise instead)."""
   lo, hi = float(area[0]), float(area[1])
   if not 0.0 <= probability <= 1.0:
-    raise ValueError(f"random_erase probability must be in [0, 1], got {probability}")
+    raise errors.ConfigError(f"random_erase probability must be in [0, 1], got {probability}")
   if not 0.0 < lo <= hi <= 1.0:
-    raise ValueError(f"random_erase area must be 0 < min <= max <= 1, got {area!r}")
+    raise errors.ConfigError(f"random_erase area must be 0 < min <= max <= 1, got {area!r}")
   log_a0, log_a1 = math.log(aspect[0]), math.log(aspect[1])
 
   def fn(x, u):  # u (B, 5): apply?, area, aspect, y, x
@@ -375,8 +378,8 @@ def randaugment(num_layers: int = 2, magnitude: float = 10, translate_const: flo
   of RGB; on grayscale, Color is the identity).
   """
   if not (isinstance(num_layers, int) and num_layers >= 0 and magnitude >= 0):
-    raise ValueError(f"randaugment needs an int num_layers >= 0 and magnitude >= 0, got "
-                     f"num_layers={num_layers!r}, magnitude={magnitude!r}")
+    raise errors.ConfigError(f"randaugment needs an int num_layers >= 0 and magnitude >= 0, got "
+                             f"num_layers={num_layers!r}, magnitude={magnitude!r}")
   m = magnitude / 10.0
   degrees, shear, pixels = 30.0 * m, 0.3 * m, float(translate_const) * m
   factor = 0.1 + 1.8 * m
@@ -426,7 +429,8 @@ def randaugment(num_layers: int = 2, magnitude: float = 10, translate_const: flo
   @tf.autograph.experimental.do_not_convert  # plain graph code; autograph only slows tracing
   def fn(x, u):  # u (B, 4 * num_layers)
     if x.shape[-1] not in (1, 3):
-      raise ValueError(f"randaugment needs images with 1 or 3 channels, got shape {x.shape}")
+      raise errors.ConfigError(
+          f"randaugment needs images with 1 or 3 channels, got shape {x.shape}")
     dtype = x.dtype
     out = tf.clip_by_value(tf.round(tf.cast(x, tf.float32)), 0.0, 255.0)
     rows = tf.range(tf.shape(out)[0])
@@ -486,26 +490,28 @@ def parse(pp: str, *, channels: Optional[int] = None) -> List[Op]:
   for piece in (p.strip() for p in pp.split("|")):
     m = _OP_RE.match(piece)
     if not m:
-      raise ValueError(f"Cannot parse pp op {piece!r} in {pp!r}; expected name or name(args).")
+      raise errors.ConfigError(
+          f"Cannot parse pp op {piece!r} in {pp!r}; expected name or name(args).")
     name = m.group("name")
     if name not in OPS:
-      raise ValueError(f"Unknown pp op {name!r} in {pp!r}; known ops: {', '.join(sorted(OPS))}. "
-                       "(onehot is added by the iterator from the source's class count.)")
+      raise errors.ConfigError(
+          f"Unknown pp op {name!r} in {pp!r}; known ops: {', '.join(sorted(OPS))}. "
+          "(onehot is added by the iterator from the source's class count.)")
     try:
       call = ast.parse(f"f({m.group('args') or ''})", mode="eval").body
       args = [ast.literal_eval(a) for a in call.args]
       kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except (SyntaxError, ValueError) as e:
-      raise ValueError(f"Cannot parse the arguments of pp op {piece!r} (literals only): "
-                       f"{e}") from None
+      raise errors.ConfigError(f"Cannot parse the arguments of pp op {piece!r} (literals only): "
+                               f"{e}") from None
     if name == "decode" and not args:
       kwargs.setdefault("channels", channels)
     factory = OPS[name]
     try:
       inspect.signature(factory).bind(*args, **kwargs)
     except TypeError as e:
-      raise ValueError(f"Bad arguments for pp op {piece!r}: {e}; signature: "
-                       f"{name}{inspect.signature(factory)}") from None
+      raise errors.ConfigError(f"Bad arguments for pp op {piece!r}: {e}; signature: "
+                               f"{name}{inspect.signature(factory)}") from None
     op = factory(*args, **kwargs)
     if name == "decode":
       decode_channels = inspect.signature(factory).bind(*args, **kwargs).arguments.get("channels")
@@ -527,11 +533,12 @@ def apply(ops: Sequence[Op], images: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
   col = 0
   for op in ops:
     if images.dtype == tf.string and op.name not in ("decode", "decode_and_crop"):
-      raise ValueError(f"pp op {op.name!r} got encoded images; start the pp string with 'decode'.")
+      raise errors.ConfigError(
+          f"pp op {op.name!r} got encoded images; start the pp string with 'decode'.")
     images = op.fn(images, u[:, col:col + op.num_random])
     col += op.num_random
   if images.dtype == tf.string:
-    raise ValueError("The pp string leaves images encoded; add 'decode'.")
+    raise errors.ConfigError("The pp string leaves images encoded; add 'decode'.")
   return tf.cast(images, tf.float32)
 
 
@@ -552,6 +559,7 @@ def output_shape(pp: str, image_shape: Sequence[Optional[int]], *, encoded: bool
     u = tf.fill((1, num_random(ops)), 0.5)
     shapes.add(tuple(int(d) for d in apply(ops, images, u).shape[1:]))
   if len(shapes) > 1:
-    raise ValueError(f"The pp string {pp!r} leaves the image size to the data "
-                     f"(outputs {sorted(shapes)} from two input sizes): add a resize or crop op.")
+    raise errors.ConfigError(
+        f"The pp string {pp!r} leaves the image size to the data "
+        f"(outputs {sorted(shapes)} from two input sizes): add a resize or crop op.")
   return shapes.pop()

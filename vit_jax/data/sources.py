@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import errors
 from vit_jax.data import splits as splits_lib
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -104,7 +105,8 @@ class ArraySource(Source):
 
   def split_size(self, base):
     if base not in self._data:
-      raise ValueError(f"Unknown split {base!r} for {self.name}; known: {sorted(self._data)}.")
+      raise errors.DataError(
+          f"Unknown split {base!r} for {self.name}; known: {sorted(self._data)}.")
     return len(self._data[base][1])
 
   def table_indices(self, parts: splits_lib.Parts) -> np.ndarray:
@@ -138,7 +140,8 @@ class ArraySource(Source):
         tf.io.decode_image(tf.io.read_file(path), channels=self.image_shape[-1],
                            expand_animations=False)
       except (tf.errors.OpError, ValueError) as e:
-        raise ValueError(f"Cannot read image file {path}: {getattr(e, 'message', e)}") from None
+        raise errors.DataError(
+            f"Cannot read image file {path}: {getattr(e, 'message', e)}") from None
 
 
 class TfdsSource(Source):
@@ -161,22 +164,22 @@ class TfdsSource(Source):
     self.name, self.image_key, self.label_key = name, image_key, label_key
     self.shuffle_buffer = shuffle_buffer
     if file_interleave < 1:
-      raise ValueError(f"file_interleave ({file_interleave}) must be >= 1.")
+      raise errors.DataError(f"file_interleave ({file_interleave}) must be >= 1.")
     self.shuffle_files, self.file_interleave = shuffle_files, file_interleave
     try:
       self.builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-      raise ValueError(f"TFDS has no data set {name!r}: {e}") from None
+      raise errors.DataError(f"TFDS has no data set {name!r}: {e}") from None
     if not self.builder.is_prepared():
       self._prepare(name, data_dir, manual_dir, process_index, process_count)
     features = self.builder.info.features
     for key in (image_key, label_key):
       if key not in features:
-        raise ValueError(f"TFDS {name!r} has no feature {key!r}; features: {list(features)}. "
-                         "Set cfg.image_key / cfg.label_key.")
+        raise errors.DataError(f"TFDS {name!r} has no feature {key!r}; features: {list(features)}. "
+                               "Set cfg.image_key / cfg.label_key.")
     if not isinstance(features[label_key], tfds.features.ClassLabel):
-      raise ValueError(f"TFDS {name!r} feature {label_key!r} is not a class label; set "
-                       "cfg.label_key to one.")
+      raise errors.DataError(f"TFDS {name!r} feature {label_key!r} is not a class label; set "
+                             "cfg.label_key to one.")
     self.num_classes = features[label_key].num_classes
     self.class_names = tuple(features[label_key].names)
     self.image_shape = tuple(features[image_key].shape)
@@ -215,7 +218,7 @@ class TfdsSource(Source):
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except Exception as e:  # pylint: disable=broad-except
       first_line = (str(e).strip().splitlines() or [""])[0][:200]
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"TFDS data set {name!r} is not prepared in {self.builder.data_dir!r} and preparing it "
           f"failed ({type(e).__name__}: {first_line}). Prepare it where there is network access "
           "(`tfds build`), then point cfg.data_dir at that TFDS data_dir; data sets that need "
@@ -226,13 +229,13 @@ class TfdsSource(Source):
       known = self.builder.info.splits
       if known:  # A prepared data set knows its splits.
         if base not in known:
-          raise ValueError(f"Unknown split {base!r} for TFDS {self.name!r}; known: "
-                           f"{sorted(known)}.")
+          raise errors.DataError(f"Unknown split {base!r} for TFDS {self.name!r}; known: "
+                                 f"{sorted(known)}.")
         self._sizes[base] = known[base].num_examples
       else:  # Builders without split metadata (tfds.testing.mock_data): ask the reader.
         n = int(self.builder.as_dataset(split=base).cardinality())
         if n < 0:
-          raise ValueError(f"TFDS {self.name!r} does not know the size of split {base!r}.")
+          raise errors.DataError(f"TFDS {self.name!r} does not know the size of split {base!r}.")
         self._sizes[base] = n
     return self._sizes[base]
 
@@ -357,12 +360,13 @@ def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
       raw = f.read()
   except (OSError, EOFError) as e:
-    raise ValueError(f"Cannot read {path}: {e}. Reinstall it with "
-                     "`sudo apt-get install --reinstall dataset-fashion-mnist`.") from None
+    raise errors.DataError(f"Cannot read {path}: {e}. Reinstall it with "
+                           "`sudo apt-get install --reinstall dataset-fashion-mnist`.") from None
   header = np.frombuffer(raw, ">i4", count=1 + ndim) if len(raw) >= 4 + 4 * ndim else None
   if header is None or header[0] != magic or len(raw) != 4 + 4 * ndim + int(np.prod(header[1:])):
-    raise ValueError(f"{path} is not a valid IDX file (magic {magic}, {ndim} dimensions); "
-                     "reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`.")
+    raise errors.DataError(
+        f"{path} is not a valid IDX file (magic {magic}, {ndim} dimensions); "
+        "reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`.")
   return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(header[1:])
 
 
@@ -373,8 +377,8 @@ def _load_fashion_mnist(directory: str) -> Dict[str, Tuple[np.ndarray, np.ndarra
     images = _read_idx(os.path.join(directory, images_file), 2051, 3)[..., None]  # (N, 28, 28, 1)
     labels = _read_idx(os.path.join(directory, labels_file), 2049, 1)
     if len(images) != len(labels):
-      raise ValueError(f"{images_file} has {len(images)} images but {labels_file} has "
-                       f"{len(labels)} labels in {directory}.")
+      raise errors.DataError(f"{images_file} has {len(images)} images but {labels_file} has "
+                             f"{len(labels)} labels in {directory}.")
     data[split] = (images, labels)
   return data
 
@@ -397,7 +401,7 @@ def fashion_mnist(data_dir: Optional[str] = None, *, tfds_fallback: bool = True,
       return TfdsSource("fashion_mnist", data_dir=tfds_data_dir)
     except Exception as e:  # pylint: disable=broad-except
       reason = f" The TFDS fallback failed too: {type(e).__name__}: {e}"
-  raise FileNotFoundError(
+  raise errors.MissingFileError(
       f"Fashion-MNIST not found in {directory}: missing {', '.join(missing)}. Install Debian's "
       "package with `sudo apt-get install dataset-fashion-mnist` (or `make data`), or set "
       f"data_dir to a directory holding {', '.join(files)}.{reason}")
@@ -407,15 +411,16 @@ def image_folder(data_dir: Optional[str], *, channels: int = 3) -> Source:
   """Images in `data_dir/<split>/<class>/*.{jpg,jpeg,png}`; labels index the sorted class names."""
   layout = "<data_dir>/<split>/<class>/*.jpg|*.png"
   if not data_dir:
-    raise ValueError(f"image_folder needs cfg.data_dir (layout {layout}).")
+    raise errors.DataError(f"image_folder needs cfg.data_dir (layout {layout}).")
   if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"Image folder {data_dir} does not exist (expected layout {layout}); "
-                            "set cfg.data_dir to the folder's root.")
+    raise errors.MissingFileError(
+        f"Image folder {data_dir} does not exist (expected layout {layout}); "
+        "set cfg.data_dir to the folder's root.")
   split_names = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
   classes = sorted({c for s in split_names for c in os.listdir(os.path.join(data_dir, s))
                     if os.path.isdir(os.path.join(data_dir, s, c))})
   if not classes:
-    raise ValueError(f"No class folders in {data_dir} (expected layout {layout}).")
+    raise errors.DataError(f"No class folders in {data_dir} (expected layout {layout}).")
   data = {}
   for split in split_names:
     paths: List[str] = []
@@ -430,14 +435,14 @@ def image_folder(data_dir: Optional[str], *, channels: int = 3) -> Source:
     if paths:
       data[split] = (np.array([p.encode() for p in paths]), np.array(labels, np.int32))
   if not data:
-    raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {data_dir} "
-                     f"(expected layout {layout}).")
+    raise errors.DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {data_dir} "
+                           f"(expected layout {layout}).")
   used = {int(label) for _, labels in data.values() for label in labels}
   empty = [c for i, c in enumerate(classes) if i not in used]
   if empty:
     folders = [os.path.join(data_dir, s, c) for c in empty for s in split_names
                if os.path.isdir(os.path.join(data_dir, s, c))]
-    raise ValueError(
+    raise errors.DataError(
         f"Class folder(s) without any image ({', '.join(IMAGE_EXTENSIONS)}) in any split: "
         f"{', '.join(folders)}. Each class folder counts as a class (the model's class count and "
         "the labels follow them): add images or remove the folder(s).")
@@ -454,11 +459,11 @@ def get_source(cfg) -> Source:
     return _get_source(cfg)
   except FileNotFoundError as e:
     if cfg.get("prepare"):
-      raise FileNotFoundError(f"{e} {cfg.get('prepare')}") from None
+      raise errors.MissingFileError(f"{e} {cfg.get('prepare')}") from None
     raise
   except ValueError as e:
     if cfg.get("prepare") and ("data_dir" in str(e) or "TFDS has no" in str(e)):
-      raise ValueError(f"{e} {cfg.get('prepare')}") from None
+      raise errors.DataError(f"{e} {cfg.get('prepare')}") from None
     raise
 
 
@@ -480,8 +485,8 @@ def describe(cfg) -> Tuple[Tuple[Optional[int], Optional[int], int], int, bool]:
   if name == "image_folder":
     source = image_folder(cfg.get("data_dir"), channels=cfg.get("channels", 3))
     return source.image_shape, source.num_classes, True
-  raise ValueError(f"Data source {name!r} has no image shape and class count to describe "
-                   f"(classification sources: {', '.join(KNOWN_NAMES[:3])}).")
+  raise errors.DataError(f"Data source {name!r} has no image shape and class count to describe "
+                         f"(classification sources: {', '.join(KNOWN_NAMES[:3])}).")
 
 
 def _get_source(cfg) -> Source:
@@ -502,5 +507,5 @@ def _get_source(cfg) -> Source:
     # Imported here: canvases.py builds on this module (its source subclasses Source).
     from vit_jax.data import canvases  # pylint: disable=g-import-not-at-top
     return canvases.CanvasSource(data_dir=cfg.get("data_dir"))
-  raise ValueError(f"Unknown data source {name!r}; known: {', '.join(KNOWN_NAMES)} "
-                   "(e.g. 'tfds:cifar10').")
+  raise errors.DataError(f"Unknown data source {name!r}; known: {', '.join(KNOWN_NAMES)} "
+                         "(e.g. 'tfds:cifar10').")

@@ -28,6 +28,8 @@ from typing import List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from vit_jax import errors
+
 _SPLIT_RE = re.compile(r"^(?P<base>[A-Za-z_][\w\-]*)(\[(?P<slice>[^\]]*)\])?(@(?P<subset>.+))?$")
 _GRAMMAR = ("expected 'base', 'base[start:stop]' (integers or percentages like 10%) and optionally "
             "'@seeded(N, seed=S)', joined by '+', e.g. 'train[:10%]@seeded(1000, seed=0)+test'")
@@ -52,16 +54,16 @@ def parse(split: str) -> List[SplitSpec]:
 def _parse_part(split: str, part: str) -> SplitSpec:
   m = _SPLIT_RE.match(part)
   if not m:
-    raise ValueError(f"Cannot parse split {split!r}: {_GRAMMAR}.")
+    raise errors.ConfigError(f"Cannot parse split {split!r}: {_GRAMMAR}.")
   start = stop = None
   if m.group("slice") is not None:
     bounds = m.group("slice").split(":")
     if len(bounds) != 2:
-      raise ValueError(f"Cannot parse the slice of split {split!r}: {_GRAMMAR}.")
+      raise errors.ConfigError(f"Cannot parse the slice of split {split!r}: {_GRAMMAR}.")
     start, stop = (b or None for b in bounds)
     for bound in (start, stop):
       if bound is not None and not re.fullmatch(r"-?\d+(\.\d+)?%|-?\d+", bound):
-        raise ValueError(f"Bad slice bound {bound!r} in split {split!r}: {_GRAMMAR}.")
+        raise errors.ConfigError(f"Bad slice bound {bound!r} in split {split!r}: {_GRAMMAR}.")
   size, seed = None, 0
   if m.group("subset") is not None:
     size, seed = _parse_seeded(split, m.group("subset"))
@@ -87,7 +89,8 @@ def _parse_seeded(split: str, text: str) -> Tuple[int, int]:
     raise bad
   size, seed = args[0], (args[1] if len(args) == 2 else kwargs.get("seed", 0))
   if not (isinstance(size, int) and isinstance(seed, int)) or size < 1 or seed < 0:
-    raise ValueError(f"In split {split!r}: seeded(N, seed=S) needs integers N >= 1, S >= 0.")
+    raise errors.ConfigError(
+        f"In split {split!r}: seeded(N, seed=S) needs integers N >= 1, S >= 0.")
   return size, seed
 
 
@@ -97,13 +100,14 @@ def _boundary(bound: Optional[str], n: int, default: int, split: str) -> int:
   if bound.endswith("%"):
     pct = fractions.Fraction(bound[:-1])
     if abs(pct) > 100:
-      raise ValueError(f"Percentage {bound} out of range in split {split!r}.")
+      raise errors.ConfigError(f"Percentage {bound} out of range in split {split!r}.")
     k = int(n * abs(pct) // 100)
     return k if pct >= 0 else n - k
   k = int(bound)
   if abs(k) > n:
-    raise ValueError(f"Slice bound {k} is out of range in split {split!r}: the base split has "
-                     f"{n} examples.")
+    raise errors.ConfigError(
+        f"Slice bound {k} is out of range in split {split!r}: the base split has "
+        f"{n} examples.")
   return k if k >= 0 else n + k
 
 
@@ -117,24 +121,25 @@ def resolve(split: str, sizes: Mapping[str, int]) -> Parts:
   parts = []
   for spec in parse(split):
     if spec.base not in sizes:
-      raise ValueError(f"Unknown split {spec.base!r} in {split!r}; this source has splits "
-                       f"{sorted(sizes)}.")
+      raise errors.ConfigError(f"Unknown split {spec.base!r} in {split!r}; this source has splits "
+                               f"{sorted(sizes)}.")
     n = sizes[spec.base]
     start = _boundary(spec.start, n, 0, split)
     stop = _boundary(spec.stop, n, n, split)
     if stop <= start:
-      raise ValueError(f"Split {split!r} selects no examples of {spec.base!r} (start {start} >= "
-                       f"stop {stop}, of {n} examples).")
+      raise errors.ConfigError(
+          f"Split {split!r} selects no examples of {spec.base!r} (start {start} >= "
+          f"stop {stop}, of {n} examples).")
     indices = np.arange(start, stop, dtype=np.int64)
     if spec.subset_size is not None:
       if spec.subset_size > len(indices):
-        raise ValueError(f"Split {split!r} asks for {spec.subset_size} examples out of "
-                         f"{len(indices)}.")
+        raise errors.ConfigError(f"Split {split!r} asks for {spec.subset_size} examples out of "
+                                 f"{len(indices)}.")
       perm = np.random.Generator(np.random.PCG64(spec.subset_seed)).permutation(len(indices))
       indices = np.sort(indices[perm[:spec.subset_size]])
     for base, other in parts:
       if base == spec.base and np.intersect1d(other, indices).size:
-        raise ValueError(f"Parts of split {split!r} overlap in {base!r}.")
+        raise errors.ConfigError(f"Parts of split {split!r} overlap in {base!r}.")
     parts.append((spec.base, indices))
   return parts
 

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from vit_jax import data as data_lib
+from vit_jax import errors
 from vit_jax import evaluators
 
 # big_vision's defaults (configs/common_fewshot.py) and constants (evaluators/fewshot_lsr.py).
@@ -63,9 +64,10 @@ def sample_shots(labels: np.ndarray, shots: Sequence[int], num_classes: int,
   for c in range(num_classes):
     rows = np.flatnonzero(labels == c)
     if len(rows) < kmax:
-      raise ValueError(f"Class {c} has {len(rows)} examples in the few-shot train split but "
-                       f"{kmax}-shot needs {kmax}; use a larger fewshot.train_split or fewer "
-                       "shots.")
+      raise errors.ConfigError(
+          f"Class {c} has {len(rows)} examples in the few-shot train split but "
+          f"{kmax}-shot needs {kmax}; use a larger fewshot.train_split or fewer "
+          "shots.")
     picked.append(rng.permutation(rows)[:kmax])  # (kmax,)
   picked = np.stack(picked)  # (K, kmax)
   return {k: np.sort(picked[:, :k].reshape(-1)).astype(np.int64) for k in shots}
@@ -138,10 +140,11 @@ class FewShotEvaluator:
                should_stop: Optional[Callable[[], bool]] = None):
     shots = tuple(int(k) for k in shots)
     if not shots or min(shots) < 1:
-      raise ValueError(f"fewshot.shots must be positive integers, got {shots}.")
+      raise errors.ConfigError(f"fewshot.shots must be positive integers, got {shots}.")
     if num_trials < 1 or l2_reg < 0:
-      raise ValueError(f"fewshot needs num_trials >= 1 and l2_reg >= 0, got {num_trials} and "
-                       f"{l2_reg}.")
+      raise errors.ConfigError(
+          f"fewshot needs num_trials >= 1 and l2_reg >= 0, got {num_trials} and "
+          f"{l2_reg}.")
     self.run_fn, self.source, self.pp, self.gather = run_fn, source, pp, gather
     self.train_split, self.test_split = train_split, test_split
     self.shots, self.l2_reg, self.num_trials, self.seed = shots, float(l2_reg), num_trials, seed

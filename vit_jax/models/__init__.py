@@ -2,11 +2,15 @@
 
 Each family module exposes `config_from_name(name) -> kwargs | None` (None: not its name) and
 `NAMES` (for error messages); this file lists the families explicitly, nothing registers itself.
+What a family's Module must do to train, evaluate, predict and load weights here is
+`VisionModel` below (tests/models/test_contract.py checks every family against it).
 """
 import dataclasses
+from typing import Any, Protocol, runtime_checkable
 
 import flax.linen as nn
 
+from vit_jax import errors
 from vit_jax.models import cvt
 from vit_jax.models import deit
 from vit_jax.models import detr
@@ -29,6 +33,32 @@ _FAMILIES = (
 )
 
 
+@runtime_checkable
+class VisionModel(Protocol):
+  """The contract every family's linen Module keeps (checked over the registry by
+  tests/models/test_contract.py):
+
+  - `num_classes` is a field: the trainer sets it from the data set. A classifier returns
+    logits (batch, num_classes) (a distilled DeiT in training: the (class, distillation) pair);
+    `num_classes=0` returns the pooled pre-head features (batch, width), which the few-shot
+    probe and `Runner.features` read. DETR returns a dict (`logits`, `boxes`, and per-layer
+    `aux_*` in training) and takes the image mask as a second argument.
+  - `__call__(images, ..., train: bool = False)`: images (batch, H, W, C) float. `train=True`
+    turns on dropout and stochastic depth, which draw from the `dropout` rng only (no other rng
+    stream), and updates BatchNorm statistics.
+  - State: `params`, and `batch_stats` for models with BatchNorm, the only collection training
+    updates (mutable in `apply`); `intermediates` (attention maps) only when asked for.
+  - Position embeddings are sized by `img_size` / the input at init; another input size is
+    adapted when weights load (vit_jax.checkpoint / vit_jax.pretrained: ViT's learned grid is
+    interpolated, Swin's relative-position tables are resized; the others take any size their
+    strides divide).
+  """
+  num_classes: int
+
+  def __call__(self, images: Any, *args, train: bool = False) -> Any:
+    ...
+
+
 def known_names():
   return [n for family, _ in _FAMILIES for n in family.NAMES]
 
@@ -39,7 +69,8 @@ def fields(name: str) -> set:
   for family, cls in _FAMILIES:
     if family.config_from_name(name) is not None:
       return {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes"}
-  raise ValueError(f"Unknown model name {name!r}. Known models: {', '.join(known_names())}.")
+  raise errors.ConfigError(
+      f"Unknown model name {name!r}. Known models: {', '.join(known_names())}.")
 
 
 def get_model(name: str, **overrides) -> nn.Module:
@@ -55,8 +86,9 @@ def get_model(name: str, **overrides) -> nn.Module:
     fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-      raise ValueError(f"Unknown option(s) {unknown} for model {name!r} ({cls.__name__}); "
-                       f"known: {', '.join(sorted(fields))}.")
+      raise errors.ConfigError(f"Unknown option(s) {unknown} for model {name!r} ({cls.__name__}); "
+                               f"known: {', '.join(sorted(fields))}.")
     kwargs.update(overrides)
     return cls(**kwargs)
-  raise ValueError(f"Unknown model name {name!r}. Known models: {', '.join(known_names())}.")
+  raise errors.ConfigError(
+      f"Unknown model name {name!r}. Known models: {', '.join(known_names())}.")

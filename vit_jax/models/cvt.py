@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import errors
 from vit_jax.models import layers
 
 Dtype = Any
@@ -87,7 +88,7 @@ class ConvAttention(nn.Module):
   def __call__(self, x, h: int, w: int, train: bool):
     b, n, c = x.shape
     if c % self.num_heads:
-      raise ValueError(f"width {c} is not divisible by num_heads={self.num_heads}")
+      raise errors.ConfigError(f"width {c} is not divisible by num_heads={self.num_heads}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
     cls, x = (x[:, :1], x[:, 1:]) if self.with_cls else (None, x)
@@ -178,8 +179,9 @@ class CvTStage(nn.Module):
                   **kw)(x)
     b, h, w, c = x.shape
     if h < 1 or w < 1:
-      raise ValueError(f"{self.name}: a {in_h}x{in_w} map gives no tokens; use a larger input "
-                       f"or smaller patch_sizes/patch_strides.")
+      raise errors.ConfigError(
+          f"{self.name}: a {in_h}x{in_w} map gives no tokens; use a larger input "
+          f"or smaller patch_sizes/patch_strides.")
     x = nn.Dropout(self.dropout_rate)(x.reshape(b, h * w, c), deterministic=not train)
     if self.with_cls:
       cls = self.param("cls_token", layers.trunc_normal, (1, 1, c), self.param_dtype)
@@ -212,15 +214,16 @@ class ConvolutionalVisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     if images.ndim != 4:
-      raise ValueError(f"images must be (B, H, W, C); got shape {images.shape}.")
+      raise errors.ConfigError(f"images must be (B, H, W, C); got shape {images.shape}.")
     per_stage = dict(embed_dims=self.embed_dims, depths=self.depths, num_heads=self.num_heads,
                      patch_sizes=self.patch_sizes, patch_strides=self.patch_strides,
                      patch_paddings=self.patch_paddings)
     n_stages = len(self.depths)
     bad = {k: len(v) for k, v in per_stage.items() if len(v) != n_stages}
     if bad:
-      raise ValueError(f"per-stage settings must all have {n_stages} entries (len(depths)); "
-                       f"got {bad}.")
+      raise errors.ConfigError(
+          f"per-stage settings must all have {n_stages} entries (len(depths)); "
+          f"got {bad}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = images.astype(layers.activation_dtype(self.dtype))
     for i in range(n_stages):
@@ -258,10 +261,10 @@ def model_kwargs_from_hf(config) -> dict:
                stride_kv=[2] * n)
   for key, want in fixed.items():
     if get(key) != want:
-      raise ValueError(f"CvtConfig.{key}={get(key)} is not supported (only {want}).")
+      raise errors.ConfigError(f"CvtConfig.{key}={get(key)} is not supported (only {want}).")
   for key in ("mlp_ratio", "qkv_bias"):
     if len(set(get(key))) != 1:
-      raise ValueError(f"CvtConfig.{key} must be the same in every stage, got {get(key)}.")
+      raise errors.ConfigError(f"CvtConfig.{key} must be the same in every stage, got {get(key)}.")
   return dict(num_classes=layers.hf_config_get(config, "num_labels"),
               embed_dims=tuple(get("embed_dim")), depths=tuple(get("depth")),
               num_heads=tuple(get("num_heads")), patch_sizes=tuple(get("patch_sizes")),

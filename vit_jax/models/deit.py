@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vit_jax import errors
 from vit_jax.models import layers
 from vit_jax.models import vit
 
@@ -48,11 +49,12 @@ class DeiT(vit.VisionTransformer):
     if not self.distilled:
       return super().__call__(images, train=train)
     if self.resnet is not None or self.classifier != "token":
-      raise ValueError("A distilled DeiT needs classifier='token' and no resnet stem; got "
-                       f"classifier={self.classifier!r}, resnet={self.resnet!r}.")
+      raise errors.ConfigError("A distilled DeiT needs classifier='token' and no resnet stem; got "
+                               f"classifier={self.classifier!r}, resnet={self.resnet!r}.")
     if self.representation_size is not None:
-      raise ValueError("A distilled DeiT has no representation layer: set representation_size="
-                       "None.")
+      raise errors.ConfigError(
+          "A distilled DeiT has no representation layer: set representation_size="
+          "None.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
     init = vit.inits(self.init_style)
@@ -103,7 +105,7 @@ def model_kwargs_from_hf(config) -> dict:
   """DeiT kwargs matching a transformers `DeiTConfig` (num_classes from its `num_labels`)."""
   get = lambda k, *default: layers.hf_config_get(config, k, *default)
   if get("hidden_act", "gelu") != "gelu":
-    raise ValueError(f"Only hidden_act='gelu' is supported, got {get('hidden_act')!r}.")
+    raise errors.ConfigError(f"Only hidden_act='gelu' is supported, got {get('hidden_act')!r}.")
   p = get("patch_size")
   return dict(num_classes=get("num_labels"), hidden_size=get("hidden_size"),
               mlp_dim=get("intermediate_size"), num_heads=get("num_attention_heads"),

@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import errors
 from vit_jax.models import layers
 from vit_jax.models import resnet
 
@@ -129,8 +130,8 @@ class FrozenBNResNet(nn.Module):
   @nn.compact
   def __call__(self, x):
     if len(self.depths) != len(self.widths):
-      raise ValueError(f"FrozenBNResNet: depths {tuple(self.depths)} and widths "
-                       f"{tuple(self.widths)} need one entry per stage each.")
+      raise errors.ConfigError(f"FrozenBNResNet: depths {tuple(self.depths)} and widths "
+                               f"{tuple(self.widths)} need one entry per stage each.")
     x = _conv(self.stem_width, 7, 2, "stem_conv")(x)
     x = nn.relu(FrozenBatchNorm(name="stem_bn")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
@@ -202,7 +203,8 @@ class DetrAttention(nn.Module):
     """q_in (B, Nq, D); k_in, v_in (B, Nk, D); key_mask (B, Nk) True for keys to attend to."""
     d_model = q_in.shape[-1]
     if d_model % self.num_heads:
-      raise ValueError(f"DETR width {d_model} is not divisible by num_heads={self.num_heads}.")
+      raise errors.ConfigError(
+          f"DETR width {d_model} is not divisible by num_heads={self.num_heads}.")
     head_dim = d_model // self.num_heads
     proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), name=name,
                                         kernel_init=nn.initializers.xavier_uniform(),
@@ -322,18 +324,19 @@ class DETR(nn.Module):
   @nn.compact
   def __call__(self, images, mask=None, *, train: bool = False):
     if self.backbone not in BACKBONES:
-      raise ValueError(f"Unknown DETR backbone {self.backbone!r}; known: "
-                       + "; ".join(f"{k!r} ({v})" for k, v in BACKBONES.items()) + ".")
+      raise errors.ConfigError(f"Unknown DETR backbone {self.backbone!r}; known: "
+                               + "; ".join(f"{k!r} ({v})" for k, v in BACKBONES.items()) + ".")
     if self.num_classes < 1:
-      raise ValueError(f"DETR needs num_classes >= 1 (real classes, without 'no object'), got "
-                       f"{self.num_classes}.")
+      raise errors.ConfigError(
+          f"DETR needs num_classes >= 1 (real classes, without 'no object'), got "
+          f"{self.num_classes}.")
     deterministic = not train
     b, h_img, w_img = images.shape[:3]
     if mask is None:
       mask = jnp.ones((b, h_img, w_img), bool)
     elif mask.shape != (b, h_img, w_img):
-      raise ValueError(f"DETR mask has shape {mask.shape}; it needs (B, H, W) = "
-                       f"{(b, h_img, w_img)}, True on real pixels and False on padding.")
+      raise errors.ConfigError(f"DETR mask has shape {mask.shape}; it needs (B, H, W) = "
+                               f"{(b, h_img, w_img)}, True on real pixels and False on padding.")
     images = images.astype(jnp.float32)
     if self.backbone == "resnet":
       feats = FrozenBNResNet(tuple(self.resnet_depths), tuple(self.resnet_widths),
@@ -344,7 +347,8 @@ class DETR(nn.Module):
     _, h, w, _ = feats.shape
     d = self.hidden_size
     if d % 2:
-      raise ValueError(f"DETR hidden_size {d} must be even (half the sine channels are y, half x).")
+      raise errors.ConfigError(
+          f"DETR hidden_size {d} must be even (half the sine channels are y, half x).")
     x = nn.Conv(d, (1, 1), conv_general_dilated=layers.conv_general_dilated,
                 name="input_proj")(feats).reshape(b, h * w, d)  # (B, N, D)
     feat_mask = downsample_mask(mask.astype(bool), h, w)  # (B, h, w)
@@ -415,32 +419,35 @@ def model_kwargs_from_hf(config) -> dict:
   for key, want in (("position_embedding_type", "sine"), ("activation_function", "relu"),
                     ("dilation", False)):
     if get(key) != want:
-      raise ValueError(f"DETR conversion supports {key}={want!r}, got {get(key)!r}.")
+      raise errors.ConfigError(f"DETR conversion supports {key}={want!r}, got {get(key)!r}.")
   if get("encoder_attention_heads") != get("decoder_attention_heads") or (
       get("encoder_ffn_dim") != get("decoder_ffn_dim")):
-    raise ValueError("DETR conversion needs equal encoder and decoder heads and ffn dims.")
+    raise errors.ConfigError("DETR conversion needs equal encoder and decoder heads and ffn dims.")
   if get("use_timm_backbone"):
     name = get("backbone")
     if name not in TIMM_RESNETS:
-      raise ValueError(f"DETR conversion supports the timm backbones {sorted(TIMM_RESNETS)}, "
-                       f"got {name!r}.")
+      raise errors.ConfigError(
+          f"DETR conversion supports the timm backbones {sorted(TIMM_RESNETS)}, "
+          f"got {name!r}.")
     depths, widths, stem = TIMM_RESNETS[name], (256, 512, 1024, 2048), 64
   else:
     bb = get("backbone_config")
     if bb is None:
-      raise ValueError("DETR conversion needs a timm ResNet backbone or a ResNetConfig "
-                       "backbone_config; the config has neither.")
+      raise errors.ConfigError("DETR conversion needs a timm ResNet backbone or a ResNetConfig "
+                               "backbone_config; the config has neither.")
     bget = functools.partial(layers.hf_config_get, bb)
     checks = {"layer_type": "bottleneck", "hidden_act": "relu",
               "downsample_in_bottleneck": False, "downsample_in_first_stage": False}
     for key, want in checks.items():
       if bget(key) != want:
-        raise ValueError(f"DETR conversion supports ResNet backbones with {key}={want!r}, got "
-                         f"{bget(key)!r}.")
+        raise errors.ConfigError(
+            f"DETR conversion supports ResNet backbones with {key}={want!r}, got "
+            f"{bget(key)!r}.")
     n_stages = len(bget("depths"))
     if list(bget("out_features")) != [f"stage{n_stages}"]:
-      raise ValueError(f"DETR conversion needs the backbone's last stage as its only output "
-                       f"(out_features=['stage{n_stages}']), got {bget('out_features')}.")
+      raise errors.ConfigError(
+          f"DETR conversion needs the backbone's last stage as its only output "
+          f"(out_features=['stage{n_stages}']), got {bget('out_features')}.")
     depths, widths = tuple(bget("depths")), tuple(bget("hidden_sizes"))
     stem = bget("embedding_size")
   return dict(num_classes=_num_labels(config), hidden_size=get("d_model"),

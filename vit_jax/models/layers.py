@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import errors
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -52,16 +54,19 @@ def _check_spec(spec: str):
     ins, out = spec.replace(" ", "").split("->")
     a, b = ins.split(",")
   except ValueError:
-    raise ValueError(f"mixed_einsum needs an explicit two-operand spec 'ab,bc->ac', got {spec!r}.")
+    raise errors.ConfigError(
+        f"mixed_einsum needs an explicit two-operand spec 'ab,bc->ac', got {spec!r}.")
   for name, s in (("first operand", a), ("second operand", b), ("output", out)):
     if not s.isalpha() or len(set(s)) != len(s):
-      raise ValueError(f"mixed_einsum spec {spec!r}: the {name} {s!r} must be distinct letters "
-                       "(no '...', no repeated index).")
+      raise errors.ConfigError(
+          f"mixed_einsum spec {spec!r}: the {name} {s!r} must be distinct letters "
+          "(no '...', no repeated index).")
   for s, other in ((a, b + out), (b, a + out), (out, a + b)):
     missing = set(s) - set(other)
     if missing:
-      raise ValueError(f"mixed_einsum spec {spec!r}: index {''.join(sorted(missing))} appears in "
-                       "one term only (a plain sum, not a matmul); sum it before the einsum.")
+      raise errors.ConfigError(
+          f"mixed_einsum spec {spec!r}: index {''.join(sorted(missing))} appears in "
+          "one term only (a plain sum, not a matmul); sum it before the einsum.")
   return a, b, out
 
 
@@ -134,8 +139,9 @@ def dot_general_spec(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> str:
   lc, rc, lb, rb = (tuple(d % n for d in ds) for ds, n in
                     ((lc, lhs_ndim), (rc, rhs_ndim), (lb, lhs_ndim), (rb, rhs_ndim)))
   if len(lc) != len(rc) or len(lb) != len(rb):
-    raise ValueError(f"dot_general dimension_numbers {dimension_numbers}: contracting and batch "
-                     "dimensions must pair up between lhs and rhs.")
+    raise errors.ConfigError(
+        f"dot_general dimension_numbers {dimension_numbers}: contracting and batch "
+        "dimensions must pair up between lhs and rhs.")
   letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
   lhs = list(letters[:lhs_ndim])  # the lhs in order; the rhs shares its paired letters
   rhs = [None] * rhs_ndim
@@ -289,7 +295,7 @@ class Attention(nn.Module):
     kv = x if kv is None else kv
     d_model = x.shape[-1]
     if d_model % self.num_heads:
-      raise ValueError(f"width {d_model} is not divisible by num_heads={self.num_heads}")
+      raise errors.ConfigError(f"width {d_model} is not divisible by num_heads={self.num_heads}")
     head_dim = d_model // self.num_heads
     proj = lambda name, use_bias: nn.DenseGeneral(
         (self.num_heads, head_dim), use_bias=use_bias, kernel_init=self.kernel_init,
@@ -347,7 +353,8 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
                      dtype=jnp.float32) -> jax.Array:
   """Fixed 2-D sin-cos position embeddings (MoCo v3 / big_vision), shape (1, h*w, width)."""
   if width % 4:
-    raise ValueError(f"width {width} must be a multiple of 4 for sincos2d position embeddings")
+    raise errors.ConfigError(
+        f"width {width} must be a multiple of 4 for sincos2d position embeddings")
   y, x = np.mgrid[:h, :w]
   omega = np.arange(width // 4) / (width // 4 - 1)
   omega = 1. / (temperature ** omega)
@@ -410,8 +417,9 @@ class TorchStateDict:
 
   def take(self, key: str) -> np.ndarray:
     if key not in self.sd:
-      raise ValueError(f"The {self.what} state dict lacks {key!r}; does the config match the "
-                       f"weights? Some keys it has: {sorted(self.sd)[:5]}")
+      raise errors.ConfigError(
+          f"The {self.what} state dict lacks {key!r}; does the config match the "
+          f"weights? Some keys it has: {sorted(self.sd)[:5]}")
     self.used.add(key)
     return self.sd[key]
 
@@ -447,7 +455,7 @@ class TorchStateDict:
       w = self.take(src + ".weight").T  # (D_in, H * d)
       d_in, width = w.shape
       if width % num_heads:
-        raise ValueError(f"{src}: width {width} is not divisible by num_heads={num_heads}.")
+        raise errors.ConfigError(f"{src}: width {width} is not divisible by num_heads={num_heads}.")
       self.put(dst + (name, "kernel"), w.reshape(d_in, num_heads, width // num_heads))
       if self.has(src + ".bias"):
         self.put(dst + (name, "bias"), self.take(src + ".bias").reshape(num_heads, -1))
@@ -458,8 +466,8 @@ class TorchStateDict:
   def variables(self) -> dict:
     leftover = sorted(set(self.sd) - self.used)
     if leftover:
-      raise ValueError(f"Unconverted keys in the {self.what} state dict: {leftover[:10]}"
-                       f"{' ...' if len(leftover) > 10 else ''}")
+      raise errors.ConfigError(f"Unconverted keys in the {self.what} state dict: {leftover[:10]}"
+                               f"{' ...' if len(leftover) > 10 else ''}")
     return self.tree
 
 
@@ -474,7 +482,8 @@ def hf_config_get(config, key: str, default=_MISSING):
       return config[key]
     if default is not _MISSING:
       return default
-    raise ValueError(f"The config lacks {key!r}; pass the transformers config of the weights.")
+    raise errors.ConfigError(
+        f"The config lacks {key!r}; pass the transformers config of the weights.")
   return getattr(config, key)
 
 
@@ -518,7 +527,7 @@ def classifier_head(x, num_classes: int, *, pool: Optional[str] = None,
   if pool == "token":
     x = x[:, 0]
   elif pool not in ("mean", None):
-    raise ValueError(f"Unknown pool {pool!r}: use 'token', 'mean' or None.")
+    raise errors.ConfigError(f"Unknown pool {pool!r}: use 'token', 'mean' or None.")
   if norm_epsilon is not None:
     x = nn.LayerNorm(epsilon=norm_epsilon, name="norm", dtype=activation_dtype(dtype),
                      param_dtype=param_dtype)(x)
@@ -537,5 +546,6 @@ def match_variant(name: str, name_re: re.Pattern, variants, family: str,
   of `variants`."""
   m = name_re.match(name)
   if m and m["variant"] not in variants:
-    raise ValueError(f"Unknown {family} variant {m['variant']!r} in {name!r}; known: {known}.")
+    raise errors.ConfigError(
+        f"Unknown {family} variant {m['variant']!r} in {name!r}; known: {known}.")
   return m

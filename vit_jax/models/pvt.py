@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import errors
 from vit_jax.models import layers
 
 Dtype = Any
@@ -107,7 +108,8 @@ class SpatialReductionAttention(nn.Module):
     if not self.linear and self.sr_ratio == 1:
       return self.attention(x, deterministic=deterministic)
     if n != h * w:
-      raise ValueError(f"spatial reduction needs exactly {h}x{w} tokens (no cls token); got {n}.")
+      raise errors.ConfigError(
+          f"spatial reduction needs exactly {h}x{w} tokens (no cls token); got {n}.")
     kv = x.reshape(b, h, w, c)
     if self.linear:
       ph, pw = adaptive_avg_pool_matrix(h, 7), adaptive_avg_pool_matrix(w, 7)
@@ -116,8 +118,9 @@ class SpatialReductionAttention(nn.Module):
                    conv_general_dilated=layers.conv_general_dilated, **kw)(kv)
     else:
       if min(h, w) < self.sr_ratio:
-        raise ValueError(f"a {h}x{w} map is smaller than the spatial reduction {self.sr_ratio}; "
-                         f"use a larger input or smaller sr_ratios.")
+        raise errors.ConfigError(
+            f"a {h}x{w} map is smaller than the spatial reduction {self.sr_ratio}; "
+            f"use a larger input or smaller sr_ratios.")
       # A stride-sr sr x sr conv: layers.PatchEmbed has its parameters and is cheaper on CPU.
       kv = layers.PatchEmbed(c, (self.sr_ratio,) * 2, kernel_init=layers.trunc_normal, name="sr",
                              **kw)(kv)
@@ -212,8 +215,8 @@ class PatchEmbed(nn.Module):
       x = layers.PatchEmbed(self.features, (k, k), kernel_init=layers.trunc_normal, name="proj",
                             **kw)(x)
     else:
-      raise ValueError(f"PVT v1 patch embeddings need kernel == stride; got {k} and "
-                       f"{self.stride} (set patch_sizes equal to strides).")
+      raise errors.ConfigError(f"PVT v1 patch embeddings need kernel == stride; got {k} and "
+                               f"{self.stride} (set patch_sizes equal to strides).")
     return nn.LayerNorm(epsilon=self.layernorm_eps, name="norm", **nkw)(x)  # (B, H', W', C)
 
 
@@ -248,8 +251,9 @@ class PVTStage(nn.Module):
                    layernorm_eps=self.layernorm_eps, name="patch_embed", **kw)(x)
     b, h, w, _ = x.shape
     if h < 1 or w < 1:
-      raise ValueError(f"{self.name}: a {in_h}x{in_w} map gives no patches; use a larger input "
-                       f"or smaller patch_sizes/strides.")
+      raise errors.ConfigError(
+          f"{self.name}: a {in_h}x{in_w} map gives no patches; use a larger input "
+          f"or smaller patch_sizes/strides.")
     x = x.reshape(b, h * w, c)
     if self.with_cls:
       cls = self.param("cls_token", layers.trunc_normal, (1, 1, c), self.param_dtype)
@@ -293,9 +297,9 @@ class PyramidVisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     if images.ndim != 4:
-      raise ValueError(f"images must be (B, H, W, C); got shape {images.shape}.")
+      raise errors.ConfigError(f"images must be (B, H, W, C); got shape {images.shape}.")
     if self.version not in (1, 2):
-      raise ValueError(f"version must be 1 or 2, got {self.version!r}.")
+      raise errors.ConfigError(f"version must be 1 or 2, got {self.version!r}.")
     per_stage = dict(hidden_sizes=self.hidden_sizes, depths=self.depths,
                      num_heads=self.num_heads, mlp_ratios=self.mlp_ratios,
                      sr_ratios=self.sr_ratios, patch_sizes=self.patch_sizes,
@@ -303,10 +307,11 @@ class PyramidVisionTransformer(nn.Module):
     n_stages = len(self.depths)
     bad = {k: len(v) for k, v in per_stage.items() if len(v) != n_stages}
     if bad:
-      raise ValueError(f"per-stage settings must all have {n_stages} entries (len(depths)); "
-                       f"got {bad}.")
+      raise errors.ConfigError(
+          f"per-stage settings must all have {n_stages} entries (len(depths)); "
+          f"got {bad}.")
     if self.linear_attention and self.version == 1:
-      raise ValueError("linear_attention is a PVT v2 option; set version=2.")
+      raise errors.ConfigError("linear_attention is a PVT v2 option; set version=2.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     v1 = self.version == 1
     rates = np.linspace(0.0, self.droppath_rate, sum(self.depths)).tolist()
@@ -336,7 +341,7 @@ def config_from_name(name: str) -> Optional[dict]:
     return None
   table = _V2 if m["v2"] else _V1_DEPTHS
   if m["variant"] not in table or (m["li"] and (not m["v2"] or m["variant"] != "B2")):
-    raise ValueError(f"Unknown PVT model {name!r}; known: {', '.join(NAMES)}.")
+    raise errors.ConfigError(f"Unknown PVT model {name!r}; known: {', '.join(NAMES)}.")
   if not m["v2"]:
     return dict(version=1, hidden_sizes=(64, 128, 320, 512), depths=_V1_DEPTHS[m["variant"]],
                 mlp_ratios=(8, 8, 4, 4), patch_sizes=(4, 2, 2, 2), strides=(4, 2, 2, 2))
@@ -351,7 +356,7 @@ def model_kwargs_from_hf(config) -> dict:
   get = lambda k, *default: layers.hf_config_get(config, k, *default)
   version = 2 if get("model_type") == "pvt_v2" else 1
   if get("hidden_act", "gelu") != "gelu":
-    raise ValueError(f"Only hidden_act='gelu' is supported, got {get('hidden_act')!r}.")
+    raise errors.ConfigError(f"Only hidden_act='gelu' is supported, got {get('hidden_act')!r}.")
   kwargs = dict(num_classes=get("num_labels"), version=version,
                 hidden_sizes=tuple(get("hidden_sizes")), depths=tuple(get("depths")),
                 num_heads=tuple(get("num_attention_heads")),
@@ -361,8 +366,8 @@ def model_kwargs_from_hf(config) -> dict:
   if version == 1:
     kwargs["sr_ratios"] = tuple(get("sequence_reduction_ratios"))
     if kwargs["patch_sizes"] != kwargs["strides"]:
-      raise ValueError("PVT v1 patch embeddings need patch_sizes == strides; got "
-                       f"{kwargs['patch_sizes']} and {kwargs['strides']}.")
+      raise errors.ConfigError("PVT v1 patch embeddings need patch_sizes == strides; got "
+                               f"{kwargs['patch_sizes']} and {kwargs['strides']}.")
   else:
     kwargs.update(sr_ratios=tuple(get("sr_ratios")), linear_attention=get("linear_attention", False))
   return kwargs

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax import errors
 from vit_jax.models import layers
 
 Dtype = Any
@@ -160,19 +161,20 @@ class ResNetStage(nn.Module):
 def _check(num_layers, width, root, gn_groups):
   """Validates the stem options; returns num_layers as a tuple of ints."""
   if root not in ROOTS:
-    raise ValueError(f"Unknown ResNet root {root!r}; known: "
-                     + "; ".join(f"{k!r} ({v})" for k, v in ROOTS.items()) + ".")
+    raise errors.ConfigError(f"Unknown ResNet root {root!r}; known: "
+                             + "; ".join(f"{k!r} ({v})" for k, v in ROOTS.items()) + ".")
   num_layers = tuple(int(n) for n in num_layers)
   if any(n < 1 for n in num_layers):
-    raise ValueError(f"ResNet num_layers={num_layers}: every stage needs at least one unit "
-                     "(use num_layers=() for the root alone).")
+    raise errors.ConfigError(f"ResNet num_layers={num_layers}: every stage needs at least one unit "
+                             "(use num_layers=() for the root alone).")
   if width < 1:
-    raise ValueError(f"base_width * width_factor = {width}: needs at least one channel.")
+    raise errors.ConfigError(f"base_width * width_factor = {width}: needs at least one channel.")
   if gn_groups < 1 or width % gn_groups:
-    raise ValueError(f"GroupNorm with gn_groups={gn_groups} needs channel counts divisible by it, "
-                     f"but the narrowest layer has base_width * width_factor = {width} channels: "
-                     f"pass a gn_groups that divides {width} (e.g. gn_groups="
-                     f"{math.gcd(width, max(gn_groups, 1))}) or a wider base_width.")
+    raise errors.ConfigError(
+        f"GroupNorm with gn_groups={gn_groups} needs channel counts divisible by it, "
+        f"but the narrowest layer has base_width * width_factor = {width} channels: "
+        f"pass a gn_groups that divides {width} (e.g. gn_groups="
+        f"{math.gcd(width, max(gn_groups, 1))}) or a wider base_width.")
   return num_layers
 
 
@@ -271,10 +273,10 @@ def config_from_name(name: str) -> Optional[dict]:
     return None
   depth = int(m["depth"])
   if depth not in DEPTHS:
-    raise ValueError(f"Unknown ResNet depth {depth} in {name!r}; known: "
-                     f"{', '.join(map(str, DEPTHS))} (e.g. BiT-R50x1).")
+    raise errors.ConfigError(f"Unknown ResNet depth {depth} in {name!r}; known: "
+                             f"{', '.join(map(str, DEPTHS))} (e.g. BiT-R50x1).")
   if int(m["width"]) < 1:
-    raise ValueError(f"Width factor must be at least 1 in {name!r} (e.g. BiT-R50x1).")
+    raise errors.ConfigError(f"Width factor must be at least 1 in {name!r} (e.g. BiT-R50x1).")
   return dict(num_layers=DEPTHS[depth], width_factor=int(m["width"]))
 
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import errors
 from vit_jax.models import layers
 
 Dtype = Any
@@ -58,7 +59,7 @@ def window_partition(x, window: int):
   """
   b, h, w, c = x.shape
   if h % window or w % window:
-    raise ValueError(f"map {h}x{w} is not a multiple of window {window}; pad it first.")
+    raise errors.ConfigError(f"map {h}x{w} is not a multiple of window {window}; pad it first.")
   x = x.reshape(b, h // window, window, w // window, window, c)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c)
 
@@ -66,7 +67,7 @@ def window_partition(x, window: int):
 def window_reverse(windows, window: int, h: int, w: int):
   """Inverse of `window_partition`: (B * h/w * w/w, w, w, C) -> (B, h, w, C)."""
   if h % window or w % window:
-    raise ValueError(f"map {h}x{w} is not a multiple of window {window}.")
+    raise errors.ConfigError(f"map {h}x{w} is not a multiple of window {window}.")
   c = windows.shape[-1]
   x = windows.reshape(-1, h // window, w // window, window, window, c)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
@@ -84,7 +85,7 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
   """(num_windows, w*w, w*w) additive mask for the cyclically shifted (h, w) map: 0 between tokens
   of the same region, -100 across regions (regions: slices (0,-w), (-w,-s), (-s,None) per axis)."""
   if not 0 < shift < window:
-    raise ValueError(f"shift {shift} must be in (0, window={window}).")
+    raise errors.ConfigError(f"shift {shift} must be in (0, window={window}).")
   regions = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
   labels = np.zeros((1, h, w, 1), np.float32)
   for i, hs in enumerate(regions):
@@ -276,12 +277,12 @@ class SwinTransformer(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     if images.ndim != 4:
-      raise ValueError(f"images must be (B, H, W, C); got shape {images.shape}.")
+      raise errors.ConfigError(f"images must be (B, H, W, C); got shape {images.shape}.")
     depths, heads = tuple(self.depths), tuple(self.num_heads)
     if len(depths) != len(heads):
-      raise ValueError(f"depths {depths} and num_heads {heads} must have the same length.")
+      raise errors.ConfigError(f"depths {depths} and num_heads {heads} must have the same length.")
     if self.window_size < 1:
-      raise ValueError(f"window_size must be positive, got {self.window_size}.")
+      raise errors.ConfigError(f"window_size must be positive, got {self.window_size}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     img = (self.img_size,) * 2 if isinstance(self.img_size, int) else tuple(self.img_size)
     windows = stage_windows(img, self.patch_size, len(depths), self.window_size)
@@ -335,7 +336,7 @@ def resize_relative_position_bias_table(table, window: int) -> np.ndarray:
   table = np.asarray(table)
   side = math.isqrt(table.shape[0])
   if table.ndim != 2 or side * side != table.shape[0]:
-    raise ValueError(f"expected a ((2w-1)^2, heads) table, got shape {table.shape}.")
+    raise errors.ConfigError(f"expected a ((2w-1)^2, heads) table, got shape {table.shape}.")
   new = 2 * window - 1
   if new == side:
     return table
@@ -408,5 +409,5 @@ def from_hf_state_dict(state_dict: Mapping[str, Any]) -> dict:
   try:
     return sd.variables()["params"]
   except ValueError as e:  # keys left over
-    raise ValueError(f"{e} (absolute position embeddings and mask tokens are not supported)"
-                     ) from None
+    raise errors.ConfigError(f"{e} (absolute position embeddings and mask tokens are not supported)"
+                             ) from None

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import errors
 from vit_jax.models import layers
 
 Dtype = Any
@@ -57,7 +58,7 @@ def soft_split(x, kernel: int, stride: int, padding: int) -> Tuple[jax.Array, in
   h = (hi + 2 * padding - kernel) // stride + 1
   w = (wi + 2 * padding - kernel) // stride + 1
   if h < 1 or w < 1:
-    raise ValueError(f"a {hi}x{wi} map is too small for a {kernel}x{kernel} soft split.")
+    raise errors.ConfigError(f"a {hi}x{wi} map is too small for a {kernel}x{kernel} soft split.")
   patches = [x[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride]
              for i in range(kernel) for j in range(kernel)]  # k*k of (B, h, w, C)
   x = jnp.stack(patches, axis=-1)  # (B, h, w, C, k*k)
@@ -180,7 +181,7 @@ class T2TViT(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     if images.ndim != 4:
-      raise ValueError(f"images must be (B, H, W, C); got shape {images.shape}.")
+      raise errors.ConfigError(f"images must be (B, H, W, C); got shape {images.shape}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = images.astype(layers.activation_dtype(self.dtype))
     x = TokensToToken(self.embed_dim, self.token_dim, self.t2t_dropout_rate,

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax import errors
 from vit_jax.models import layers
 
 Dtype = Any
@@ -58,7 +59,7 @@ INITS = {
 
 def inits(style: str) -> dict:
   if style not in INITS:
-    raise ValueError(f"Unknown init_style {style!r}; known: {', '.join(INITS)}.")
+    raise errors.ConfigError(f"Unknown init_style {style!r}; known: {', '.join(INITS)}.")
   return INITS[style]
 
 
@@ -142,7 +143,7 @@ class Encoder(nn.Module):
       if self.num_prefix_tokens:
         pe = jnp.concatenate([jnp.zeros((1, self.num_prefix_tokens, d)), pe], axis=1)
     else:
-      raise ValueError(f"Unknown posemb {self.posemb!r}: use 'learn' or 'sincos2d'.")
+      raise errors.ConfigError(f"Unknown posemb {self.posemb!r}: use 'learn' or 'sincos2d'.")
     x = x + pe.astype(x.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
@@ -184,7 +185,7 @@ class PosEmbed(nn.Module):
 
 def _policy(name: str):
   if name not in REMAT_POLICIES:
-    raise ValueError(f"Unknown remat_policy {name!r}; known: {', '.join(REMAT_POLICIES)}")
+    raise errors.ConfigError(f"Unknown remat_policy {name!r}; known: {', '.join(REMAT_POLICIES)}")
   return getattr(jax.checkpoint_policies, name)
 
 
@@ -232,7 +233,8 @@ class VisionTransformer(nn.Module):
       cls = self.param("cls", init["token"], (1, 1, d), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls, [b, 1, 1]).astype(x.dtype), x], axis=1)
     elif self.classifier not in ("gap", "map"):
-      raise ValueError(f"Unknown classifier {self.classifier!r}: use 'token', 'gap' or 'map'.")
+      raise errors.ConfigError(
+          f"Unknown classifier {self.classifier!r}: use 'token', 'gap' or 'map'.")
 
     x = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                 posemb=self.posemb, grid=(h, w),
@@ -271,7 +273,7 @@ def config_from_name(name: str) -> Optional[dict]:
   if m.re is HYBRID_RE:
     key = (m["depth"], p)
     if key not in HYBRID_STEMS:
-      raise ValueError(f"Unknown hybrid {name!r}; known: {', '.join(_HYBRID_NAMES)}.")
+      raise errors.ConfigError(f"Unknown hybrid {name!r}; known: {', '.join(_HYBRID_NAMES)}.")
     stages, p = HYBRID_STEMS[key]
     kwargs.update(patch_size=(p, p), resnet=dict(num_layers=stages, width_factor=1))
   return kwargs
