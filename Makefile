@@ -16,7 +16,7 @@ export JAX_PLATFORMS
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,torch,hf,plan]'
+	$(PY) -m pip install -q -e '.[test,torch,hf,plan,notebook,export]'
 	touch $(STAMP)
 
 # Debian's dataset-fashion-mnist when apt is there; otherwise the demo falls back to TFDS.

@@ -40,5 +40,12 @@ setuptools.setup(
         # vit_jax.plan: the TPU compiler (libtpu 0.0.42.1 with jax 0.10.2), which compiles train
         # steps for TPU pod slices on a machine without TPUs (~700 MB installed).
         "plan": ["jax[tpu]>=0.10.2,<0.11"],
+        # vit_jax.export: ONNX through tf2onnx's TFLite reader, checked with ONNX Runtime (the
+        # SavedModel and TFLite exports need only TensorFlow). jax2onnx is not used: it pins
+        # orbax-checkpoint < 0.11.37.
+        "export": ["tf2onnx>=1.17,<1.18", "onnx>=1.23.2,<1.24", "onnxruntime>=1.32,<1.33"],
+        # notebooks/vit_jax.ipynb's kernel and tests/test_notebook.py, which runs it (tested with
+        # nbclient 0.11.0, nbformat 5.11.1, ipykernel 7.4.0).
+        "notebook": ["nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
     },
 )

@@ -85,9 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
   c.label_smoothing = 0.0
   c.freeze = ""  # regex of frozen parameters
-  # The training loss: "classification" (softmax cross-entropy on one-hot labels; evaluation:
-  # top-1) or "detr" (DETR's set loss on boxes and labels, vit_jax/detection/loss.py: a DETR
-  # model on a detection data set; evaluation: COCO-style mAP). `detr` holds the weights of its
+  # The task (vit_jax/tasks/): "classification" (softmax cross-entropy on one-hot labels;
+  # evaluation: top-1), "detr" (DETR's set loss on boxes and labels, vit_jax/detection/loss.py: a
+  # DETR model on a detection data set; evaluation: COCO-style mAP) or "generation" (an
+  # autoregressive ImageTransformer-*'s likelihood of the intensities; evaluation: bits/dim). `detr` holds the weights of its
   # terms (DETR's): "no object" class weight, class, L1 and GIoU weights (matching cost and
   # loss), and the auxiliary losses of the earlier decoder layers.
   c.loss = "classification"
@@ -108,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.heartbeat_timeout_seconds = config_dict.placeholder(int)
   c.distributed.initialization_timeout = config_dict.placeholder(int)
   c.distributed.shutdown_timeout_seconds = config_dict.placeholder(int)
+
+  # The evaluators run every eval_every and at the end, in this order (vit_jax/train.py's
+  # EVALUATORS): "task", the task's own on eval_split (top-1 and loss; mAP for loss="detr"), and
+  # "fewshot", the linear probes below (nothing while fewshot.shots is empty).
+  c.evals = ("task", "fewshot")
 
   # Few-shot linear evaluation on frozen pre-logits features (the ViT paper's estimator, as
   # big_vision's evaluators/fewshot_lsr.py computes it: vit_jax/evaluators/fewshot.py), run every

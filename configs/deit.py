@@ -8,10 +8,11 @@ attention", Touvron et al. 2021, Table 9 and the official code's defaults).
 
 Arg: `<model>[,teacher=SOURCE][,epochs=N]`, model one of DeiT-{Ti,S,B}/16 and their
 `-distilled` versions (tokens [cls, dist, patches], two heads; the distillation head learns from
-the teacher, see runner.loss_terms). `teacher` is a workdir of ours or a `vit_jax.pretrained`
-source (`--config.distill.model=NAME` for an .npz); the paper's teacher is a RegNetY-16GF
-(82.9% top-1), which this project does not have: any model of ours trained on the same classes
-works. Without a teacher a distilled model trains both heads on the labels.
+the teacher, see vit_jax/tasks/classification.py's loss_terms). `teacher` is a workdir of ours
+or a `vit_jax.pretrained` source (`--config.distill.model=NAME` for an .npz); the paper's
+teacher is a RegNetY-16GF (82.9% top-1), which this project does not have: any model of ours
+trained on the same classes works. Without a teacher a distilled model trains both heads on
+the labels.
 
 Recipe: 300 epochs, batch 1024, AdamW (0.9, 0.999), lr 5e-4 x batch / 512 = 1e-3, weight decay
 0.05, cosine decay, 5 warm-up epochs, label smoothing 0.1, stochastic depth 0.1 (the code's

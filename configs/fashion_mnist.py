@@ -9,7 +9,9 @@ MFLOPs), `resnet` (a 0.22M-parameter BiT ResNet, stages (2,2,2), 52.0 MFLOPs), `
 two-stage Swin). `vit` and `hybrid` were sized for about 10 minutes of training on the 2-core Zen 4
 machine of the earlier sessions (2D sin-cos position embeddings, no augmentation); `resnet` and
 `swin` are not tuned, nor are `deit`, `pvt`, `cvt` and `t2t` (small versions of ViT's
-successors, see MODELS).
+successors, see MODELS), nor `vit_relbias`, `vit_rope` (relative positions) and `resnet_attn`
+(non-local block and attention-augmented convolutions), nor `sasa` and `axial` (ResNets whose 3x3
+convolutions are local or axial self-attention).
 
 Validation discipline: training uses the first 54,000 training images; choices are made on the
 last 6,000 (`val_*` metrics); the 10,000 test images are evaluated once, at the end
@@ -21,6 +23,9 @@ validation accuracy 90.48%, test accuracy 90.14% (once, at the end); validation 
 86.82, 88.10, 88.77, 89.03, 90.13, 90.48; 2954 steps at 165 img/s under that load (`hybrid` ran at
 260 img/s here when quiet: at that rate ~24 minutes of training, over the 10-minute budget on
 this machine). Not met: 91% within 10 training minutes.
+`demo` at 8 epochs (the 12-minute budget of the issue on the task interface), `make demo` in a
+fresh clone on a quiet 2-core AMD EPYC with AVX-512: 3376 steps in 714 s of training (605 img/s),
+validation 90.48%, test 89.89% (2026-12-06). Not met: 90.5% test within 12 training minutes.
 
 The figures below were measured before the validation split existed (training on all 60,000
 images, choices made on the test split) on the earlier, faster machine:
@@ -77,6 +82,22 @@ MODELS = {
     "cvt": ("CvT-13", dict(embed_dims=(32, 64, 128), depths=(1, 1, 2), num_heads=(1, 2, 4)),
             5, 2e-3),
     "t2t": ("T2T-ViT-14", dict(embed_dim=128, depth=4, num_heads=4, token_dim=32), 5, 2e-3),
+    # Relative positions (not tuned): `vit` with a learned 2-D relative position bias per head and
+    # layer (BEiT/Swin) or with axial 2-D rotary embeddings (RoPE-ViT) instead of sin-cos; and
+    # `resnet` with a non-local block after the last stage's first unit (Wang et al.) and
+    # attention-augmented 3x3 convolutions in stages 2-3 (Bello et al.; 2 heads at this width).
+    "vit_relbias": ("ViT-Mu/7", dict(classifier="gap", posemb="relbias"), 5, 2e-3),
+    "vit_rope": ("ViT-Mu/7", dict(classifier="gap", posemb="rope2d"), 5, 2e-3),
+    "resnet_attn": ("BiT-R26x1", dict(num_layers=(2, 2, 2), base_width=16, root="small",
+                                      gn_groups=8, nonlocal_units=((3, 1),), aa_stages=(2, 3),
+                                      aa_heads=2), 7, 2e-3),
+    # Attention in place of every 3x3 conv (not tuned): stand-alone local self-attention (7x7
+    # windows, relative row/column embeddings; Ramachandran et al.) and position-sensitive axial
+    # attention (whole columns then rows; Axial-DeepLab), on the 3x3 stride-1 BatchNorm root.
+    "sasa": ("SASA-ResNet-26", dict(num_layers=(1, 1, 1), base_width=16, num_heads=4,
+                                    root="small"), 5, 2e-3),
+    "axial": ("Axial-ResNet-S", dict(num_layers=(1, 1, 1), base_width=16, num_heads=4, span=28,
+                                     root="small"), 5, 2e-3),
 }
 
 

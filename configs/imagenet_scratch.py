@@ -103,7 +103,7 @@ def get_config(arg: str = "imagenet1k,ViT-B/16"):
   c.lr.warmup_steps = 10_000
   c.grad_clip_norm = 1.0
   variant = model_name.split("-", 1)[1] if "-" in model_name else model_name
-  is_vit = not model_name.startswith(("BiT-", "Swin-"))
+  is_vit = "ViT-" in model_name  # ViT-B/16, R50+ViT-B/16; not BiT-, NL-/AA-ResNet- or Swin-
   if is_vit:
     c.model.representation_size = WIDTHS[variant.split("/")[0]]
     c.model.scan = True

@@ -24,6 +24,7 @@ CONFIG_ARGS = {
     # Loads only here (a DETR step compiles for minutes on 2 cores); tests/test_train_detr.py
     # trains a shrunk DETR-Mu through the trainer.
     "detr_fashion_mnist": [""],
+    "image_transformer": ["2d", "1d", "full"],  # trained by tests/tasks/test_generation.py
     "deit": ["DeiT-S/16", "DeiT-Ti/16-distilled", "DeiT-B/16-distilled,epochs=100"],
     "finetune": ["cifar10,ViT-B/16", "pets,ViT-S/16", "imagenet1k,ViT-L/16", "flowers,ViT-Ti/16",
                  "cifar100,R50+ViT-B/16,lr=0.003"],
@@ -44,6 +45,11 @@ TWO_STEP_RUNS = [
     ("imagenet_scratch", "imagenet1k,ViT-Ti/16,recipe=augreg,aug=strong2,reg=0.1", True),
     ("deit", "DeiT-Ti/16-distilled", True),
     ("imagenet_scratch", "imagenet1k,Swin-T", True),
+    # Relative positions and attention in ResNets (model fields on top of the recipe).
+    ("imagenet_scratch", "imagenet1k,ViT-Ti/16", True, dict(posemb="relbias")),
+    ("imagenet_scratch", "imagenet1k,ViT-Ti/16", True, dict(posemb="rope2d")),
+    ("imagenet_scratch", "imagenet1k,NL-ResNet-50", True),
+    ("imagenet_scratch", "imagenet1k,AA-ResNet-50", True),
 ]
 
 
@@ -146,10 +152,13 @@ def test_every_base_key_is_read(tmp_path, monkeypatch):
   assert not unread, f"config keys nothing reads: {unread}"
 
 
-@pytest.mark.parametrize("module,arg", [
-    pytest.param(m, a, marks=[pytest.mark.slow] if slow else []) for m, a, slow in TWO_STEP_RUNS])
-def test_config_builds_and_runs_two_steps(tmp_path, monkeypatch, module, arg):
+@pytest.mark.parametrize("module,arg,fields", [
+    pytest.param(m, a, *(rest or ({},)), marks=[pytest.mark.slow] if slow else [],
+                 id="-".join([m, a] + [f"{k}={v}" for k, v in (rest or [{}])[0].items()]))
+    for m, a, slow, *rest in TWO_STEP_RUNS])
+def test_config_builds_and_runs_two_steps(tmp_path, monkeypatch, module, arg, fields):
   cfg = importlib.import_module(f"configs.{module}").get_config(arg)
+  cfg.model.update(fields)
   cfg.train_split, cfg.eval_split = "train[:16]", "train[16:24]"
   cfg.test_split = "test[:8]" if cfg.test_split else ""
   cfg.batch_size = cfg.eval_batch_size = 8
@@ -256,8 +265,9 @@ def test_recipes_match_the_reference_tables():
       else:
         assert got == expected and type(got) is type(expected), (module, arg, key, got)
   # Each recipe file is in the tables (fashion_mnist.py: this repository's own CPU recipes).
+  # fashion_mnist and image_transformer are our own CPU recipes, not published ones.
   assert {m for _, configs, _, _ in rows for m, _ in configs} == set(CONFIG_ARGS) - {
-      "fashion_mnist"}
+      "fashion_mnist", "image_transformer"}
   assert len(rows) > 150
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
-from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax import npz
 from vit_jax import predict
 from vit_jax import pretrained
 from vit_jax import train
@@ -59,7 +59,7 @@ def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("fmnist_run"))
   train.train_and_evaluate(c, path)
   if start is not None:  # 4 Adam steps at lr <= 2e-3 move no parameter by more than ~1e-2
-    final = checkpoint.load_npz(os.path.join(path, "params.npz"))
+    final = npz.load_npz(os.path.join(path, "params.npz"))
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(start)))
     assert diff < 0.02, diff

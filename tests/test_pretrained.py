@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint
 from vit_jax import models
+from vit_jax import npz
 from vit_jax import pretrained
 
 torch = pytest.importorskip("torch")
@@ -168,7 +168,7 @@ def test_npz_round_trip_is_bitwise_and_needs_no_hf_extra(tmp_path, monkeypatch):
   flat = flax.traverse_util.flatten_dict(tree, sep="/")
   np.savez(tmp_path / "in.npz", **flat)
   model, params = pretrained.load(str(tmp_path / "in.npz"), model="ViT-Mu/8", img_size=32)
-  checkpoint.save_npz(params, tmp_path / "out.npz")
+  npz.save_npz(params, tmp_path / "out.npz")
   a, b = np.load(tmp_path / "in.npz"), np.load(tmp_path / "out.npz")
   assert sorted(a.files) == sorted(b.files)
   for k in a.files:
@@ -234,8 +234,21 @@ def test_unknown_sources_are_named(tmp_path):
   with pytest.raises(ValueError, match="Unknown weights source 'ViT-Q'"):
     pretrained.load("ViT-Q")
   (tmp_path / "config.json").write_text('{"model_type": "cvt"}')
-  with pytest.raises(NotImplementedError, match="model_type 'cvt'"):
+  with pytest.raises(NotImplementedError, match="model_type 'cvt' .* supported: vit, deit, swin, "
+                                                "bit"):
     pretrained.load(str(tmp_path))
+
+
+def test_one_table_picks_each_family_by_class():
+  """`FAMILIES` is keyed by model class; a subclass without a row of its own (the hybrid, a
+  VisionTransformer) takes its nearest base's, DeiT its own (a VisionTransformer too)."""
+  name = lambda model: pretrained.family_of(models.get_model(model, num_classes=1)).name
+  assert [name(m) for m in ("ViT-Ti/16", "R26+ViT-S/32", "DeiT-Ti/16-distilled", "Swin-T",
+                            "BiT-R50x1")] == ["ViT", "ViT", "DeiT", "Swin", "BiT"]
+  assert pretrained.family_of(models.get_model("CvT-13", num_classes=1)) is None
+  with pytest.raises(NotImplementedError, match="save_hf writes ViT, DeiT, Swin, BiT models, not "
+                                                "ConvolutionalVisionTransformer"):
+    pretrained.save_hf("CvT-13", {}, "unused")
 
 
 def test_shipped_class_names():

@@ -3,6 +3,7 @@ import json
 import os
 from unittest import mock
 import re
+import shutil
 import signal
 import types
 
@@ -14,8 +15,10 @@ import tensorflow_datasets as tfds
 from configs import common
 from vit_jax import checkpoint
 from vit_jax import data as data_lib
+from vit_jax import npz
 from vit_jax import train
 from vit_jax import trainer
+from vit_jax.tasks import classification as classification_task
 
 TINY = dict(hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1)
 JIT_PMAP_ATOL = 2e-5  # README: "the same parameters to within 2e-5"
@@ -57,8 +60,18 @@ def mock_tfds():
     yield
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """(workdir, result) of one finished `tiny_config()` run (6 steps), shared by the tests that
+  only read such a run (each test copies it first if it runs in it again)."""
+  workdir = str(tmp_path_factory.mktemp("finished_run"))
+  with tfds.testing.mock_data(num_examples=200):
+    result = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, result
+
+
 def final_params(workdir):
-  return checkpoint.load_npz(os.path.join(workdir, "params.npz"))
+  return npz.load_npz(os.path.join(workdir, "params.npz"))
 
 
 def eval_split_by_hand(workdir, n=50, params="params.npz"):
@@ -72,7 +85,7 @@ def eval_split_by_hand(workdir, n=50, params="params.npz"):
   data = {k: np.stack([e[k] for e in examples]) for k in ("image", "label")}
   images = data["image"].astype(np.float32) / 127.5 - 1.0  # decode|value_range(-1,1)
   model = models.get_model("ViT-Mu/7", num_classes=10, **TINY)
-  weights = checkpoint.load_npz(os.path.join(workdir, params))
+  weights = npz.load_npz(os.path.join(workdir, params))
   logits = np.asarray(model.apply({"params": weights}, jnp.asarray(images),
                                   train=False), np.float64)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -265,10 +278,10 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), pa, pb)
 
 
-def test_eval_only_mode_reads_the_checkpoint(tmp_path):
+def test_eval_only_mode_reads_the_checkpoint(tmp_path, finished_run):
   cfg = tiny_config()
-  trained = train.train_and_evaluate(cfg, str(tmp_path))
-  evaluated = train.evaluate_checkpoint(cfg, str(tmp_path))
+  workdir, trained = finished_run
+  evaluated = train.evaluate_checkpoint(cfg, workdir)
   np.testing.assert_allclose(evaluated["accuracy"], trained["accuracy"])
   assert evaluated["num_examples"] == 50
   with pytest.raises(FileNotFoundError, match="No checkpoint in"):
@@ -433,9 +446,10 @@ def test_resume_with_a_changed_config_lists_the_keys(tmp_path):
   assert json.load(open(os.path.join(workdir, "config.json")))["seed"] == 3
 
 
-def test_a_finished_run_rerun_leaves_the_workdir_as_it_was(tmp_path):
-  workdir = str(tmp_path)
-  first = train.train_and_evaluate(tiny_config(), workdir)
+def test_a_finished_run_rerun_leaves_the_workdir_as_it_was(tmp_path, finished_run):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run[0], workdir)
+  first = finished_run[1]
   before = {f: open(os.path.join(workdir, f), "rb").read()
             for f in ("metrics.jsonl", "config.json", "complete.json", "params.npz")}
   again = train.train_and_evaluate(tiny_config(eval_every_steps=3), workdir)
@@ -542,7 +556,8 @@ def test_loss_terms_are_deits_distillation_losses():
   cls, dist, teacher = (rng.normal(size=(4, 5)).astype(np.float32) for _ in range(3))
   labels = np.eye(5, dtype=np.float32)[[0, 3, 1, 4]]
   hard_target = np.eye(5, dtype=np.float32)[teacher.argmax(-1)]
-  loss, logits = trainer.loss_terms((cls, dist), labels, teacher, type="hard", alpha=0.5)
+  loss, logits = classification_task.loss_terms((cls, dist), labels, teacher, type="hard",
+                                                alpha=0.5)
   np.testing.assert_allclose(loss, 0.5 * _ce(cls, labels) + 0.5 * _ce(dist, hard_target),
                              rtol=1e-5)
   np.testing.assert_allclose(logits, (cls + dist) / 2, rtol=1e-6)
@@ -551,13 +566,14 @@ def test_loss_terms_are_deits_distillation_losses():
   # DeiT's code: kl_div(..., reduction='sum') * T^2 / outputs_kd.numel() (batch x classes).
   kl_sum = (p_t * (np.log(p_t) - np.log(np.exp(dist / tau) / np.exp(dist / tau).sum(
       -1, keepdims=True)))).sum()
-  loss, _ = trainer.loss_terms((cls, dist), labels, teacher, type="soft", alpha=0.1, tau=tau)
+  loss, _ = classification_task.loss_terms((cls, dist), labels, teacher, type="soft",
+                                           alpha=0.1, tau=tau)
   np.testing.assert_allclose(loss, 0.9 * _ce(cls, labels) + 0.1 * kl_sum * tau ** 2 / dist.size,
                              rtol=1e-5)
   # No teacher: both heads learn the labels; one head with a teacher distils through it.
-  loss, _ = trainer.loss_terms((cls, dist), labels)
+  loss, _ = classification_task.loss_terms((cls, dist), labels)
   np.testing.assert_allclose(loss, (_ce(cls, labels) + _ce(dist, labels)) / 2, rtol=1e-5)
-  loss, _ = trainer.loss_terms(cls, labels, teacher, alpha=1.0)
+  loss, _ = classification_task.loss_terms(cls, labels, teacher, alpha=1.0)
   np.testing.assert_allclose(loss, _ce(cls, hard_target), rtol=1e-5)
 
 
@@ -659,7 +675,7 @@ def test_ema_of_the_params_follows_the_updates():
 def test_ema_is_evaluated_and_exported_beside_the_raw_weights(tmp_path):
   result = train.train_and_evaluate(tiny_config(ema_decay=0.5, total_steps=2), str(tmp_path))
   assert "ema_test_accuracy" in result["metrics"] and "test_accuracy" in result["metrics"]
-  ema = checkpoint.load_npz(os.path.join(tmp_path, "params_ema.npz"))
+  ema = npz.load_npz(os.path.join(tmp_path, "params_ema.npz"))
   raw = final_params(str(tmp_path))
   # Step 1 (warm-up, lr 0) leaves the params p0; so the EMA after step 2 is 0.5 p0 + 0.5 p2, and
   # the head starts at zero: the EMA head is half the raw one.
@@ -672,13 +688,13 @@ def test_ema_is_evaluated_and_exported_beside_the_raw_weights(tmp_path):
   np.testing.assert_allclose(result["metrics"]["ema_test_loss"], loss, rtol=1e-5)
 
 
-def test_distillation_from_a_finished_workdir(tmp_path, monkeypatch):
+def test_distillation_from_a_finished_workdir(tmp_path, monkeypatch, finished_run):
   """The teacher's logits on the student's own first batch make the loss: checked against the
   DeiT losses computed here. The student's head starts at zero (uniform predictions), so every
   gradient but the head's is zero and its first step (warm-up: lr 0) changes nothing."""
   from vit_jax import models
   teacher_dir = str(tmp_path / "teacher")
-  train.train_and_evaluate(tiny_config(), teacher_dir)
+  shutil.copytree(finished_run[0], teacher_dir)
   batches = []
   original = data_lib.train_iterator
 

@@ -11,8 +11,8 @@ import tensorflow_datasets as tfds
 
 from tests.test_train import _TinyBN
 from tests.test_train import tiny_config
-from vit_jax import checkpoint
 from vit_jax import data as data_lib
+from vit_jax import npz
 from vit_jax import parallel
 from vit_jax import train
 from vit_jax import trainer
@@ -74,7 +74,7 @@ def test_a_batchnorm_run_exports_and_evaluates_the_ema_statistics(tmp_path):
   config.model = dict(embed_dims=(16, 32, 48), depths=(1, 1, 1), num_heads=(1, 2, 3))
   with tfds.testing.mock_data(num_examples=200):
     result = train.train_and_evaluate(config, str(tmp_path))
-    files = {n: checkpoint.load_npz(os.path.join(tmp_path, n)) for n in
+    files = {n: npz.load_npz(os.path.join(tmp_path, n)) for n in
              ("params.npz", "params_ema.npz", "batch_stats.npz", "batch_stats_ema.npz")}
     flat = lambda t: {"/".join(k): v for k, v in
                       __import__("flax").traverse_util.flatten_dict(t).items()}

@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tests.test_train import tiny_config
-from vit_jax import checkpoint
+from vit_jax import npz
 from vit_jax import predict
 from vit_jax import train
 from vit_jax import workdirs
@@ -44,7 +44,7 @@ def test_a_distilled_run_is_evaluated_and_predicted_from_its_checkpoint(runs, tm
   assert evaluated["accuracy"] == done["accuracy"]
   run = workdirs.load(student)
   assert run.step == 1
-  exported = checkpoint.load_npz(os.path.join(student, "params.npz"))
+  exported = npz.load_npz(os.path.join(student, "params.npz"))
   np.testing.assert_array_equal(run.variables["params"]["head"]["kernel"],
                                 exported["head"]["kernel"])
   p = predict.load(student)
@@ -72,7 +72,7 @@ def test_a_teacher_of_another_class_count_is_an_error_naming_both(runs, tmp_path
   exported = str(tmp_path / "exported")
   shutil.copytree(teacher, exported)
   shutil.rmtree(os.path.join(exported, "checkpoints"))
-  params = checkpoint.load_npz(os.path.join(exported, "params.npz"))
+  params = npz.load_npz(os.path.join(exported, "params.npz"))
   params["head"] = dict(kernel=params["head"]["kernel"][:, :5], bias=params["head"]["bias"][:5])
   train.export(params, os.path.join(exported, "params.npz"))  # a 5-class teacher
   with pytest.raises(ValueError, match=r"teacher.* predicts 5 classes, the data set has 10"):

@@ -1,307 +1,51 @@
-"""Checkpoints: published ViT `.npz` parameters, and orbax training-state checkpoints.
-
-Published `.npz` files (docs/reference.md) hold one array per '/'-joined parameter name:
-  `load_npz`        file -> nested params in our model's numbering, GroupNorm params squeezed.
-  `load_pretrained` adapts such params to a freshly initialised model (head, pre_logits, position
-                    embedding resolution, scanned layout) and reports every mismatch by name.
-  `save_npz`        params -> the same flat layout (unscanned), written atomically.
+"""Training-state checkpoints (orbax): atomic saves, checksum manifests, resume.
 
 Training state (params, optimizer state, step, rng — any pytree of jax.Arrays) goes through
-`TrainCheckpointer`, a thin wrapper over `orbax.checkpoint.CheckpointManager`.
+`TrainCheckpointer`, a thin wrapper over `orbax.checkpoint.CheckpointManager`, which adds a
+checksum manifest to every step (`write_manifest`, `verify_step`). `write_atomic` is the one
+atomic file write of the package. Published `.npz` weights are `vit_jax/npz.py`'s.
 """
 import concurrent.futures
 import contextlib
 import errno
 import hashlib
-import io
 import itertools
 import json
-import math
 import os
 import re
 import uuid
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 from absl import logging
 from etils import epath
-import flax
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-import scipy.ndimage
 
-from vit_jax.models import vit
+from vit_jax import errors
+from vit_jax import parallel
 
-Params = Any
 PyTree = Any
 
-# Per-class numbering (linen's default) of an encoder block -> the old global numbering that the
-# published files and our `Encoder1DBlock` use.
-_PER_CLASS_TO_GLOBAL = {
-    "LayerNorm_0": "LayerNorm_0",
-    "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
-    "LayerNorm_1": "LayerNorm_2",
-    "MlpBlock_0": "MlpBlock_3",
-}
-_BLOCK_RE = re.compile(r"encoderblock_\d+")
-_GROUPNORM_RE = re.compile(r"(gn\w*|GroupNorm_\d+)")
 
-
-def _gfile():
-  """`tf.io.gfile` (local, gs://, ...), imported on first use: TensorFlow takes seconds to import
-  and only the `.npz` I/O needs it."""
-  from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
-  return gfile
-
-
-# ----------------------------------------------------------------- published .npz parameters.
-def _flatten(tree) -> dict:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-
-
-def _renumber_block(block: dict) -> dict:
-  """One encoder block in per-class numbering -> global numbering; anything else is unchanged."""
-  if set(block) == set(_PER_CLASS_TO_GLOBAL):
-    return {_PER_CLASS_TO_GLOBAL[k]: v for k, v in block.items()}
-  return block
-
-
-def _canonicalize(params: dict) -> dict:
-  """Our numbering for encoder blocks, GroupNorm params (1,1,1,C) -> (C,). Idempotent."""
-  params = dict(params)
-  if isinstance(params.get("Transformer"), Mapping):
-    enc = dict(params["Transformer"])
-    for k, v in enc.items():
-      if _BLOCK_RE.fullmatch(k):
-        enc[k] = _renumber_block(dict(v))
-      elif k == "encoderblock" and isinstance(v, Mapping) and "block" in v:  # scanned layout
-        enc[k] = {**v, "block": _renumber_block(dict(v["block"]))}
-    params["Transformer"] = enc
-  flat = _flatten(params)
-  for key, v in flat.items():
-    *path, leaf = key.split("/")
-    if (path and _GROUPNORM_RE.fullmatch(path[-1]) and leaf in ("scale", "bias")
-        and np.ndim(v) == 4 and np.shape(v)[:3] == (1, 1, 1)):
-      flat[key] = np.reshape(v, (-1,))
-  return _unflatten(flat)
-
-
-def load_npz(path: Union[str, os.PathLike]) -> Params:
-  """Reads a published ViT/hybrid `.npz` (flat '/'-joined names) into nested params.
-
-  Encoder blocks in per-class numbering (LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
-  MlpBlock_0) are renamed to the global numbering our model uses (LayerNorm_0,
-  MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3); GroupNorm params stored as (1,1,1,C)
-  become (C,). Leaves are numpy arrays. Reads through `tf.io.gfile`, so any path TensorFlow's file
-  systems know works (local, gs://).
-  """
-  with _gfile().GFile(os.fspath(path), "rb") as f:
-    with np.load(f, allow_pickle=False) as npz:
-      flat = {k: npz[k] for k in npz.files}
-  if not flat:
-    raise ValueError(f"{path} holds no arrays; expected a ViT .npz with keys like "
-                     "'Transformer/encoder_norm/scale'.")
-  return _canonicalize(_unflatten(flat))
-
-
-def _host(x) -> np.ndarray:
-  """A leaf as a host numpy array (gathers a multi-process jax.Array first)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x)
-
-
-def save_npz(params: Params, path: Union[str, os.PathLike]) -> None:
-  """Writes params as a flat '/'-joined `.npz` in the published layout, atomically.
-
-  Scanned params are unrolled first (`encoderblock` -> `encoderblock_{i}`). Arrays of dtypes that
-  numpy cannot store natively (bfloat16, ...) are written as float32. The file appears under
-  `path` only once complete: it is written next to it under a temporary name and renamed. With
-  several processes, every process must call this when arrays are sharded across processes (it
-  gathers them); let only one process write, e.g. `if jax.process_index() == 0`.
-  """
-  params = flax.core.unfreeze(params)
-  if "encoderblock" in params.get("Transformer", {}):
-    params = vit.scan_to_unrolled(params)
-  flat = {}
-  for k, v in _flatten(params).items():
-    v = _host(v)
-    flat[k] = v.astype(np.float32) if not v.dtype.isbuiltin else v
-  buf = io.BytesIO()
-  np.savez(buf, **flat)
-
-  gfile, path = _gfile(), os.fspath(path)
-  parent = os.path.dirname(path)
-  if parent and not gfile.exists(parent):
-    gfile.makedirs(parent)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+def write_atomic(path: Union[str, os.PathLike], data: Union[str, bytes]) -> None:
+  """Writes `data` (text as UTF-8, or bytes) to `path` so that the file appears only once
+  complete: it goes to a temporary name next to it, which is then renamed over `path`; a failed
+  write leaves `path` as it was and no temporary file. Any epath works (local, gs://); the
+  parent directory is created when missing."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex}"
   try:
-    with gfile.GFile(tmp, "wb") as f:
-      f.write(buf.getvalue())
-    gfile.rename(tmp, path, overwrite=True)
+    if isinstance(data, str):
+      tmp.write_text(data)
+    else:
+      tmp.write_bytes(data)
+    tmp.replace(path)
   finally:
-    if gfile.exists(tmp):
-      gfile.remove(tmp)
-
-
-def _num_prefix_tokens(params: Mapping[str, Any], model_config) -> int:
-  if model_config is not None and model_config.get("classifier") is not None:
-    return int(model_config["classifier"] == "token")
-  return int("cls" in params)
-
-
-def _grid_side(n: int, what: str, shape) -> int:
-  side = math.isqrt(n)
-  if side * side != n:
-    raise ValueError(f"{what} position embedding {tuple(shape)} has {n} grid tokens, not a square "
-                     "grid; only square grids can be resized.")
-  return side
-
-
-def resize_posemb(posemb: np.ndarray, num_tokens: int, *, prefix_old: int, prefix_new: int,
-                  prefix_fill: Optional[np.ndarray] = None) -> np.ndarray:
-  """Position embedding (1, prefix_old + g*g, D) -> (1, num_tokens, D) for a new square grid.
-
-  The prefix (cls) rows are kept (dropped if the model has none; taken from `prefix_fill` if only
-  the model has them). The grid is resized bilinearly as in the JAX release:
-  `scipy.ndimage.zoom(order=1)`, which maps corner to corner (align_corners semantics: output index
-  i samples input coordinate i * (g_old - 1) / (g_new - 1)).
-  """
-  posemb = np.asarray(posemb)
-  tok, grid = posemb[:, :prefix_old], posemb[0, prefix_old:]
-  gs_old = _grid_side(len(grid), "checkpoint", posemb.shape)
-  gs_new = _grid_side(num_tokens - prefix_new, "model", (1, num_tokens, posemb.shape[-1]))
-  if gs_new != gs_old:
-    logging.info("Resizing position embedding grid %dx%d -> %dx%d", gs_old, gs_old, gs_new, gs_new)
-    zoom = (gs_new / gs_old, gs_new / gs_old, 1)
-    grid = scipy.ndimage.zoom(grid.reshape(gs_old, gs_old, -1), zoom, order=1)
-    assert grid.shape[:2] == (gs_new, gs_new), grid.shape  # zoom rounds the output size
-  grid = grid.reshape(1, gs_new * gs_new, -1)
-  if prefix_new <= prefix_old:
-    tok = tok[:, :prefix_new]
-  elif prefix_fill is None:
-    raise ValueError(f"The model has {prefix_new} prefix token(s), the checkpoint {prefix_old}: "
-                     "pass prefix_fill (the model's own position embedding) for the missing rows.")
-  else:
-    tok = np.concatenate([tok, np.asarray(prefix_fill)[:, prefix_old:prefix_new]], axis=1)
-  return np.concatenate([tok, grid], axis=1).astype(posemb.dtype)
-
-
-def _shapes(flat: Mapping[str, Any]) -> dict:
-  return {k: tuple(np.shape(v)) for k, v in sorted(flat.items())}
-
-
-def load_pretrained(path_or_params: Union[str, os.PathLike, Params], init_params: Params, *,
-                    model_config: Optional[Mapping[str, Any]] = None, strict: bool = True,
-                    reinit_head: Optional[bool] = None,
-                    log: Callable[[str], None] = logging.info) -> Params:
-  """Adapts published ViT params (a `.npz` path or a params tree) to `init_params`' model.
-
-  `init_params` are a freshly initialised model's params (`variables["params"]`); they define the
-  target tree. In order:
-  - numbering and GroupNorm shapes are canonicalised as in `load_npz`;
-  - scanned/unrolled layout follows `init_params` (`vit.unrolled_to_scan` / `scan_to_unrolled`);
-  - `pre_logits` and `head` in the checkpoint but not in the model are dropped;
-  - the head is taken from `init_params` when `reinit_head` is True, or (default None) when the
-    checkpoint's head is absent, has another shape (class count), or sat on dropped pre_logits;
-  - a position embedding of another length is resized: prefix (cls) tokens are split off and kept,
-    the square grid is resized bilinearly (`resize_posemb`: scipy.ndimage.zoom order=1, as in the
-    JAX release); the number of prefix tokens comes from `model_config["classifier"]` when
-    given, else from whether `init_params` has `cls`;
-  - leaves are cast to `init_params`' dtypes.
-  Remaining mismatches (keys missing from the checkpoint, unexpected keys, mis-shaped keys) raise
-  one ValueError naming all of them, unless `strict=False`: then they are logged through `log`,
-  and missing/mis-shaped keys keep their initialised values.
-
-  Returns a params tree with `init_params`' structure: checkpoint leaves are numpy arrays, the rest
-  are `init_params`' own leaves; `jax.device_put` it with the training shardings.
-  """
-  init = flax.core.unfreeze(init_params)
-  if set(init) == {"params"}:
-    raise ValueError("init_params looks like a variables dict; pass variables['params'].")
-  if isinstance(path_or_params, (str, os.PathLike)):
-    restored = load_npz(path_or_params)
-  else:
-    restored = _canonicalize(jax.tree.map(_host, flax.core.unfreeze(path_or_params)))
-  if set(restored) == {"params"}:
-    restored = restored["params"]
-
-  init_enc, ckpt_enc = init.get("Transformer", {}), restored.get("Transformer", {})
-  if "encoderblock" in init_enc and any(_BLOCK_RE.fullmatch(k) for k in ckpt_enc):
-    restored = jax.tree.map(np.asarray, vit.unrolled_to_scan(restored))
-  elif "encoderblock" in ckpt_enc and any(_BLOCK_RE.fullmatch(k) for k in init_enc):
-    restored = vit.scan_to_unrolled(restored)
-
-  dropped = set()
-  for name in ("pre_logits", "head"):
-    if name in restored and name not in init:
-      log(f"load_pretrained: dropping checkpoint '{name}' (the model has none).")
-      del restored[name]
-      dropped.add(name)
-  if "head" in init:
-    init_head, ckpt_head = _flatten(init["head"]), _flatten(restored.get("head", {}))
-    # A head trained on top of pre_logits is meaningless without them.
-    auto = _shapes(init_head) != _shapes(ckpt_head) or "pre_logits" in dropped
-    if reinit_head or (reinit_head is None and auto):
-      log("load_pretrained: head re-initialised "
-          f"(checkpoint {_shapes(ckpt_head)} -> model {_shapes(init_head)}).")
-      restored["head"] = init["head"]
-
-  try:
-    posemb = restored["Transformer"]["posembed_input"]["pos_embedding"]
-    posemb_init = init["Transformer"]["posembed_input"]["pos_embedding"]
-  except KeyError:
-    posemb = posemb_init = None
-  if posemb is not None and np.shape(posemb) != np.shape(posemb_init) and (
-      np.shape(posemb)[-1] == np.shape(posemb_init)[-1]):
-    prefix_new = _num_prefix_tokens(init, model_config)
-    restored["Transformer"]["posembed_input"]["pos_embedding"] = resize_posemb(
-        posemb, np.shape(posemb_init)[1], prefix_old=int("cls" in restored),
-        prefix_new=prefix_new, prefix_fill=posemb_init)
-    log(f"load_pretrained: position embedding {np.shape(posemb)} -> {np.shape(posemb_init)}.")
-
-  want, have = _flatten(init), _flatten(restored)
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  misshaped = sorted(k for k in set(want) & set(have) if np.shape(want[k]) != np.shape(have[k]))
-  if missing or unexpected or misshaped:
-    lines = ([f"  missing from the checkpoint: {k} {tuple(np.shape(want[k]))}" for k in missing] +
-             [f"  unexpected in the checkpoint: {k} {tuple(np.shape(have[k]))}"
-              for k in unexpected] +
-             [f"  mis-shaped: {k}: checkpoint {tuple(np.shape(have[k]))} vs model "
-              f"{tuple(np.shape(want[k]))}" for k in misshaped])
-    msg = "\n".join([f"Checkpoint does not match the model ({len(lines)} key(s)):"] + lines)
-    if strict:
-      raise ValueError(msg + "\nPass strict=False to keep the initialised values for missing and "
-                       "mis-shaped keys and ignore unexpected ones.")
-    log(f"load_pretrained (strict=False): {msg}\nKeeping the initialised values.")
-
-  out = {}
-  for k, v in want.items():
-    if k in have and k not in misshaped:
-      out[k] = v if have[k] is v else np.asarray(have[k]).astype(v.dtype)
-    else:
-      out[k] = v
-  out = _unflatten(out)
-  return flax.core.freeze(out) if isinstance(init_params, flax.core.FrozenDict) else out
-
-
-# ------------------------------------------------------------ training-state checkpoints (orbax).
-def _path_name(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+    if tmp.exists():
+      tmp.unlink()
 
 
 def _stored_shape(x) -> tuple:
@@ -326,7 +70,7 @@ QUARANTINE = ".corrupt"  # a corrupt step directory is renamed `{step}.corrupt[-
 _REASON_BYTES = 512  # a verifier's problem as the processes exchange it (UTF-8, cut there)
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(errors.CheckpointError):
   """A checkpoint whose files are damaged, cut short, missing or unreadable; the message names
   the directory and what to delete."""
 
@@ -381,11 +125,8 @@ def write_manifest(step_dir: Union[str, os.PathLike], *, process_index: Optional
   n = jax.process_count() if process_count is None else int(process_count)
   files = {rel: [f.stat().length, _sha256(f)]
            for rel, f in _files(step_dir, owner=p if n > 1 else None)}
-  name = _part_name(p)
-  tmp = step_dir / f"{name}.tmp-{uuid.uuid4().hex}"
-  tmp.write_text(json.dumps({"version": 2, "process": p, "num_processes": n, "files": files},
-                            indent=1))
-  tmp.replace(step_dir / name)
+  write_atomic(step_dir / _part_name(p), json.dumps(
+      {"version": 2, "process": p, "num_processes": n, "files": files}, indent=1))
 
 
 def _read_part(path: epath.Path) -> Optional[dict]:
@@ -486,8 +227,9 @@ class TrainCheckpointer:
 
   Integrity: once a save is final (at the end of a synchronous `save()`; an asynchronous one at
   the next save, `wait()` or `close()`), every process hashes the files it wrote and writes its
-  part of the step's manifest (`write_manifest`), on a background thread: `save()` does not wait for the hashing; `wait()`, `close()`, `restore()` and
-  `latest_step()` do (a save that would delete a step still being hashed waits for it too).
+  part of the step's manifest (`write_manifest`), on a background thread: `save()` does not
+  wait for the hashing; `wait()`, `close()`, `restore()` and `latest_step()` do (a save that
+  would delete a step still being hashed waits for it too).
   `latest_step()` checks the newest steps against their manifests (`verify_step`), each process
   hashing its share of the files; the processes agree on the verdict (one damaged share makes
   the step damaged everywhere): a damaged step is renamed `{step}.corrupt` by process 0 with a
@@ -709,9 +451,10 @@ class TrainCheckpointer:
     from `jax.eval_shape`, or arrays), possibly different from the shardings it was saved with.
     `shardings`, a tree of the same structure, replaces the leaves' own.
 
-    Raises FileNotFoundError when there is no such checkpoint, ValueError naming every key whose
-    shape differs from the checkpoint's, or that only one of them has, and CorruptCheckpointError
-    (naming the directory to delete) when the files are damaged or orbax cannot read them.
+    Raises FileNotFoundError when there is no such checkpoint, errors.CheckpointError (a
+    ValueError) naming every key whose shape differs from the checkpoint's, or that only one of
+    them has, and CorruptCheckpointError (naming the directory to delete) when the files are
+    damaged or orbax cannot read them.
     """
     self._finish(hashes=True)
     if step is None:
@@ -754,9 +497,9 @@ class TrainCheckpointer:
     stored = self.stored_tree(step)
     if stored is None:
       return  # metadata unreadable: leave the checking to orbax
-    have = {_path_name(p): tuple(m.shape) for p, m in
+    have = {parallel.leaf_name(p): tuple(m.shape) for p, m in
             jax.tree_util.tree_flatten_with_path(stored, is_leaf=lambda x: hasattr(x, "shape"))[0]}
-    want = {_path_name(p): _stored_shape(x)
+    want = {parallel.leaf_name(p): _stored_shape(x)
             for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     lines = [f"  {k}: checkpoint {have[k]} vs expected {want[k]}"
              for k in sorted(set(have) & set(want)) if have[k] != want[k]]
@@ -770,10 +513,11 @@ class TrainCheckpointer:
                    f"{have[head[0]][-1]} classes, the data set now {want[head[0]][-1]}. Did its "
                    "class folders or the data set change? Restore them, or use another workdir.)")
     if lines:
-      raise ValueError(
+      raise errors.CheckpointError(
           f"Checkpoint {self.directory / str(step)} does not match the state to restore into:\n"
           + "\n".join(lines) + "\nBuild the abstract state from the same model and optimizer "
-          "config as the run that saved it (to start from other weights, use load_pretrained).")
+          "config as the run that saved it (to start from other weights, use "
+          "npz.load_pretrained), or use another workdir.")
 
   def wait(self) -> None:
     """Blocks until pending (async) saves are complete and their manifests written."""

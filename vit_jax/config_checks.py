@@ -28,7 +28,7 @@ UNITS = ("steps", "epochs", "examples")
 # `total_*` may grow (checked separately) and `pretrained.*` is only read by a fresh start.
 RESUME_FREE = ("log_every_", "eval_every_", "checkpoint_every_", "keep_checkpoints",
                "checkpoint_async", "eval_split", "test_split", "eval_batch_size", "pp_eval",
-               "fewshot.", "parallel", "mesh.", "sharding.", "distributed.", "export_npz",
+               "fewshot.", "evals", "parallel", "mesh.", "sharding.", "distributed.", "export_npz",
                "pretrained.", "total_", "dataset.prepare")
 
 
@@ -37,15 +37,9 @@ RESUME_FREE = ("log_every_", "eval_every_", "checkpoint_every_", "keep_checkpoin
 NEUTRAL = (None, 0, 0.0, "", False, [], {})
 # Groups of keys that do nothing while their switch key is neutral (or has one of the values
 # listed with it).
-SWITCHES = {"distill.": ("distill.teacher", ()), "detr.": ("loss", ("classification",))}
+SWITCHES = {"distill.": ("distill.teacher", ()), "detr.": ("loss", ("classification", "generation"))}
 # Keys added to the code with a default that is not in NEUTRAL but changes nothing.
 ADDED_DEFAULTS = {"repeated_aug": 1, "loss": "classification"}
-LOSSES = ("classification", "detr")
-DETR_KEYS = ("eos_coef", "class_weight", "bbox_weight", "giou_weight", "aux")
-# Data sets whose examples are boxes and labels (loss="detr"), and the pp ops that keep them
-# valid: those that do not move pixels (the boxes are not transformed with the image).
-DETECTION_DATASETS = ("fashion_mnist_canvases",)
-DETECTION_PP_OPS = ("decode", "value_range")
 
 
 def flatten(cfg, prefix: str = "") -> Dict[str, Any]:
@@ -210,6 +204,11 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
         raise errors.ConfigError(f"{key}: {e}") from None
 
   _check_loss(config, need)
+  evals = list(config.get("evals", ()))
+  known = ("task", "fewshot")  # vit_jax/train.py's EVALUATORS
+  bad = [e for e in evals if e not in known]
+  need(not bad, f"evals: unknown evaluator {bad[0] if bad else ''!r}; use some of "
+       f"{', '.join(known)}.{_did_you_mean(bad[0], known) if bad else ''}")
 
   if model_fields is not None:
     unknown = sorted(set(config.model.keys()) - set(model_fields))
@@ -226,47 +225,11 @@ def validate(config, *, device_count: int, process_count: int, model_fields=None
 
 
 def _check_loss(config, need) -> None:
-  """config.loss, and with "detr" its weights and what DETR's loss cannot take: images mixed or
-  repeated, class targets (smoothing, distillation, few-shot probes), pixels moved by the pp."""
+  """config.loss names a task (vit_jax/tasks), which says what else it refuses."""
+  from vit_jax import tasks  # pylint: disable=g-import-not-at-top
   loss = config.get("loss", "classification")
-  need(loss in LOSSES, f"loss={loss!r}: use {' or '.join(LOSSES)}.")
-  detection_data = config.dataset.name in DETECTION_DATASETS
-  if loss != "detr":
-    need(not detection_data, f"dataset.name={config.dataset.name!r} is a detection data set "
-         "(boxes, no class per image): train it with loss='detr' and a DETR model.")
-    return
-  need(config.model_name.startswith("DETR"),
-       f"loss='detr' needs a DETR model (DETR-Mu, DETR-R50, ...), not {config.model_name!r}.")
-  need(detection_data, f"loss='detr' needs a detection data set ({', '.join(DETECTION_DATASETS)}),"
-       f" not dataset.name={config.dataset.name!r}.")
-  detr = config.get("detr") or {}
-  unknown = sorted(set(detr.keys()) - set(DETR_KEYS))
-  need(not unknown, f"detr.{unknown[0] if unknown else ''}: unknown key; the DETR loss takes "
-       f"{', '.join(DETR_KEYS)}.")
-  for key in DETR_KEYS[:4]:
-    v = detr.get(key)
-    need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-         f"detr.{key}={v!r}: must be a number >= 0.")
-  need(0 < detr.get("eos_coef") <= 1, f"detr.eos_coef={detr.get('eos_coef')!r}: the weight of "
-       "'no object' predictions must be in (0, 1] (DETR: 0.1).")
-  need(isinstance(detr.get("aux"), bool), f"detr.aux={detr.get('aux')!r}: must be True or False.")
-  need(any(detr.get(k) for k in DETR_KEYS[1:4]),
-       "detr.class_weight, bbox_weight and giou_weight are all 0: nothing would be learnt.")
-  for key, what in (("fewshot.shots", "few-shot probes of class labels"),
-                    ("mixup", "mixup"), ("cutmix", "CutMix"),
-                    ("distill.teacher", "distillation"), ("label_smoothing", "label smoothing")):
-    node, leaf = _node(config, key)
-    value = node.get(leaf)
-    need(not value, f"{key}={value!r}: loss='detr' does not support {what}; unset it.")
-  need(config.get("repeated_aug", 1) == 1,
-       f"repeated_aug={config.get('repeated_aug')!r}: loss='detr' does not support repeated "
-       "augmentation; set it to 1.")
-  from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  for key in ("pp_train", "pp_eval"):
-    moved = [op.name for op in preprocess.parse(config[key])
-             if op.name not in DETECTION_PP_OPS]
-    need(not moved, f"{key}: op {moved[0] if moved else ''!r} with loss='detr': the boxes do not "
-         f"follow the pixels; use only {', '.join(DETECTION_PP_OPS)}.")
+  need(loss in tasks.NAMES, f"loss={loss!r}: use {' or '.join(tasks.NAMES)}.")
+  tasks.task_class(loss).check(config, need)
 
 
 def _kind(value) -> Optional[str]:

@@ -139,32 +139,25 @@ def main(argv):
     _exit(1, f"{type(e).__name__}: {e}")
   if jax.process_index() != 0:
     return
+  from vit_jax import tasks  # pylint: disable=g-import-not-at-top
+  task = tasks.get(config)
+  has = lambda prefix: prefix + task.result_names[0] in result
   if result.get("already_complete"):
-    acc = (f"; {result['split']} accuracy {result['accuracy']:.4f}" if "accuracy" in result
-           else f"; {result['split']} mAP@0.5 {result['map50']:.4f}" if "map50" in result
-           else "")
-    print(f"The run in {_WORKDIR.value} is already complete at step {result['step']}{acc}. "
-          "Nothing was changed; raise total_* to train on, or use another --workdir.",
-          flush=True)
+    headline = f"; {result['split']} {task.headline(result)}" if has("") else ""
+    print(f"The run in {_WORKDIR.value} is already complete at step {result['step']}"
+          f"{headline}. Nothing was changed; raise total_* to train on, or use another "
+          "--workdir.", flush=True)
     return
   if "train_seconds" in result:
     print(f"trained {result['steps']} steps ({result['examples']} images) in "
           f"{result['train_seconds']:.0f} s, not counting evaluation and checkpoint saves "
           f"({result['examples'] / max(result['train_seconds'], 1e-9):.0f} img/s); "
           f"{time.monotonic() - t_start:.0f} s in all", flush=True)
-  if "accuracy" in result:
-    print(f"{result['split']} accuracy: {result['accuracy']:.4f} "
-          f"on {result['num_examples']} images", flush=True)
-  if "map" in result:
-    print(f"{result['split']} mAP {result['map']:.4f}, mAP@0.5 {result['map50']:.4f} "
-          f"on {result['num_images']} images", flush=True)
-  if "test_map" in result:
-    print(f"test mAP ({result['test_split']}, evaluated once at the end): "
-          f"{result['test_map']:.4f}, mAP@0.5 {result['test_map50']:.4f} on "
-          f"{result['test_num_images']} images", flush=True)
-  if "test_accuracy" in result:
-    print(f"test accuracy ({result['test_split']}, evaluated once at the end): "
-          f"{result['test_accuracy']:.4f} on {result['test_num_examples']} images", flush=True)
+  if has(""):
+    print(f"{result['split']} {task.headline(result)}", flush=True)
+  if has("test_"):
+    print("test " + task.headline(
+        result, "test_", f" ({result['test_split']}, evaluated once at the end)"), flush=True)
   elif "stopped_at_step" in result:
     print(f"stopped at step {result['stopped_at_step']}; rerun to resume", flush=True)
 

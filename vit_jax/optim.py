@@ -27,21 +27,15 @@ import jax
 import optax
 
 from vit_jax import errors
+from vit_jax import parallel
 
 KERNELS_ONLY = r".*/kernel"
 
 
 def param_names(tree) -> list:
-  """'/'-joined names of every leaf of a params tree, in tree order."""
+  """'/'-joined names of every leaf of a params tree, in tree order (`parallel.leaf_name`)."""
   paths, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return ["/".join(_key_str(k) for k in path) for path, _ in paths]
-
-
-def _key_str(k):
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
+  return [parallel.leaf_name(path) for path, _ in paths]
 
 
 def regex_mask(regex: str, params, *, what: str):

@@ -8,9 +8,9 @@
 
 Sources:
 - a published `.npz` (local or gs://, read through `tf.io.gfile`): ViT, AugReg and hybrid files in
-  the ViT release's layout (`checkpoint.load_npz`), BiT-S/M ResNet files in the BiT release's
+  the ViT release's layout (`npz.load_npz`), BiT-S/M ResNet files in the BiT release's
   layout (`resnet/block1/unit01/a/standardized_conv2d/kernel`, ...), or files that
-  `checkpoint.save_npz` wrote for any of our models. The model name is needed
+  `npz.save_npz` wrote for any of our models. The model name is needed
   (`model="ViT-B/16"`) unless the file name is a zoo entry's.
 - a Hugging Face model directory (`config.json` + `model.safetensors` or `pytorch_model.bin`, as
   `save_pretrained` writes it); the architecture comes from `config.json`. Needs the `hf` extra
@@ -20,7 +20,7 @@ Sources:
   `huggingface_hub.snapshot_download` (its cache; HF_HUB_OFFLINE=1 honoured). With no network
   (or HF_HUB_OFFLINE / VIT_JAX_OFFLINE set) the error says where to put the file.
 
-Then the converted tree goes through `checkpoint.load_pretrained` against the model built for
+Then the converted tree goes through `npz.load_pretrained` against the model built for
 (`num_classes`, `img_size`): a head of another class count is re-initialised, ViT position
 embeddings are resized (bilinear, as the JAX release), Swin relative position bias tables are
 resized (bicubic, `swin.resize_bias_tables`), and every remaining mismatch is reported by
@@ -46,9 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import checkpoint
 from vit_jax import errors
 from vit_jax import models
+from vit_jax import npz
+from vit_jax.models import deit
 from vit_jax.models import layers
 from vit_jax.models import resnet
 from vit_jax.models import swin
@@ -201,7 +202,8 @@ def load_with_info(source, model=None, num_classes=None, img_size=None, *, stric
     num_classes = ckpt_classes
   size = _pair(img_size or conv.image_size)
   kwargs = dict(conv.kwargs)
-  if isinstance(models.get_model(conv.model_name, num_classes=1), swin.SwinTransformer):
+  family = family_of(models.get_model(conv.model_name, num_classes=1))
+  if family is not None and family.img_size_option:
     kwargs["img_size"] = size  # Swin's stage windows (and table shapes) follow img_size
   module = models.get_model(conv.model_name, num_classes=num_classes, **kwargs)
   init = _init(module, size, conv.channels, real=not strict)
@@ -214,11 +216,11 @@ def load_into(source, init_params: Params, *, model: Optional[str] = None, stric
               log: Callable[[str], None] = logging.info) -> Params:
   """`source`'s weights fitted to `init_params` (a freshly initialised model's params): what
   `config.pretrained.path` goes through. An `.npz` path goes straight to
-  `checkpoint.load_pretrained`; other sources are converted first. `model` names the model for
+  `npz.load_pretrained`; other sources are converted first. `model` names the model for
   an `.npz` of ours whose tree alone does not say it (the training config's `model_name`)."""
   source = os.fspath(source)
   if source.endswith(".npz") and source not in ZOO:
-    tree = checkpoint.load_npz(source)
+    tree = npz.load_npz(source)
     tree = _bit_release_to_ours(tree) if "resnet" in tree else tree
   else:
     tree = _convert(source, model, log).tree
@@ -262,22 +264,55 @@ def _convert(source: str, model: Optional[str], log) -> _Converted:
 
 
 def _fit(tree: Params, init: Params, *, strict, log) -> Params:
-  """A converted tree fitted to `init` (checkpoint.load_pretrained), after the resizing it cannot
-  do itself: Swin bias tables, and a DeiT position embedding with two prefix tokens."""
+  """A converted tree fitted to `init` (npz.load_pretrained, which also resizes position
+  embeddings, DeiT's [cls, dist, grid] included), after the resizing it cannot do itself: Swin
+  bias tables."""
   if any(k[-1] == "relative_position_bias_table"
          for k in flax.traverse_util.flatten_dict(dict(tree))):
     tree = swin.resize_bias_tables(tree, init)
-  cfg = None
-  if "dist" in init and "dist" in tree:
-    cfg = {"classifier": "token"}
-    have = np.shape(tree["Transformer"]["posembed_input"]["pos_embedding"])
-    want = np.shape(init["Transformer"]["posembed_input"]["pos_embedding"])
-    if have != want:  # [cls, dist, grid]: the two prefix rows are kept, the grid resized
-      tree = dict(tree, Transformer=dict(tree["Transformer"], posembed_input={
-          "pos_embedding": checkpoint.resize_posemb(
-              tree["Transformer"]["posembed_input"]["pos_embedding"], want[1], prefix_old=2,
-              prefix_new=2)}))
-  return checkpoint.load_pretrained(tree, init, model_config=cfg, strict=strict, log=log)
+  tree = resize_relative_tables(tree, init)
+  return npz.load_pretrained(tree, init, strict=strict, log=log)
+
+
+# Relative-position tables whose shape follows the image size: leaf name -> its offset axes.
+# ViT's `posemb="relbias"` `grid_bias` (2h-1, 2w-1, heads) and the attention-augmented ResNet's
+# `rel_height` (2H-1, d) and `rel_width` (2W-1, d).
+RELATIVE_TABLES = {"grid_bias": (-3, -2), "rel_height": (-2,), "rel_width": (-2,)}
+
+
+def resize_relative_tables(tree: Params, init: Params) -> Params:
+  """Every `RELATIVE_TABLES` leaf of `tree` whose offset axes differ from `init`'s resized to
+  them, bicubically along each offset axis with Swin's resizing (`swin._torch_bicubic_matrix`:
+  torch's bicubic, align_corners=False, as Swin and BEiT resize their tables); a leading layer
+  axis (a scanned ViT) is kept. The class-token terms (`cls_bias`) do not depend on the size."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(tree)))
+  target = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(init)))
+  for key, value in flat.items():
+    have = np.shape(value)
+    want = _layout_shape(key, have, target) if key[-1] in RELATIVE_TABLES else None
+    if want is None or have == want or len(have) != len(want):
+      continue
+    out = np.asarray(value, np.float64)
+    for axis in RELATIVE_TABLES[key[-1]]:
+      m = swin._torch_bicubic_matrix(have[axis], want[axis])  # pylint: disable=protected-access
+      out = np.moveaxis(np.tensordot(m, np.moveaxis(out, axis, 0), axes=1), 0, axis)
+    flat[key] = out.astype(np.asarray(value).dtype)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def _layout_shape(key, have, target):
+  """The shape `key` must take for `target`, whichever of the unrolled (`encoderblock_{i}`) and
+  scanned (`encoderblock/block`, leading layer axis) ViT layouts each side has; None if absent."""
+  if key in target:
+    return tuple(np.shape(target[key]))
+  for i, part in enumerate(key):
+    if re.fullmatch(r"encoderblock_\d+", part):  # an unrolled tree for a scanned model
+      alt = key[:i] + ("encoderblock", "block") + key[i + 1:]
+      return tuple(np.shape(target[alt]))[1:] if alt in target else None
+    if part == "encoderblock" and key[i + 1:i + 2] == ("block",):  # scanned for unrolled
+      alt = key[:i] + ("encoderblock_0",) + key[i + 2:]
+      return (have[0],) + tuple(np.shape(target[alt])) if alt in target else None
+  return None
 
 
 # ------------------------------------------------------------------------------ fetching.
@@ -341,17 +376,25 @@ def _pair(size) -> Tuple[int, int]:
   return (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(s) for s in size)
 
 
-def _family(model: nn.Module) -> str:
-  deit = _deit_family()
-  if deit is not None and isinstance(model, deit.DeiT) and model.distilled:
-    return "deit"
-  if isinstance(model, vit.VisionTransformer):
-    return "vit"
-  if isinstance(model, swin.SwinTransformer):
-    return "swin"
-  if isinstance(model, resnet.ResNet):
-    return "resnet"
-  return type(model).__name__
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What one model family converts, and how (a row of `FAMILIES`)."""
+  name: str
+  hf_model_type: str  # the `model_type` of the Hugging Face config.json that `from_hf` reads
+  # (state dict of numpy arrays, config.json as a dict, log) -> (our params tree, (name, kwargs)).
+  from_hf: Callable[[dict, dict, Callable[[str], None]], Tuple[Params, Tuple[str, dict]]]
+  # (module, params) -> (transformers config class name, its kwargs, state dict); None: no export.
+  to_hf: Optional[Callable[[nn.Module, Params], Tuple[str, dict, dict]]]
+  hf_input: Tuple[tuple, tuple]  # (mean, std) when the directory has no preprocessor_config.json
+  npz_input: Tuple[tuple, tuple]  # (mean, std) of the family's published .npz files
+  npz_overrides: Optional[Callable[[Params], dict]] = None  # model options an .npz tree decides
+  img_size_option: bool = False  # whether the image size is a model option (Swin's windows)
+
+
+def family_of(model: Union[nn.Module, type]) -> Optional[Family]:
+  """The `FAMILIES` row of a model (or model class): its class's, else its nearest base's."""
+  cls = model if isinstance(model, type) else type(model)
+  return next((FAMILIES[c] for c in cls.__mro__ if c in FAMILIES), None)
 
 
 def _init(model: nn.Module, size: Tuple[int, int], channels: int, *, real: bool) -> Params:
@@ -438,10 +481,8 @@ def _bit_release_to_ours(tree: Params) -> Params:
   return out
 
 
-def _npz_overrides(tree: Params, model_name: str) -> dict:
-  """Model options the file's tree decides (ViT: classifier, representation layer)."""
-  if not isinstance(models.get_model(model_name, num_classes=1), vit.VisionTransformer):
-    return {}
+def _vit_npz_overrides(tree: Params) -> dict:
+  """ViT options an .npz tree decides: classifier, representation layer."""
   over = {}
   if "MAPHead_0" in tree:
     over["classifier"] = "map"
@@ -453,17 +494,15 @@ def _npz_overrides(tree: Params, model_name: str) -> dict:
 
 
 def _convert_npz(path, model_name, image_size, labels) -> _Converted:
-  tree = checkpoint.load_npz(path)
+  tree = npz.load_npz(path)
   if "resnet" in tree:
     tree = _bit_release_to_ours(tree)
-  family = type(models.get_model(model_name, num_classes=1))
-  # Input ranges: the ViT release [-1, 1]; BiT's release [0, 1]; Swin's ImageNet mean/std.
-  mean, std = (HALF, HALF) if issubclass(family, vit.VisionTransformer) else ((0.,) * 3, (1.,) * 3)
-  if family is swin.SwinTransformer:
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+  family = family_of(models.get_model(model_name, num_classes=1))
+  mean, std = family.npz_input if family else ((0.,) * 3, (1.,) * 3)
+  overrides = family.npz_overrides(tree) if family and family.npz_overrides else {}
   classes = _head_classes(tree)
-  return _Converted(tree, model_name, _npz_overrides(tree, model_name), _pair(image_size),
-                    _channels(tree), mean, std, _labels_for(labels, classes) if classes else None)
+  return _Converted(tree, model_name, overrides, _pair(image_size), _channels(tree), mean, std,
+                    _labels_for(labels, classes) if classes else None)
 
 
 def _channels(tree: Params) -> int:
@@ -498,32 +537,26 @@ def _hf_state_dict(directory: str) -> dict:
                                 "pytorch_model.bin (sharded checkpoints are not supported).")
 
 
-def _hf_preprocessing(directory, model_type) -> Tuple[tuple, tuple]:
+def _hf_preprocessing(directory, family: "Family") -> Tuple[tuple, tuple]:
   path = os.path.join(directory, "preprocessor_config.json")
   if os.path.exists(path):
     with open(path) as f:
       pp = json.load(f)
     if "image_mean" in pp and "image_std" in pp:
       return tuple(pp["image_mean"]), tuple(pp["image_std"])
-  return (HALF, HALF) if model_type == "vit" else (IMAGENET_MEAN, IMAGENET_STD)
+  return family.hf_input
 
 
 def _convert_hf(directory, log) -> _Converted:
   with open(os.path.join(directory, "config.json")) as f:
     cfg = json.load(f)
   model_type = cfg.get("model_type")
-  if model_type not in ("vit", "deit", "swin", "bit"):
+  by_type = {f.hf_model_type: f for f in FAMILIES.values()}
+  if model_type not in by_type:
     raise errors.UnsupportedError(f"{directory}: Hugging Face model_type {model_type!r} is not "
-                                  "supported; supported: vit, deit, swin, bit.")
-  sd = _hf_state_dict(directory)
-  if model_type == "vit":
-    tree, (name, kwargs) = _vit_from_hf(sd, cfg)
-  elif model_type == "deit":
-    tree, (name, kwargs) = _deit_from_hf(sd, cfg)
-  elif model_type == "swin":
-    tree, (name, kwargs) = swin.from_hf_state_dict(sd), _swin_kwargs(cfg)
-  else:
-    tree, (name, kwargs) = _bit_from_hf(sd, cfg, log)
+                                  f"supported; supported: {', '.join(by_type)}.")
+  family = by_type[model_type]
+  tree, (name, kwargs) = family.from_hf(_hf_state_dict(directory), cfg, log)
   classes = _head_classes(tree)
   names = None
   id2label = cfg.get("id2label") or {}
@@ -531,7 +564,7 @@ def _convert_hf(directory, log) -> _Converted:
     names = tuple(id2label[str(i)] for i in range(classes))
     if all(re.fullmatch(r"LABEL_\d+", n) for n in names):  # transformers' placeholders
       names = _labels_for(None, classes)
-  mean, std = _hf_preprocessing(directory, model_type)
+  mean, std = _hf_preprocessing(directory, family)
   return _Converted(tree, name, kwargs, _pair(cfg.get("image_size", 224)),
                     int(cfg.get("num_channels", 3)), mean, std, names)
 
@@ -565,7 +598,7 @@ def _vit_kwargs(cfg) -> Tuple[str, dict]:
   return _vit_name(d, mlp, heads, depth, p), kwargs
 
 
-def _vit_from_hf(sd, cfg) -> Tuple[dict, Tuple[str, dict]]:
+def _vit_from_hf(sd, cfg, log=None) -> Tuple[dict, Tuple[str, dict]]:
   """HF ViTForImageClassification / ViTModel state dict -> our ViT tree (published names)."""
   name, kwargs = _vit_kwargs(cfg)
   pre = "vit." if any(k.startswith("vit.") for k in sd) else ""
@@ -578,26 +611,11 @@ def _vit_from_hf(sd, cfg) -> Tuple[dict, Tuple[str, dict]]:
   return sd.variables()["params"], (name, kwargs)
 
 
-def _deit_family():
-  """vit_jax/models/deit.py when it is there (it arrived with the DeiT family)."""
-  try:
-    from vit_jax.models import deit  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return deit if hasattr(deit, "from_hf_state_dict") else None
-
-
-def _deit_from_hf(sd, cfg):
+def _deit_from_hf(sd, cfg, log=None):
   """HF DeiT (`deit.*`: always with a distillation token next to the class token), from
   DeiTForImageClassificationWithTeacher (two heads) or DeiTForImageClassification (cls head only,
   `distill_head=False`). Non-distilled DeiT weights on the Hub (facebook/deit-*-patch16-224) are
   ViT checkpoints (model_type 'vit') and load as ViT."""
-  deit = _deit_family()
-  if deit is None:
-    raise errors.UnsupportedError(
-        "Hugging Face DeiT checkpoints (model_type 'deit') need the DeiT family, "
-        "vit_jax/models/deit.py, which this installation lacks. Non-distilled DeiT weights "
-        "(facebook/deit-*-patch16-224, model_type 'vit') load as ViT.")
   tree = deit.from_hf_state_dict(sd, cfg)["params"]
   # config.json keeps the class count in id2label (transformers' num_labels is a property).
   kwargs = deit.model_kwargs_from_hf({"num_labels": len(cfg.get("id2label") or {}), **cfg})
@@ -622,6 +640,11 @@ def _swin_kwargs(cfg) -> Tuple[str, dict]:
                 mlp_ratio=float(cfg.get("mlp_ratio", 4.0)),
                 droppath_rate=0.0)
   return "Swin-T", kwargs
+
+
+def _swin_from_hf(sd, cfg, log=None):
+  """HF SwinForImageClassification / SwinModel state dict -> our Swin tree."""
+  return swin.from_hf_state_dict(sd), _swin_kwargs(cfg)
 
 
 def _bit_kwargs(cfg, log) -> Tuple[str, dict]:
@@ -707,21 +730,14 @@ def save_hf(model: Union[str, nn.Module], params: Params, directory: str) -> str
   transformers, save_file = _require_transformers()
   module = models.get_model(model, num_classes=1) if isinstance(model, str) else model
   params = jax.device_get(flax.core.unfreeze(params))
-  fam = _family(module)
-  if fam == "vit":
-    if "encoderblock" in params.get("Transformer", {}):
-      params = vit.scan_to_unrolled(params)
-    config, sd = _vit_to_hf(module, params, transformers)
-  elif fam == "deit":
-    config, sd = _vit_to_hf(module, params, transformers, deit=True)
-  elif fam == "swin":
-    config, sd = _swin_to_hf(module, params, transformers)
-  elif fam == "resnet":
-    config, sd = _bit_to_hf(module, params, transformers)
-  else:
-    raise errors.UnsupportedError(f"save_hf supports ViT, Swin and BiT models, not {fam}.")
+  family = family_of(module)
+  if family is None or family.to_hf is None:
+    raise errors.UnsupportedError(
+        f"save_hf writes {', '.join(f.name for f in FAMILIES.values() if f.to_hf)} models, not "
+        f"{type(module).__name__}.")
+  config_class, config, sd = family.to_hf(module, params)
   os.makedirs(directory, exist_ok=True)
-  config.save_pretrained(directory)
+  getattr(transformers, config_class)(**config).save_pretrained(directory)
   save_file({k: np.ascontiguousarray(v) for k, v in sd.items()},
             os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
   return directory
@@ -751,9 +767,11 @@ def _block_to_hf(sd, dst, norm_before, attention, norm_after, mlp):
   _linear(sd, dst + "mlp.fc2", mlp["Dense_1"])
 
 
-def _vit_to_hf(m, params, transformers, deit=False):
+def _vit_to_hf(m, params, deit=False):
   """ViT -> ViTForImageClassification; distilled DeiT -> DeiTForImageClassificationWithTeacher
   (DeiTForImageClassification without `head_dist`)."""
+  if "encoderblock" in params.get("Transformer", {}):
+    params = vit.scan_to_unrolled(params)
   if (m.classifier != "token" or m.representation_size or m.resnet is not None
       or m.posemb != "learn"):
     raise errors.UnsupportedError(
@@ -763,8 +781,7 @@ def _vit_to_hf(m, params, transformers, deit=False):
   pos = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
   grid = int(round(np.sqrt(pos.shape[1] - 1 - deit)))
   num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
-  config_cls = transformers.DeiTConfig if deit else transformers.ViTConfig
-  cfg = config_cls(
+  cfg = dict(
       hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
       intermediate_size=m.mlp_dim, hidden_act="gelu_pytorch_tanh" if m.approximate_gelu else "gelu",
       image_size=grid * emb.shape[0], patch_size=emb.shape[0], num_channels=emb.shape[2],
@@ -789,10 +806,16 @@ def _vit_to_hf(m, params, transformers, deit=False):
     _linear(sd, "distillation_classifier", params["head_dist"])
   elif num_classes:
     _linear(sd, "classifier", params["head"])
-  return cfg, {k: np.asarray(v, np.float32) for k, v in sd.items()}
+  return ("DeiTConfig" if deit else "ViTConfig"), cfg, {
+      k: np.asarray(v, np.float32) for k, v in sd.items()}
 
 
-def _swin_to_hf(m, params, transformers):
+def _deit_to_hf(m, params):
+  """A distilled DeiT -> DeiTForImageClassificationWithTeacher; a plain one is a ViT."""
+  return _vit_to_hf(m, params, deit=m.distilled)
+
+
+def _swin_to_hf(m, params):
   depths, heads = tuple(m.depths), tuple(m.num_heads)
   img = _pair(m.img_size)
   windows = swin.stage_windows(img, m.patch_size, len(depths), m.window_size)
@@ -802,7 +825,7 @@ def _swin_to_hf(m, params, transformers):
                                   "whose every stage is larger than the window.")
   num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
   proj = np.asarray(params["patch_embed"]["proj"]["kernel"])
-  cfg = transformers.SwinConfig(
+  cfg = dict(
       image_size=img[0], patch_size=m.patch_size, num_channels=proj.shape[2],
       embed_dim=m.embed_dim, depths=list(depths), num_heads=list(heads),
       window_size=m.window_size, mlp_ratio=m.mlp_ratio, layer_norm_eps=1e-5,
@@ -831,10 +854,11 @@ def _swin_to_hf(m, params, transformers):
   sd["swin.layernorm.bias"] = np.asarray(params["norm"]["bias"])
   if num_classes:
     _linear(sd, "classifier", params["head"])
-  return cfg, {k: v if v.dtype == np.int64 else np.asarray(v, np.float32) for k, v in sd.items()}
+  return "SwinConfig", cfg, {k: v if v.dtype == np.int64 else np.asarray(v, np.float32)
+                             for k, v in sd.items()}
 
 
-def _bit_to_hf(m, params, transformers):
+def _bit_to_hf(m, params):
   if not m.preact or m.root != "imagenet":
     raise errors.UnsupportedError("save_hf writes BiT ResNet-v2 models (preact=True) with the "
                                   "imagenet root (BitForImageClassification).")
@@ -845,7 +869,7 @@ def _bit_to_hf(m, params, transformers):
   depths = [int(n) for n in m.num_layers]
   num_classes = int(np.shape(params["head"]["kernel"])[-1]) if "head" in params else 0
   root = np.asarray(params["conv_root"]["kernel"])
-  cfg = transformers.BitConfig(
+  cfg = dict(
       num_channels=root.shape[2], embedding_size=width, depths=depths,
       hidden_sizes=[4 * width * 2**i for i in range(len(depths))], num_groups=m.gn_groups,
       layer_type="preactivation", global_padding=None, num_labels=max(num_classes, 1))
@@ -864,7 +888,27 @@ def _bit_to_hf(m, params, transformers):
   sd["bit.norm.bias"] = np.asarray(params["norm-pre-head"]["bias"])
   if num_classes:
     _linear(sd, "classifier.1", params["head"])
-  return cfg, {k: np.asarray(v, np.float32) for k, v in sd.items()}
+  return "BitConfig", cfg, {k: np.asarray(v, np.float32) for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------ the families.
+# One row per family class; a subclass without its own row (a hybrid is a VisionTransformer)
+# takes its nearest base's. Input ranges: the ViT release [-1, 1] (HALF); BiT's release [0, 1];
+# Swin, DeiT and BiT on the Hub: ImageNet's mean and std.
+FAMILIES = {
+    vit.VisionTransformer: Family(
+        "ViT", "vit", _vit_from_hf, _vit_to_hf, hf_input=(HALF, HALF), npz_input=(HALF, HALF),
+        npz_overrides=_vit_npz_overrides),
+    deit.DeiT: Family(
+        "DeiT", "deit", _deit_from_hf, _deit_to_hf, hf_input=(IMAGENET_MEAN, IMAGENET_STD),
+        npz_input=(HALF, HALF), npz_overrides=_vit_npz_overrides),
+    swin.SwinTransformer: Family(
+        "Swin", "swin", _swin_from_hf, _swin_to_hf, hf_input=(IMAGENET_MEAN, IMAGENET_STD),
+        npz_input=(IMAGENET_MEAN, IMAGENET_STD), img_size_option=True),
+    resnet.ResNet: Family(
+        "BiT", "bit", _bit_from_hf, _bit_to_hf, hf_input=(IMAGENET_MEAN, IMAGENET_STD),
+        npz_input=((0.,) * 3, (1.,) * 3)),
+}
 
 
 # ------------------------------------------------------------------------------ command line.

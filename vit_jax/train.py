@@ -24,6 +24,7 @@ from vit_jax import data as data_lib
 from vit_jax import errors
 from vit_jax import metrics as metrics_lib
 from vit_jax import models
+from vit_jax import npz
 from vit_jax import optim
 from vit_jax import parallel
 from vit_jax import pretrained
@@ -31,8 +32,6 @@ from vit_jax import workdirs
 from vit_jax import evaluators
 from vit_jax.trainer import (Runner, build_trainer, for_these_devices, model_variables,
                              new_state)
-from vit_jax.evaluators import classification
-from vit_jax.evaluators import detection as detection_eval
 from vit_jax.evaluators import fewshot
 
 
@@ -43,20 +42,9 @@ class NonFiniteLossError(errors.UserError, FloatingPointError):
 
 def evaluate(runner: Runner, params, source, config, split: str,
              should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
-  """Top-1 accuracy and loss over every example of `split` (the last batch padded and masked);
-  with config.loss="detr", COCO-style mAP (`map`, `map50`, `map75`, `num_images`; see
-  vit_jax/evaluators/detection.py) instead, over the whole split whatever the process count (the
-  detections are gathered across processes)."""
-  if config.get("loss", "classification") == "detr":
-    return detection_eval.DetectionEvaluator(
-        runner.predict(), lambda: data_lib.eval_iterator(
-            source, split=split, pp=config.pp_eval, batch_size=int(config.eval_batch_size)),
-        fetch=runner.gather_features, should_stop=should_stop).run(params)
-  ev = classification.ClassificationEvaluator(
-      lambda p, b: runner.eval_step(p, runner.to_device_batch(b)), source, split=split,
-      pp=config.pp_eval, batch_size=config.eval_batch_size, fetch=runner.fetch,
-      should_stop=should_stop)
-  return ev.run(params)
+  """The task's evaluation of `split` (vit_jax/tasks: top-1 accuracy and loss for
+  classification, COCO-style mAP for detection), over every example of it."""
+  return runner.task.evaluate(runner, params, source, config, split, should_stop)
 
 
 TEST_PREFIX = "final_test"  # metrics of config.test_split, evaluated at the end only
@@ -74,22 +62,36 @@ def split_name(split: str) -> str:
   return re.split(r"[\[@+]", split, maxsplit=1)[0]
 
 
+def _task_evaluator(runner, variables, source, config, should_stop):
+  if not config.eval_split:
+    return {}
+  ev = evaluate(runner, variables, source, config, config.eval_split, should_stop)
+  return {f"{eval_prefix(config)}_{k}": v for k, v in ev.items()}
+
+
+def _fewshot_evaluator(runner, variables, source, config, should_stop):
+  if not config.fewshot.shots:
+    return {}
+  return fewshot_evaluator(runner, source, config, should_stop).run(variables)
+
+
+# The evaluators `config.evals` may name, run in its order every eval_every and at the end: the
+# task's own on eval_split (metrics `val_*`, or the split's name), few-shot linear probes on the
+# pooled features (fewshot.*; nothing while fewshot.shots is empty).
+EVALUATORS = {"task": _task_evaluator, "fewshot": _fewshot_evaluator}
+
+
 def evaluate_all(runner: Runner, params, source, config,
                  should_stop: Optional[Callable[[], bool]] = None, *,
                  ema=None) -> Dict[str, float]:
-  """Every evaluator the config declares: top-1 (loss="detr": mAP) on `eval_split`, few-shot
-  when `fewshot.shots`,
-  on the model's variables `params`; and the same on `ema` (the EMA weights' variables, metrics
-  prefixed `ema_`) when given. Raises evaluators.Stopped when `should_stop()` turns true between
-  two batches."""
+  """Every evaluator of `config.evals` (EVALUATORS) on the model's variables `params`; and the
+  same on `ema` (the EMA weights' variables, metrics prefixed `ema_`) when given. Raises
+  evaluators.Stopped when `should_stop()` turns true between two batches."""
   out = {}
   for prefix, variables in [("", params)] + ([("ema_", ema)] if ema is not None else []):
-    if config.eval_split:
-      ev = evaluate(runner, variables, source, config, config.eval_split, should_stop)
-      out.update({f"{prefix}{eval_prefix(config)}_{k}": v for k, v in ev.items()})
-    if config.fewshot.shots:
-      fs = fewshot_evaluator(runner, source, config, should_stop).run(variables)
-      out.update({prefix + k: v for k, v in fs.items()})
+    for name in config.get("evals", tuple(EVALUATORS)):
+      ev = EVALUATORS[name](runner, variables, source, config, should_stop)
+      out.update({prefix + k: v for k, v in ev.items()})
   return out
 
 
@@ -170,11 +172,8 @@ class DispatchBound:
 
 
 def _write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` atomically (a temporary file, then a rename)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Writes `text` to `path` atomically (`checkpoint.write_atomic`)."""
+  checkpoint.write_atomic(path, text)
 
 
 def _write_json(path: str, obj) -> None:
@@ -436,9 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       result["split"] = eval_prefix(config)
     if config.test_split and config.test_split != eval_split:
       result["test_split"] = config.test_split
-      names = (("map", "map50", "map75", "num_images") if runner.loss == "detr"
-               else ("accuracy", "num_examples"))
-      result.update({f"test_{k}": final[f"{TEST_PREFIX}_{k}"] for k in names
+      result.update({f"test_{k}": final[f"{TEST_PREFIX}_{k}"] for k in runner.task.result_names
                      if f"{TEST_PREFIX}_{k}" in final})
     result["metrics"] = final
     result.update(steps=step - start_step, examples=(step - start_step) * batch_size,
@@ -460,12 +457,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def export(params, path: str):
-  """Writes params in the published `.npz` layout (process 0; gathers sharded arrays first)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    params = multihost_utils.process_allgather(params, tiled=True)
+  """Writes params in the published `.npz` layout (process 0; every process gathers the arrays
+  sharded across processes first, so every process must call it)."""
+  params = parallel.to_host(params)
   if jax.process_index() == 0:
-    checkpoint.save_npz(jax.device_get(params), path)
+    npz.save_npz(params, path)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:

@@ -19,7 +19,7 @@ from vit_jax import errors
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import parallel
-from vit_jax.detection import loss as detection_loss
+from vit_jax import tasks
 
 # ------------------------------------------------------------------------------ building blocks.
 def build_model(config, num_classes: int):
@@ -28,6 +28,7 @@ def build_model(config, num_classes: int):
   for key in ("dtype", "param_dtype"):
     if isinstance(overrides.get(key), str):
       overrides[key] = jnp.dtype(overrides[key])
+  num_classes = tasks.get(config).num_classes(num_classes)
   return models.get_model(config.model_name, num_classes=num_classes, **overrides)
 
 
@@ -44,8 +45,8 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
   Models with BatchNorm (state["batch_stats"]) run the batch in one call instead (a per-example
   call would normalise every example by itself), with the key of the batch's first row; their
   statistics are those of the global batch under jit and the per-device ones averaged under pmap,
-  so only for them jit and pmap differ. DETR (config.loss="detr") runs the batch in one call as
-  well, its dropout keyed by the first row.
+  so only for them jit and pmap differ. A task whose outputs are not per example (`one_call`,
+  DETR's) runs the batch in one call as well, its dropout keyed by the first row.
 
   Gradient accumulation splits the batch strided: micro-batch i holds rows i, i + accum,
   i + 2 * accum, ... With each device holding a contiguous block of rows whose size is a
@@ -53,25 +54,18 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
   devices (contiguous micro-batches would sit on 1/accum of the devices, and XLA would gather
   the images to compute each of them there).
 
-  `teacher` (a Module; its variables are state["teacher"]) turns on distillation (`loss_terms`).
+  What is learnt is the task's (vit_jax/tasks, picked by config.loss): the batch keys the update
+  reads, the model's inputs, the loss and its metrics. `teacher` (a Module; its variables are
+  state["teacher"]) gives the task the teacher's outputs on the same inputs (distillation).
   With config.ema_decay > 0, state["ema_params"] follows the parameters after every update, and
   state["ema_batch_stats"] the BatchNorm statistics, with the same decay (as timm's ModelEmaV3
   averages a model's buffers with its weights): the EMA weights are evaluated with statistics of
   the same average, not with the live ones, which belong to the live weights.
-
-  config.loss="detr": the model also takes batch["image_mask"] and the loss is DETR's set loss
-  (vit_jax.detection.loss.detr_loss, weights from config.detr) over the whole (micro-)batch, with
-  the targets batch["boxes"], ["labels"] and ["mask"] (real objects); the metrics hold its
-  unweighted last-layer terms (train_loss_ce, train_loss_bbox, train_loss_giou) instead of the
-  accuracy.
   """
-  detr = config.get("loss", "classification") == "detr"
-  detr_weights = dict(config.detr) if detr else {}
-  smoothing = float(config.label_smoothing)
+  task = tasks.get(config)
   accum = int(config.grad_accum_steps)
   seed = int(config.seed)
   ema_decay = float(config.get("ema_decay", 0.0))
-  distill = config.get("distill") or {}
 
   def forward(params, extra, inputs, rows, rng):
     """Training outputs, and the updated BatchNorm statistics (or {}); `inputs`: the model's
@@ -81,7 +75,7 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
       key = jax.random.fold_in(rng, rows[0])
       return model.apply({"params": params, **extra}, *inputs, train=True,
                          rngs={"dropout": key}, mutable=list(extra))
-    if detr:  # one call too: its outputs put the decoder layers first (`aux_*`), not the batch
+    if task.one_call:  # its outputs are not per example (DETR's decoder layers come first)
       key = jax.random.fold_in(rng, rows[0])
       return model.apply({"params": params}, *inputs, train=True, rngs={"dropout": key}), {}
     if _draws_random(model, params, images):
@@ -109,24 +103,17 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
     return stack
 
   def loss_fn(params, extra, teacher_vars, batch, rows, rng):
-    """(loss, (metrics, new BatchNorm statistics)) of a (micro-)batch: the `batch_keys`."""
-    if detr:
-      inputs = (batch["image"],) + ((batch["image_mask"],) if "image_mask" in batch else ())
-      out, new_extra = forward(params, extra, inputs, rows, rng)
-      loss, parts = detection_loss.detr_loss(out, batch, **detr_weights)
-      return loss, ({f"train_{k}": parts[k] for k in DETR_METRICS}, new_extra)
-    images, labels = batch["image"], batch["label"]
-    out, new_extra = forward(params, extra, (images,), rows, rng)
-    teacher_logits = None
+    """(loss, (metrics, new BatchNorm statistics)) of a (micro-)batch: the task's batch keys."""
+    inputs = task.inputs(batch)
+    out, new_extra = forward(params, extra, inputs, rows, rng)
+    teacher_out = None
     if teacher is not None:
-      teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_vars, images, train=False))
-    loss, logits = loss_terms(out, labels, teacher_logits, smoothing=smoothing, **distill)
-    acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
-    return loss, ({"train_accuracy": acc}, new_extra)
+      teacher_out = jax.lax.stop_gradient(teacher.apply(teacher_vars, *inputs, train=False))
+    loss, aux = task.loss(out, batch, teacher_out)
+    return loss, (aux, new_extra)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  batch_keys = BATCH_KEYS["detr" if detr else "classification"]
-  aux_names = [f"train_{k}" for k in DETR_METRICS] if detr else ["train_accuracy"]
+  batch_keys, aux_names = task.batch_keys, task.metric_names
 
   def update(state, batch):
     step, params = state["step"], state["params"]
@@ -173,53 +160,7 @@ def make_update_fn(model, tx, schedule, config, *, axis_name: Optional[str] = No
   return update
 
 
-# What the update reads of a batch (besides `row`), per config.loss.
-BATCH_KEYS = {"classification": ("image", "label"),
-              "detr": ("image", "image_mask", "boxes", "labels", "mask")}
-DETR_METRICS = ("loss_ce", "loss_bbox", "loss_giou")  # detr_loss's last-layer terms, logged
-
-
 MODEL_STATE = ("batch_stats",)  # variable collections besides params that training updates
-
-
-def loss_terms(out, labels, teacher_logits=None, *, smoothing: float = 0.0, teacher: str = "",
-               model: str = "", type: str = "hard", alpha: float = 0.5, tau: float = 1.0):
-  """(loss, logits for accuracy) of a training output.
-
-  `out` is the logits, or (cls_logits, dist_logits) from a distilled DeiT. Without a teacher
-  both heads learn the labels (the mean of their losses). With `teacher_logits`, DeiT's
-  distillation (Touvron et al. 2021, eq. 2 and 3): "hard": (1 - alpha) CE(cls, labels) +
-  alpha CE(dist, argmax teacher) (DeiT: alpha 0.5); "soft": (1 - alpha) CE(cls, labels) +
-  alpha tau^2 KL(softmax(teacher / tau) || softmax(dist / tau)) / classes (DeiT's code divides
-  the summed KL by batch x classes; DeiT: alpha 0.1, tau 3). A model
-  with one head distils through that head (Hinton et al. 2015). `teacher` and `model` name the
-  teacher's source (config.distill) and are not used here.
-  """
-  del teacher, model
-  cls, dist = out if isinstance(out, (tuple, list)) else (out, None)
-  cls, dist = [None if x is None else x.astype(jnp.float32) for x in (cls, dist)]
-  if smoothing:
-    labels = labels * (1.0 - smoothing) + smoothing / labels.shape[-1]
-  ce = lambda logits, target: optax.softmax_cross_entropy(logits, target).mean()
-  base = ce(cls, labels)
-  logits = cls if dist is None else (cls + dist) / 2
-  if teacher_logits is None:
-    return (base if dist is None else (base + ce(dist, labels)) / 2), logits
-  student = cls if dist is None else dist
-  teacher_logits = teacher_logits.astype(jnp.float32)
-  if type == "hard":
-    target = jax.nn.one_hot(jnp.argmax(teacher_logits, -1), teacher_logits.shape[-1])
-    kd = ce(student, target)
-  elif type == "soft":
-    # DeiT's code (facebookresearch/deit, losses.py, DistillationLoss): the KL divergence summed
-    # over the batch and the classes, divided by their product (outputs_kd.numel()): the mean
-    # over every element, not over examples only, which is what its alpha 0.1, tau 3 go with.
-    log_p_t = jax.nn.log_softmax(teacher_logits / tau, -1)
-    kd = (tau ** 2) * jnp.mean(
-        jnp.exp(log_p_t) * (log_p_t - jax.nn.log_softmax(student / tau, -1)))
-  else:
-    raise errors.ConfigError(f"distill.type must be 'hard' or 'soft', not {type!r}")
-  return (1.0 - alpha) * base + alpha * kd, logits
 
 
 def _draws_random(model, params, images) -> bool:
@@ -232,16 +173,12 @@ def _draws_random(model, params, images) -> bool:
   return False
 
 
-def make_eval_fn(model, *, axis_name: Optional[str] = None) -> Callable:
-  """(variables, batch) -> sums of correct predictions, loss and real examples (mask)."""
-  def eval_step(variables, batch):
-    logits = model.apply(variables, batch["image"], train=False)
-    mask = batch["mask"]
-    correct = (jnp.argmax(logits, -1) == jnp.argmax(batch["label"], -1)) * mask
-    loss = optax.softmax_cross_entropy(logits, batch["label"]) * mask
-    out = dict(correct=correct.sum(), loss=loss.sum(), count=mask.sum())
-    return jax.lax.psum(out, axis_name) if axis_name else out
-  return eval_step
+def make_eval_fn(model, *, axis_name: Optional[str] = None, config=None) -> Callable:
+  """The eval step of `config`'s task (default: classification's (variables, batch) -> sums of
+  correct predictions, loss and real examples)."""
+  task = tasks.get(config) if config is not None else tasks.task_class("classification")(
+      ml_collections.ConfigDict())
+  return task.eval_step(model, axis_name=axis_name)
 
 
 def new_state(variables, tx, *, ema: bool = False, teacher=None):
@@ -316,7 +253,7 @@ class Runner:
     self.mesh = (parallel.make_mesh(config.get("mesh")) if devices is None else
                  parallel.make_mesh(config.get("mesh"), devices=devices))
     self.config, self.model = config, model
-    self.loss = config.get("loss", "classification")
+    self.task = tasks.get(config)
     self._features = None
     self._predict = None
     if self.mode == "pmap":
@@ -326,11 +263,12 @@ class Runner:
       self.update = jax.pmap(make_update_fn(model, tx, schedule, config, axis_name=ax,
                                             teacher=teacher),
                              axis_name=ax, donate_argnums=(0,), devices=devices)
-      self.eval_step = jax.pmap(make_eval_fn(model, axis_name=ax), axis_name=ax,
-                                devices=devices)
+      eval_step = self.task.eval_step(model, axis_name=ax)
+      self.eval_step = eval_step and jax.pmap(eval_step, axis_name=ax, devices=devices)
     else:
       self.update = make_update_fn(model, tx, schedule, config, teacher=teacher, mesh=self.mesh)
-      self.eval_step = jax.jit(make_eval_fn(model))
+      eval_step = self.task.eval_step(model)
+      self.eval_step = eval_step and jax.jit(eval_step)
 
   def shardings(self, abstract_state):
     """The checkpoint-side (global, jit-mode) sharding of every leaf of the state."""
@@ -353,12 +291,12 @@ class Runner:
 
   def train_batch(self, local_batch):
     """A training batch from `data.train_iterator` -> what the update takes: what the loss
-    reads (BATCH_KEYS: images and labels, or images, image mask and the detection targets) and
+    reads (the task's batch_keys: e.g. images and labels) and
     `row`, each example's row in the logical global batch (host p's rows follow host p-1's),
     which keys its dropout and stochastic-depth draws (make_update_fn)."""
     b = len(local_batch["image"])
     rows = jax.process_index() * b + np.arange(b, dtype=np.int32)
-    keys = BATCH_KEYS[self.loss]
+    keys = self.task.batch_keys
     return self.to_device_batch(dict({k: local_batch[k] for k in keys if k in local_batch},
                                      row=rows))
 

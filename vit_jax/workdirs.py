@@ -29,6 +29,7 @@ import numpy as np
 from vit_jax import checkpoint
 from vit_jax import data as data_lib
 from vit_jax import errors
+from vit_jax import npz
 from vit_jax import parallel
 from vit_jax import trainer as trainer_lib
 
@@ -118,14 +119,14 @@ def _exported(workdir: str, model, image_shape) -> Tuple[dict, Optional[dict]]:
   def variables(prefix):
     if prefix + "params" not in found:
       return None
-    out = {"params": checkpoint.load_pretrained(found[prefix + "params"], zeros["params"])}
+    out = {"params": npz.load_pretrained(found[prefix + "params"], zeros["params"])}
     for k in trainer_lib.MODEL_STATE:
       if k in zeros:
         if prefix + k not in found:
           raise errors.MissingFileError(
               f"{workdir}: its model has BatchNorm but the workdir has no "
               f"{dict(EXPORTS)[prefix + k]} beside {dict(EXPORTS)[prefix + 'params']}.")
-        out[k] = checkpoint.load_pretrained(found[prefix + k], zeros[k])
+        out[k] = npz.load_pretrained(found[prefix + k], zeros[k])
     return out
   return variables(""), variables("ema_")
 
@@ -180,10 +181,10 @@ def _head_classes(workdir: str) -> Optional[int]:
       return None if kernel is None else int(kernel.shape[-1])
   finally:
     ckpt.close()
-  npz = os.path.join(workdir, EXPORTS[0][1])
-  if not os.path.exists(npz):
+  path = os.path.join(workdir, EXPORTS[0][1])
+  if not os.path.exists(path):
     return None
-  kernel = checkpoint.load_npz(npz).get("head", {}).get("kernel")
+  kernel = npz.load_npz(path).get("head", {}).get("kernel")
   return None if kernel is None else int(kernel.shape[-1])
 
 

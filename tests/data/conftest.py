@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax.data import catalog
 from vit_jax.data import sources
 
 # Sizes of the fake TFDS cifar10 splits.
@@ -82,7 +83,7 @@ def fakes():
 @pytest.fixture
 def tfds_source():
   with fake_tfds():
-    yield sources.get_source({"name": "tfds:cifar10"})
+    yield catalog.get_source({"name": "tfds:cifar10"})
 
 
 # A real TFDS data set on disk (TFRecord shards): 64 files of 8 examples sorted by class (file s

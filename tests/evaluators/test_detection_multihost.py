@@ -68,13 +68,18 @@ class _OracleRunner:
   """What train.evaluate takes from a Runner for loss="detr", with the oracle as the model."""
   gather_features = staticmethod(np.asarray)
 
+  def __init__(self):
+    from vit_jax import tasks  # pylint: disable=g-import-not-at-top
+    self.task = tasks.get(_config())
+
   def predict(self):
     return oracle
 
 
 def _config():
-  return ml_collections.ConfigDict(dict(loss="detr", pp_eval="value_range(-1,1)",
-                                        eval_batch_size=BATCH_SIZE))
+  return ml_collections.ConfigDict(dict(
+      loss="detr", pp_eval="value_range(-1,1)", eval_batch_size=BATCH_SIZE,
+      detr=dict(eos_coef=0.1, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, aux=True)))
 
 
 def evaluate_like_training():

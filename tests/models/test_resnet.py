@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import errors
 from vit_jax import models
 from vit_jax.models import resnet
 
@@ -305,7 +306,7 @@ def test_errors_name_the_problem():
 def test_hybrid_npz_loads(tmp_path):
   """A published-layout hybrid `.npz` (GroupNorm params stored (1,1,1,C)) loads into the same
   hybrid at another resolution and class count, and runs."""
-  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import npz  # pylint: disable=g-import-not-at-top
   model = models.get_model(
       "R26+ViT-Mu/32", num_classes=5, num_layers=1, patch_size=(2, 2),
       resnet=dict(num_layers=(1, 1), width_factor=1, base_width=32, gn_groups=8))
@@ -324,7 +325,7 @@ def test_hybrid_npz_loads(tmp_path):
   np.savez(tmp_path / "hybrid.npz",
            **{k: v.reshape(1, 1, 1, -1) if k in gn_keys else v for k, v in flat.items()})
 
-  params = checkpoint.load_pretrained(tmp_path / "hybrid.npz", init, log=lambda _: None)
+  params = npz.load_pretrained(tmp_path / "hybrid.npz", init, log=lambda _: None)
   loaded = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
   for k in ("conv_root/kernel", "gn_root/bias", "block2/unit1/gn_proj/scale",
             "block1/unit1/conv2/kernel", "embedding/kernel"):
@@ -337,3 +338,134 @@ def test_hybrid_npz_loads(tmp_path):
   logits = jax.jit(model.apply)({"params": params}, x)
   assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
   assert float(jnp.std(logits)) > 0
+
+
+# --------------------------------------------- non-local blocks and attention augmentation.
+SMALL = dict(num_layers=(2, 2, 2), base_width=16, root="small", gn_groups=8)
+
+
+def test_a_non_local_block_starts_as_the_identity():
+  block = resnet.NonLocalBlock(gn_groups=8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 32))
+  variables = block.init(jax.random.PRNGKey(1), x)
+  assert not np.any(variables["params"]["norm"]["scale"])
+  np.testing.assert_array_equal(block.apply(variables, x), x)
+
+
+def test_a_non_local_block_is_global(random_variables):
+  block = resnet.NonLocalBlock(gn_groups=8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 6, 32))
+  variables = random_variables(block, x)  # the norm's scale ~1: no longer the identity
+  y0 = block.apply(variables, x)
+  y1 = block.apply(variables, x.at[0, 0, 0].add(1.0))
+  change = np.abs(np.asarray(y1 - y0)).max(axis=-1)[0]  # (H, W)
+  assert change[5, 5] > 1e-4  # the far corner sees the first pixel
+  assert change.min() > 1e-6  # ... and so does every other position
+
+
+class _Augmented(nn.Module):
+  """`conv2` of a unit with attention augmentation, alone."""
+  features: int
+  aa: tuple
+  strides: tuple = (1, 1)
+
+  @nn.compact
+  def __call__(self, x):
+    return resnet._conv2(x, resnet.StdConv, self.features, self.strides, self.aa,  # pylint: disable=protected-access
+                         jnp.float32, jnp.float32)
+
+
+def test_augmented_convolution_is_local_in_its_conv_part_and_global_in_its_attention():
+  m = _Augmented(16, (0.25, 0.25, 2))
+  dk, dv = resnet.aa_depths(16, 0.25, 0.25, 2)
+  assert (dk, dv) == (4, 4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 9, 9, 8))
+  variables = m.init(jax.random.PRNGKey(1), x)
+  shapes = jax.tree.map(np.shape, variables["params"])
+  assert shapes["conv2"]["kernel"] == (3, 3, 8, 12)  # 16 - d_v convolutional outputs
+  assert shapes["attn2"] == {"qkv": {"kernel": (8, 12)}, "out": {"kernel": (4, 4)},
+                             "rel_height": (17, 2), "rel_width": (17, 2)}
+  y0 = m.apply(variables, x)
+  y1 = m.apply(variables, x.at[0, 0, 0].add(1.0))
+  assert y0.shape == (1, 9, 9, 16)
+  change = np.abs(np.asarray(y1 - y0))[0]  # (H, W, C)
+  conv, attn = change[..., :12].max(-1), change[..., 12:].max(-1)
+  assert conv[:2, :2].min() > 1e-4 and conv[2:].max() == 0 and conv[:, 2:].max() == 0
+  assert attn[8, 8] > 1e-5 and attn.min() > 1e-7  # every position attends to the whole map
+  m2 = _Augmented(16, (0.25, 0.25, 2), strides=(2, 2))
+  assert m2.apply(m2.init(jax.random.PRNGKey(1), x), x).shape == (1, 5, 5, 16)
+
+
+def test_relative_logits_2d_depend_on_the_offset_only():
+  rng = np.random.default_rng(0)
+  h, w, d = 3, 4, 5
+  q0 = rng.normal(size=d)
+  rel_h, rel_w = rng.normal(size=(2 * h - 1, d)), rng.normal(size=(2 * w - 1, d))
+  q = jnp.asarray(np.broadcast_to(q0, (1, 1, h, w, d)))
+  logits = np.asarray(resnet.relative_logits_2d(q, jnp.asarray(rel_h), jnp.asarray(rel_w)))[0, 0]
+  for i in range(h * w):
+    for j in range(h * w):
+      (yi, xi), (yj, xj) = divmod(i, w), divmod(j, w)
+      expected = q0 @ rel_h[yj - yi + h - 1] + q0 @ rel_w[xj - xi + w - 1]
+      np.testing.assert_allclose(logits[i, j], expected, rtol=1e-5, atol=1e-5)
+
+
+def _attention_resnet_count(name, size=224):
+  """The BiT count plus what the attention options add, from the description alone."""
+  kwargs = resnet.config_from_name(name)
+  total = _arithmetic_count(kwargs["num_layers"], 64, preact=True)
+  for stage, _ in kwargs.get("nonlocal_units", ()):
+    c = 4 * 64 * 2**(stage - 1)
+    total += 3 * (c * c // 2 + c // 2) + c // 2 * c + c + 2 * c  # theta, phi, g; out; norm
+  side = size // 4  # the map after the root; each stage after the first halves it
+  for stage in kwargs.get("aa_stages", ()):
+    mid, n = 64 * 2**(stage - 1), side // 2**(stage - 1)
+    dk, dv = resnet.aa_depths(mid, 0.2, 0.1, 8)
+    per_unit = -9 * mid * dv + mid * (2 * dk + dv) + dv * dv + 2 * (2 * n - 1) * (dk // 8)
+    total += kwargs["num_layers"][stage - 1] * per_unit
+  return total
+
+
+# docs/reference.md, "Relative positions and attention in ResNets": 224 px, 1000 classes.
+ATTENTION_COUNTS = {"NL-ResNet-50": 27_651_112, "AA-ResNet-50": 25_106_270,
+                    "AA-ResNet-101": 43_695_906}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_COUNTS))
+def test_attention_resnet_parameter_counts(name):
+  assert _attention_resnet_count(name) == ATTENTION_COUNTS[name]
+  assert count_params(models.get_model(name, num_classes=1000)) == ATTENTION_COUNTS[name]
+
+
+def test_attention_resnet_names_and_bad_fields():
+  assert resnet.config_from_name("NL-ResNet-50")["nonlocal_units"] == ((3, 5),)
+  assert resnet.config_from_name("NL-ResNet-101")["nonlocal_units"] == ((3, 22),)
+  assert resnet.config_from_name("AA-ResNet-152")["aa_stages"] == (2, 3, 4)
+  with pytest.raises(errors.ConfigError, match="depth 34"):
+    resnet.config_from_name("AA-ResNet-34")
+  x = jnp.zeros((1, 28, 28, 1))
+  for bad, match in ((dict(nonlocal_units=((4, 1),)), "no unit 1 in stage 4"),
+                     (dict(nonlocal_units=((2, 3),)), "no unit 3 in stage 2"),
+                     (dict(aa_stages=(0,)), "stage 0 does not exist"),
+                     (dict(aa_stages=(2,), aa_value_fraction=1.5), "aa_value_fraction"),
+                     (dict(aa_stages=(2,), aa_value_fraction=0.9), "leaves no convolutional")):
+    m = models.get_model("BiT-R26x1", num_classes=10, **SMALL, **bad)
+    with pytest.raises(errors.ConfigError, match=match):
+      jax.eval_shape(lambda m=m: m.init(jax.random.PRNGKey(0), x))
+
+
+def test_aa_relative_tables_resize_at_another_image_size(tmp_path, random_variables):
+  from vit_jax import npz, pretrained  # pylint: disable=import-outside-toplevel
+  kw = dict(num_classes=10, **SMALL, aa_stages=(2,), aa_heads=2, nonlocal_units=((3, 1),))
+  m28 = models.get_model("BiT-R26x1", **kw)
+  params = jax.device_get(random_variables(m28, jnp.zeros((1, 28, 28, 1)))["params"])
+  assert params["block2"]["unit1"]["attn2"]["rel_height"].shape == (27, 3)  # 14x14 after stride
+  npz.save_npz(params, str(tmp_path / "w.npz"))
+  init = jax.device_get(random_variables(models.get_model("BiT-R26x1", **kw),
+                                         jnp.zeros((1, 44, 44, 1)))["params"])
+  loaded = pretrained.load_into(str(tmp_path / "w.npz"), init, model="BiT-R26x1")
+  for unit in ("unit1", "unit2"):
+    assert loaded["block2"][unit]["attn2"]["rel_height"].shape == (43, 3)  # 22x22
+    assert loaded["block2"][unit]["attn2"]["rel_width"].shape == (43, 3)
+  np.testing.assert_array_equal(loaded["block3"]["nonlocal1"]["theta"]["kernel"],
+                                params["block3"]["nonlocal1"]["theta"]["kernel"])

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import errors
 from vit_jax import models
 from vit_jax.models import layers, vit
 
@@ -236,3 +237,130 @@ def test_patch_embed_equals_strided_conv():
   ours = layers.PatchEmbed(8, (7, 7)).apply(v, x)
   assert ours.shape == (2, 4, 4, 8)
   np.testing.assert_allclose(ours, conv.apply(v, x), atol=1e-5)
+
+
+# ------------------------------------------------- relative positions: posemb relbias / rope2d.
+def _first_layer_log_weights(model, variables, images):
+  _, state = model.apply(variables, images, mutable=["intermediates"])
+  w = state["intermediates"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]
+  return np.log(np.asarray(w["attention_weights"][0], np.float64))  # (B, heads, N, N)
+
+
+@pytest.mark.parametrize("posemb,relative", [("relbias", True), ("rope2d", True),
+                                             ("learn", False), ("sincos2d", False)])
+def test_relative_posembs_make_patch_logits_depend_on_offsets_only(random_variables, posemb,
+                                                                   relative):
+  """Content moved down by one patch row: with relative positions alone the first layer's
+  logits between two patches move with it (compared within a query's row, which removes the
+  softmax's normaliser); absolute embeddings break that."""
+  m = models.get_model("ViT-Mu/7", num_classes=10, num_layers=1, hidden_size=32, mlp_dim=64,
+                       num_heads=4, classifier="gap", posemb=posemb)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 35, 35, 1))  # a 5x5 grid of 7-px patches
+  shifted = jnp.roll(x, 7, axis=1)  # patch (r, c) -> (r + 1, c); the last row wraps to the top
+  variables = random_variables(m, x)
+  a = np.arange(20)  # patches of rows 0-3, whose shifted copies are rows 1-4 (a + 5)
+  la = _first_layer_log_weights(m, variables, x)[0][:, a][:, :, a]
+  lb = _first_layer_log_weights(m, variables, shifted)[0][:, a + 5][:, :, a + 5]
+  da, db = la - la[..., :1], lb - lb[..., :1]
+  assert np.abs(da).max() > 1e-2  # the logits do vary
+  if relative:
+    np.testing.assert_allclose(da, db, atol=1e-4)
+  else:
+    assert np.abs(da - db).max() > 1e-3
+
+
+def test_rope_turns_logits_into_functions_of_the_offset():
+  grid, d = (3, 4), 8
+  rng = np.random.default_rng(0)
+  q0, k0 = rng.normal(size=(2, d))
+  n = grid[0] * grid[1]
+  q = jnp.asarray(np.broadcast_to(q0, (1, 1 + n, 1, d)))  # one class token in front
+  k = jnp.asarray(np.broadcast_to(k0, (1, 1 + n, 1, d)))
+  qr, kr = layers.rope_2d_axial(q, k, grid=grid, num_prefix_tokens=1)
+  np.testing.assert_array_equal(qr[:, 0], q[:, 0])  # the class token is not rotated
+  np.testing.assert_allclose(np.linalg.norm(qr, axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5)
+  logits = np.einsum("qd,kd->qk", np.asarray(qr[0, 1:, 0]), np.asarray(kr[0, 1:, 0]))
+  pos = [(i // grid[1], i % grid[1]) for i in range(n)]
+  by_offset = {}
+  for i, (yi, xi) in enumerate(pos):
+    for j, (yj, xj) in enumerate(pos):
+      by_offset.setdefault((yj - yi, xj - xi), []).append(logits[i, j])
+  assert len(by_offset) == (2 * grid[0] - 1) * (2 * grid[1] - 1)
+  for values in by_offset.values():
+    np.testing.assert_allclose(values, values[0], rtol=1e-5, atol=1e-5)
+  distinct = {round(float(v[0]), 4) for v in by_offset.values()}
+  assert len(distinct) > 10  # ... and not a constant: the offset matters
+  # Half of the pairs turn with the column, half with the row (RoPE-ViT's axial order).
+  angles = layers.rope_axial_angles(*grid, d)
+  np.testing.assert_allclose(angles[:, :2] / angles[1, :2], np.outer([p[1] for p in pos], [1, 1]))
+
+
+def test_relative_position_bias_reads_the_table_by_offset():
+  mod = vit.RelativePositionBias(num_heads=2, grid=(2, 3), num_prefix_tokens=1)
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(3, 5, 2)).astype(np.float32)
+  cls = rng.normal(size=(3, 2)).astype(np.float32)
+  bias = np.asarray(mod.apply({"params": {"grid_bias": table, "cls_bias": cls}}))[0]
+  assert bias.shape == (2, 7, 7)
+  np.testing.assert_array_equal(bias[:, 0, 1:], np.broadcast_to(cls[0][:, None], (2, 6)))
+  np.testing.assert_array_equal(bias[:, 1:, 0], np.broadcast_to(cls[1][:, None], (2, 6)))
+  np.testing.assert_array_equal(bias[:, 0, 0], cls[2])
+  for i in range(6):
+    for j in range(6):  # query (yi, xi), key (yj, xj): table[yi - yj + 1, xi - xj + 2]
+      (yi, xi), (yj, xj) = divmod(i, 3), divmod(j, 3)
+      np.testing.assert_array_equal(bias[:, 1 + i, 1 + j], table[yi - yj + 1, xi - xj + 2])
+
+
+# BEiT-B (Bao et al. 2022, model table: 86M) is ViT-B/16 without the absolute position embedding
+# (197 x 768) plus, per layer, a (27 x 27 + 3) x 12 bias table; with rotary embeddings only the
+# absolute embedding goes. docs/reference.md, "Relative positions and attention in ResNets".
+RELATIVE_COUNTS = {"relbias": 86_567_656 - 197 * 768 + 12 * (27 * 27 + 3) * 12,
+                   "rope2d": 86_567_656 - 197 * 768}
+
+
+@pytest.mark.parametrize("posemb", sorted(RELATIVE_COUNTS))
+def test_relative_posemb_parameter_counts(posemb):
+  n = count_params(models.get_model("ViT-B/16", num_classes=1000, posemb=posemb))
+  assert n == RELATIVE_COUNTS[posemb]
+  assert n // 1_000_000 == 86  # BEiT-B's published 86M
+  assert RELATIVE_COUNTS["relbias"] == 86_521_768
+
+
+def test_rope_needs_head_dims_divisible_by_4():
+  m = models.get_model("ViT-Mu/7", num_classes=10, num_layers=1, hidden_size=24, mlp_dim=16,
+                       num_heads=4, posemb="rope2d")
+  with pytest.raises(errors.ConfigError, match="divisible by 4"):
+    jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_relbias_tables_resize_bicubically_at_another_image_size(tmp_path, random_variables,
+                                                                 scan):
+  from vit_jax import npz, pretrained  # pylint: disable=import-outside-toplevel
+  kw = dict(num_classes=10, num_layers=2, hidden_size=32, mlp_dim=64, num_heads=4,
+            posemb="relbias", scan=scan)
+  m28 = models.get_model("ViT-Mu/7", **kw)
+  params = random_variables(m28, jnp.zeros((1, 28, 28, 1)))["params"]
+  # A table constant along the offsets stays that constant; another one changes shape only.
+  key = ("Transformer", "encoderblock", "block") if scan else ("Transformer", "encoderblock_0")
+  flat = flax.traverse_util.flatten_dict(jax.device_get(params))
+  table = flat[key + ("RelativePositionBias", "grid_bias")]
+  flat[key + ("RelativePositionBias", "grid_bias")] = np.ones_like(table) * np.arange(
+      table.shape[-1], dtype=table.dtype)
+  params = flax.traverse_util.unflatten_dict(flat)
+  npz.save_npz(params, str(tmp_path / "w.npz"))
+  m42 = models.get_model("ViT-Mu/7", **kw)
+  init42 = jax.device_get(random_variables(m42, jnp.zeros((1, 42, 42, 1)))["params"])
+  loaded = pretrained.load_into(str(tmp_path / "w.npz"), init42, model="ViT-Mu/7")
+  lflat = flax.traverse_util.flatten_dict(loaded)
+  grid = lflat[key + ("RelativePositionBias", "grid_bias")]
+  assert grid.shape[-3:] == (11, 11, 4)  # a 6x6 grid's offsets
+  np.testing.assert_allclose(grid, np.ones_like(grid) * np.arange(4), atol=1e-5)
+  np.testing.assert_array_equal(lflat[key + ("RelativePositionBias", "cls_bias")],
+                                flat[key + ("RelativePositionBias", "cls_bias")])
+  other = ("Transformer", "encoderblock", "block") if scan else ("Transformer", "encoderblock_1")
+  assert lflat[other + ("RelativePositionBias", "grid_bias")].shape[-3:] == (11, 11, 4)
+  same = pretrained.load_into(str(tmp_path / "w.npz"), jax.device_get(params), model="ViT-Mu/7")
+  np.testing.assert_array_equal(
+      flax.traverse_util.flatten_dict(same)[key + ("RelativePositionBias", "grid_bias")],
+      flat[key + ("RelativePositionBias", "grid_bias")])

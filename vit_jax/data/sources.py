@@ -1,6 +1,6 @@
 """Data sources: TFDS by name, Debian's Fashion-MNIST files, and folders of images.
 
-`get_source(cfg)` picks one from `cfg.name`:
+`vit_jax.data.catalog.get_source(cfg)` (also `vit_jax.data.get_source`) picks one from `cfg.name`:
   "fashion_mnist"  /usr/share/datasets/fashion-mnist (or cfg.data_dir), read into memory as uint8;
                    if the files are missing, TFDS `fashion_mnist` (cfg.tfds_data_dir), unless
                    cfg.tfds_fallback is False; if both fail, an error naming the directory and the
@@ -450,23 +450,6 @@ def image_folder(data_dir: Optional[str], *, channels: int = 3) -> Source:
                      image_shape=(None, None, channels), encoded=True)
 
 
-def get_source(cfg) -> Source:
-  """The source named by `cfg.name` (see the module docstring for the fields it reads). When the
-  data are missing or cannot be prepared, the error ends with `cfg.prepare` (a config's own
-  instructions for getting its data set), if given."""
-  hide_accelerators()
-  try:
-    return _get_source(cfg)
-  except FileNotFoundError as e:
-    if cfg.get("prepare"):
-      raise errors.MissingFileError(f"{e} {cfg.get('prepare')}") from None
-    raise
-  except ValueError as e:
-    if cfg.get("prepare") and ("data_dir" in str(e) or "TFDS has no" in str(e)):
-      raise errors.DataError(f"{e} {cfg.get('prepare')}") from None
-    raise
-
-
 def describe(cfg) -> Tuple[Tuple[Optional[int], Optional[int], int], int, bool]:
   """(image_shape, num_classes, encoded) of the data set `cfg` names, without reading its
   examples: what the planner (vit_jax.plan) needs to shape a batch. Fashion-MNIST's are known;
@@ -487,25 +470,3 @@ def describe(cfg) -> Tuple[Tuple[Optional[int], Optional[int], int], int, bool]:
     return source.image_shape, source.num_classes, True
   raise errors.DataError(f"Data source {name!r} has no image shape and class count to describe "
                          f"(classification sources: {', '.join(KNOWN_NAMES[:3])}).")
-
-
-def _get_source(cfg) -> Source:
-  name = cfg.get("name")
-  if name == "fashion_mnist":
-    return fashion_mnist(cfg.get("data_dir"), tfds_fallback=cfg.get("tfds_fallback", True),
-                         tfds_data_dir=cfg.get("tfds_data_dir"))
-  if isinstance(name, str) and name.startswith("tfds:") and len(name) > len("tfds:"):
-    return TfdsSource(name[len("tfds:"):], data_dir=cfg.get("data_dir"),
-                      manual_dir=cfg.get("manual_dir"), image_key=cfg.get("image_key", "image"),
-                      label_key=cfg.get("label_key", "label"),
-                      shuffle_buffer=cfg.get("shuffle_buffer", 50_000),
-                      shuffle_files=cfg.get("shuffle_files", True),
-                      file_interleave=cfg.get("file_interleave", 16))
-  if name == "image_folder":
-    return image_folder(cfg.get("data_dir"), channels=cfg.get("channels", 3))
-  if name == "fashion_mnist_canvases":
-    # Imported here: canvases.py builds on this module (its source subclasses Source).
-    from vit_jax.data import canvases  # pylint: disable=g-import-not-at-top
-    return canvases.CanvasSource(data_dir=cfg.get("data_dir"))
-  raise errors.DataError(f"Unknown data source {name!r}; known: {', '.join(KNOWN_NAMES)} "
-                         "(e.g. 'tfds:cifar10').")

@@ -1,7 +1,6 @@
 """Top-1 accuracy and mean loss over every example of a split (padded, masked last batch)."""
 from typing import Callable, Dict, Optional
 
-from vit_jax import data as data_lib
 from vit_jax import evaluators
 
 
@@ -15,16 +14,9 @@ class ClassificationEvaluator:
     self.batch_size, self.fetch, self.should_stop = batch_size, fetch, should_stop
 
   def run(self, params) -> Dict[str, float]:
-    totals = None
-    for batch in data_lib.eval_iterator(self.source, split=self.split, pp=self.pp,
-                                        batch_size=self.batch_size):
-      evaluators.check(self.should_stop)
-      out = self.step_fn(params, batch)
-      totals = out if totals is None else {k: totals[k] + out[k] for k in out}
-    totals = self.fetch(totals)
+    totals = evaluators.sum_over_split(
+        lambda batch: self.step_fn(params, batch), self.source, split=self.split, pp=self.pp,
+        batch_size=self.batch_size, fetch=self.fetch, should_stop=self.should_stop)
     n = totals["count"]
-    expected = self.source.num_examples(self.split)
-    if int(round(n)) != expected:
-      raise RuntimeError(f"evaluated {n} examples of {self.split!r}, expected {expected}")
     return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n,
             "num_examples": int(round(n))}

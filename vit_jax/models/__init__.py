@@ -11,11 +11,14 @@ from typing import Any, Protocol, runtime_checkable
 import flax.linen as nn
 
 from vit_jax import errors
+from vit_jax.models import axial
 from vit_jax.models import cvt
 from vit_jax.models import deit
 from vit_jax.models import detr
+from vit_jax.models import image_transformer
 from vit_jax.models import pvt
 from vit_jax.models import resnet
+from vit_jax.models import sasa
 from vit_jax.models import swin
 from vit_jax.models import t2t
 from vit_jax.models import vit
@@ -30,6 +33,10 @@ _FAMILIES = (
     (cvt, cvt.ConvolutionalVisionTransformer),  # CvT-13, CvT-21, CvT-W24
     (t2t, t2t.T2TViT),  # T2T-ViT-14, -19, -24
     (detr, detr.DETR),  # DETR-R50, DETR-R101, DETR-Mu (detection: outputs a dict)
+    # ImageTransformer-2D, -1D, -Full (generation: logits per intensity, num_classes 0)
+    (image_transformer, image_transformer.ImageTransformer),
+    (sasa, sasa.SASAResNet),  # SASA-ResNet-26, -38, -50 (local self-attention, conv stem)
+    (axial, axial.AxialResNet),  # Axial-ResNet-S, -M, -L, -26-S (axial attention, conv stem)
 )
 
 
@@ -43,13 +50,15 @@ class VisionModel(Protocol):
     `num_classes=0` returns the pooled pre-head features (batch, width), which the few-shot
     probe and `Runner.features` read. DETR returns a dict (`logits`, `boxes`, and per-layer
     `aux_*` in training) and takes the image mask as a second argument.
+    An autoregressive model (ImageTransformer) is built with `num_classes=0` and returns the
+    logits of every intensity (batch, H, W, C, 256) (vit_jax/tasks/generation.py).
   - `__call__(images, ..., train: bool = False)`: images (batch, H, W, C) float. `train=True`
     turns on dropout and stochastic depth, which draw from the `dropout` rng only (no other rng
     stream), and updates BatchNorm statistics.
   - State: `params`, and `batch_stats` for models with BatchNorm, the only collection training
     updates (mutable in `apply`); `intermediates` (attention maps) only when asked for.
   - Position embeddings are sized by `img_size` / the input at init; another input size is
-    adapted when weights load (vit_jax.checkpoint / vit_jax.pretrained: ViT's learned grid is
+    adapted when weights load (vit_jax.npz / vit_jax.pretrained: ViT's learned grid is
     interpolated, Swin's relative-position tables are resized; the others take any size their
     strides divide).
   """

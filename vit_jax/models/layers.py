@@ -289,9 +289,12 @@ class Attention(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x, kv=None, *, bias=None, deterministic: bool = True):
+  def __call__(self, x, kv=None, *, bias=None, qk_transform: Optional[Callable] = None,
+               deterministic: bool = True):
     """x: (B, Nq, D) queries; kv: (B, Nk, D) keys/values (default x); bias: broadcastable to
-    (B, H, Nq, Nk), added to the logits before softmax."""
+    (B, H, Nq, Nk), added to the logits before softmax; qk_transform: (q, k) -> (q, k) on the
+    projected (B, N, H, D/H) queries and keys before their product (rotary embeddings,
+    `rope_2d_axial`). Neither changes the parameters."""
     kv = x if kv is None else kv
     d_model = x.shape[-1]
     if d_model % self.num_heads:
@@ -303,6 +306,8 @@ class Attention(nn.Module):
     q = proj("query", self.qkv_bias)(x)  # (B, N, H, d)
     k = proj("key", self.qkv_bias)(kv)
     v = proj("value", self.qkv_bias)(kv)
+    if qk_transform is not None:
+      q, k = qk_transform(q, k)
 
     want_weights = self.is_mutable_collection("intermediates")
     # Under mixed precision the explicit form too: its two einsums are bf16 x bf16 -> f32 and the
@@ -362,6 +367,54 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
   x = np.einsum("m,d->md", x.flatten(), omega)
   pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
   return jnp.asarray(pe, dtype)[None]
+
+
+def relative_position_index_2d(h: int, w: int) -> np.ndarray:
+  """(h*w, h*w) int index into a relative-position table of (2h-1) x (2w-1) offsets flattened
+  row-major: query i at (yi, xi), key j at (yj, xj) -> (yi - yj + h-1) * (2w-1) + (xi - xj + w-1).
+  Tokens are the grid in row-major order (BEiT's and Swin's convention, for a non-square grid)."""
+  coords = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")).reshape(2, -1)
+  rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query minus key
+  return ((rel[0] + h - 1) * (2 * w - 1) + rel[1] + w - 1).astype(np.int32)
+
+
+def rope_axial_angles(h: int, w: int, head_dim: int, theta: float = 100.0) -> np.ndarray:
+  """Rotation angles (h*w, head_dim/2) of axial 2-D rotary embeddings (RoPE-ViT's "axial",
+  Heo et al. 2024): pair t < head_dim/4 turns by column * f_t, pair head_dim/4 + t by row * f_t,
+  with f_t = theta^(-4t/head_dim) (theta 100, as RoPE-ViT's axial models)."""
+  if head_dim % 4:
+    raise errors.ConfigError(
+        f"rope2d needs a head dimension divisible by 4 (half for rows, half for columns, in "
+        f"pairs), got {head_dim}: choose hidden_size / num_heads divisible by 4.")
+  freqs = 1.0 / theta ** (np.arange(0, head_dim, 4)[:head_dim // 4] / head_dim)
+  y, x = np.mgrid[:h, :w]
+  return np.concatenate([np.outer(x.reshape(-1), freqs), np.outer(y.reshape(-1), freqs)], axis=1)
+
+
+def apply_rotary(x, angles):
+  """Rotates consecutive pairs (x[..., 2t], x[..., 2t+1]) of x (B, N, H, d) by angles (N, d/2)."""
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  cos = jnp.cos(angles)[None, :, None].astype(jnp.float32)
+  sin = jnp.sin(angles)[None, :, None].astype(jnp.float32)
+  a, b = pairs[..., 0], pairs[..., 1]
+  out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def rope_2d_axial(q, k, *, grid: Tuple[int, int], num_prefix_tokens: int = 0,
+                  theta: float = 100.0):
+  """`Attention`'s qk_transform for axial 2-D RoPE: queries and keys (B, N, H, d) of a token grid
+  (row-major, after `num_prefix_tokens` class tokens, which are not rotated). The logit of two
+  grid tokens then depends on their positions only through their offset (q R(a)^T R(b) k =
+  q R(b - a) k)."""
+  angles = rope_axial_angles(*grid, q.shape[-1], theta)
+  p = num_prefix_tokens
+  if q.shape[1] != p + angles.shape[0]:
+    raise errors.ConfigError(
+        f"rope2d: {q.shape[1]} tokens, but the grid {tuple(grid)} has {angles.shape[0]} "
+        f"plus {p} class token(s).")
+  rotate = lambda t: jnp.concatenate([t[:, :p], apply_rotary(t[:, p:], angles)], axis=1)
+  return rotate(q), rotate(k)
 
 
 class MAPHead(nn.Module):
@@ -549,3 +602,70 @@ def match_variant(name: str, name_re: re.Pattern, variants, family: str,
     raise errors.ConfigError(
         f"Unknown {family} variant {m['variant']!r} in {name!r}; known: {known}.")
   return m
+
+
+# ------------------------------------------------------------------ local and axial attention.
+# Shared by the stand-alone self-attention ResNets (sasa.py: k x k windows) and the Axial-ResNets
+# (axial.py: whole rows and columns), which both look relative-position embeddings up by offset
+# and both start from a BatchNorm ResNet root.
+def relative_index(query_pos, key_pos, max_distance: int) -> np.ndarray:
+  """Rows of a relative-position table of 2 * max_distance + 1 embeddings, one per offset from
+  -max_distance to +max_distance: index[i, j] = key_pos[j] - query_pos[i] + max_distance, shape
+  (len(query_pos), len(key_pos)). An offset beyond max_distance is a ConfigError."""
+  offsets = np.asarray(key_pos)[None, :] - np.asarray(query_pos)[:, None]
+  if offsets.size and np.abs(offsets).max() > max_distance:
+    raise errors.ConfigError(
+        f"relative offset {int(np.abs(offsets).max())} is beyond the table's "
+        f"{2 * max_distance + 1} offsets (max_distance {max_distance}).")
+  return offsets + max_distance
+
+
+def local_windows(x, window: int):
+  """The window x window neighbourhood of every pixel, centred on it, as window**2 shifted copies
+  of `x`: ([x shifted by offset (a - r, b - r) for a, b in range(window)], valid) with r =
+  window // 2, each (B, H, W, C) (entry [i, j] of copy (a, b) is pixel (i + a - r, j + b - r)),
+  row-major over (a, b), and valid (H, W, window, window) bool. Neighbours outside the image are
+  zeros and `valid` is False there (attention masks them out). `window` must be odd.
+
+  Shifted copies rather than one (B, H, W, window, window, C) stack: a consumer that reduces each
+  copy at once (a dot product per offset) lets XLA fuse the slice into it, and never holds
+  window**2 copies of the feature map (7x7 windows: 49x its memory)."""
+  if window < 1 or window % 2 == 0:
+    raise errors.ConfigError(f"window={window}: a local window must be a positive odd size "
+                             "(centred on its pixel), e.g. 7.")
+  r = window // 2
+  _, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
+  shifted = [xp[:, a:a + h, b:b + w] for a in range(window) for b in range(window)]
+  ii = np.arange(h)[:, None] + np.arange(window)[None, :] - r  # (H, k): the neighbour's row
+  jj = np.arange(w)[:, None] + np.arange(window)[None, :] - r
+  valid = (((ii >= 0) & (ii < h))[:, None, :, None] & ((jj >= 0) & (jj < w))[None, :, None, :])
+  return shifted, valid
+
+
+# The ResNet roots of the BatchNorm families (sasa.py, axial.py).
+BN_ROOTS = {
+    "imagenet": "7x7/2 conv, BatchNorm, relu and 3x3/2 max-pool: output stride 4 (the papers')",
+    "small": "3x3/1 conv, BatchNorm and relu, no pool: output stride 1 (28-64 px images)",
+}
+
+
+def bn_conv_root(x, width: int, root: str, *, train: bool, bn_axis_name: Optional[str] = None,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+  """A torchvision-style ResNet root in the caller's compact scope: `conv_root` (no bias) and
+  `bn_root` (BatchNorm, momentum 0.9, eps 1e-5), relu, then for `imagenet` the 3x3/2 max-pool."""
+  if root not in BN_ROOTS:
+    raise errors.ConfigError(f"Unknown ResNet root {root!r}; known: "
+                             + "; ".join(f"{k!r} ({v})" for k, v in BN_ROOTS.items()) + ".")
+  big = root == "imagenet"
+  x = nn.Conv(width, (7, 7) if big else (3, 3), strides=2 if big else 1,
+              padding=3 if big else 1, use_bias=False, name="conv_root",
+              kernel_init=flat_init(nn.initializers.he_normal()),
+              dtype=activation_dtype(dtype), param_dtype=param_dtype)(x)
+  x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                   axis_name=bn_axis_name, name="bn_root", dtype=activation_dtype(dtype),
+                   param_dtype=param_dtype)(x)
+  x = nn.relu(x)
+  if big:
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return x

@@ -6,6 +6,7 @@ global numbering:
 With `scan=True` the blocks live stacked under `Transformer/encoderblock` (leading axis = layer);
 `scan_to_unrolled` / `unrolled_to_scan` convert between the two layouts.
 """
+import functools
 import re
 from typing import Any, Optional, Tuple
 
@@ -63,14 +64,63 @@ def inits(style: str) -> dict:
   return INITS[style]
 
 
+# Position information, `posemb`: "learn" (a learned (1, N, D) table added to the tokens, the
+# published models), "sincos2d" (fixed 2-D sin-cos, added), "relbias" (no absolute embedding; each
+# block's attention gets a learned bias per head and 2-D offset between two patches, as BEiT and
+# Swin: `RelativePositionBias`), "rope2d" (no absolute embedding; axial 2-D rotary embeddings turn
+# queries and keys inside attention: `layers.rope_2d_axial`). With relbias and rope2d, the logit of
+# two patches depends on their positions only through their offset.
+POSEMBS = ("learn", "sincos2d", "relbias", "rope2d")
+
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
 
 
+class RelativePositionBias(nn.Module):
+  """A block's learned relative position bias (BEiT, Swin): (1, heads, N, N) for `Attention`.
+
+  `grid_bias` (2h-1, 2w-1, heads) holds one value per head and offset (row, column) between the
+  query's and the key's patch (index (dy + h-1, dx + w-1)). With a class token in front
+  (`num_prefix_tokens=1`), `cls_bias` (3, heads) holds BEiT's three extra terms: class token to
+  any patch, any patch to the class token, class token to itself. Both start at zero, as BEiT's.
+  At another image size the table is resized bicubically when weights load
+  (`vit_jax.pretrained`: `resize_relative_bias_grids`); `cls_bias` is kept.
+  """
+  num_heads: int
+  grid: Tuple[int, int]
+  num_prefix_tokens: int = 0
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    h, w = self.grid
+    table = self.param("grid_bias", nn.initializers.zeros, (2 * h - 1, 2 * w - 1, self.num_heads),
+                       self.param_dtype)
+    index = layers.relative_position_index_2d(h, w)  # (N, N) into the flattened table
+    bias = table.reshape(-1, self.num_heads)[index]  # (N, N, heads)
+    if self.num_prefix_tokens > 1:
+      raise errors.ConfigError(
+          f"posemb='relbias' supports one class token, got {self.num_prefix_tokens} prefix "
+          "tokens: use classifier='token', 'gap' or 'map'.")
+    if self.num_prefix_tokens:
+      cls = self.param("cls_bias", nn.initializers.zeros, (3, self.num_heads), self.param_dtype)
+      n = h * w
+      bias = jnp.concatenate([jnp.broadcast_to(cls[1], (n, 1, self.num_heads)), bias], axis=1)
+      first = jnp.concatenate([cls[2][None], jnp.broadcast_to(cls[0], (n, self.num_heads))])
+      bias = jnp.concatenate([first[None], bias], axis=0)  # (1 + N, 1 + N, heads)
+    return jnp.transpose(bias, (2, 0, 1))[None]  # (1, heads, N, N)
+
+
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
+
+  `posemb` "relbias" and "rope2d" act here (see POSEMBS); `grid` and `num_prefix_tokens` say
+  where the tokens sit."""
   mlp_dim: int
   num_heads: int
+  posemb: str = "learn"
+  grid: Tuple[int, int] = (14, 14)
+  num_prefix_tokens: int = 1
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: Any = 0.0  # float, or a traced scalar under nn.scan
@@ -89,8 +139,16 @@ class Encoder1DBlock(nn.Module):
     mlp = layers.MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate,
                           approximate_gelu=self.approximate_gelu, kernel_init=init["dense"],
                           bias_init=init["mlp_bias"], name="MlpBlock_3", **kw)
+    bias = qk_transform = None
+    if self.posemb == "relbias":
+      bias = RelativePositionBias(self.num_heads, tuple(self.grid), self.num_prefix_tokens,
+                                  param_dtype=self.param_dtype, name="RelativePositionBias")()
+    elif self.posemb == "rope2d":
+      qk_transform = functools.partial(layers.rope_2d_axial, grid=tuple(self.grid),
+                                       num_prefix_tokens=self.num_prefix_tokens)
     x = layers.pre_norm_block(
-        x, lambda y: attention(y, deterministic=deterministic),
+        x, lambda y: attention(y, bias=bias, qk_transform=qk_transform,
+                               deterministic=deterministic),
         lambda y: mlp(y, deterministic=deterministic), epsilon=1e-6,
         dropout_rate=self.dropout_rate, droppath_rate=self.droppath_rate,
         deterministic=deterministic, norm_names=("LayerNorm_0", "LayerNorm_2"), **kw)
@@ -119,8 +177,8 @@ class Encoder(nn.Module):
   num_layers: int
   mlp_dim: int
   num_heads: int
-  posemb: str = "learn"  # learn | sincos2d
-  grid: Tuple[int, int] = (14, 14)  # token grid, for sincos2d
+  posemb: str = "learn"  # see POSEMBS
+  grid: Tuple[int, int] = (14, 14)  # token grid, for sincos2d, relbias and rope2d
   num_prefix_tokens: int = 1  # cls token(s) in front of the grid
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -142,15 +200,21 @@ class Encoder(nn.Module):
       pe = layers.posemb_sincos_2d(*self.grid, d)
       if self.num_prefix_tokens:
         pe = jnp.concatenate([jnp.zeros((1, self.num_prefix_tokens, d)), pe], axis=1)
+    elif self.posemb in ("relbias", "rope2d"):
+      pe = None  # relative: inside every block's attention
     else:
-      raise errors.ConfigError(f"Unknown posemb {self.posemb!r}: use 'learn' or 'sincos2d'.")
-    x = x + pe.astype(x.dtype)
+      raise errors.ConfigError(
+          f"Unknown posemb {self.posemb!r}: use one of {', '.join(map(repr, POSEMBS))}.")
+    if pe is not None:
+      x = x + pe.astype(x.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
     block_kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                         dropout_rate=self.dropout_rate,
                         attention_dropout_rate=self.attention_dropout_rate,
                         init_style=self.init_style, approximate_gelu=self.approximate_gelu,
+                        posemb=self.posemb, grid=tuple(self.grid),
+                        num_prefix_tokens=self.num_prefix_tokens,
                         dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan:
       block = _ScanBlock
@@ -203,7 +267,7 @@ class VisionTransformer(nn.Module):
   num_layers: int = 12
   classifier: str = "token"  # token | gap | map
   representation_size: Optional[int] = None
-  posemb: str = "learn"
+  posemb: str = "learn"  # learn | sincos2d | relbias | rope2d: see POSEMBS
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: float = 0.0

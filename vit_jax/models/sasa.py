@@ -1,0 +1,224 @@
+"""Stand-alone self-attention ResNets (Ramachandran et al., 2019, "Stand-Alone Self-Attention in
+Vision Models", arXiv:1906.05909).
+
+A ResNet (torchvision's v1 bottlenecks with BatchNorm) whose every 3x3 convolution is replaced by
+local multi-head self-attention over the k x k neighbourhood of each pixel (the paper: k = 7, 8
+heads), with 2-D relative position embeddings: each head's query is split in two halves, one
+scored against an embedding of the row offset a - i, the other against one of the column offset
+b - j, so the logit of neighbour (a, b) is q . (k_ab + r_{a-i, b-j}) with r the concatenation of
+the two (the paper's eq. 3). Where the convolution would stride, a 2x2/2 average pool follows the
+attention. Neighbours outside the image are masked out of the softmax.
+
+The stem: the paper's Table 1 lists "Conv-stem + Attention" (ResNet's 7x7/2 conv and max-pool,
+attention everywhere else) and "Full Attention" (its spatially-aware attention stem) with the
+same parameter counts to 0.1M; its Section 4.3 finds the convolutional stem as good or better on
+classification (Table 1: 75.8 / 77.1 / 77.4% for ResNet-26/38/50 against 74.8 / 76.9 / 77.6%).
+This file builds the conv-stem models: `SASA-ResNet-{26,38,50}`, stages (1,2,4,1), (2,3,5,2),
+(3,4,6,3). Parameter counts with a 1000-class head (docs/reference.md, "Stand-alone
+self-attention and Axial-ResNets"): 10,342,632 / 14,190,632 / 18,038,632.
+
+Parameter tree: `conv_root`, `bn_root`, `block{s}/unit{u}/{conv1, bn1, attention/{query, key,
+value, rel_height, rel_width}, bn2, conv3, bn3[, conv_proj, bn_proj]}`, `head`; BatchNorm
+statistics in `batch_stats` (momentum 0.9 = torch's 0.1, eps 1e-5).
+"""
+import functools
+import re
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import errors
+from vit_jax.models import layers
+
+Dtype = Any
+
+# Bottleneck units per stage; the paper's 38 and 26 drop one and two units from every stage of
+# ResNet-50.
+DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
+NAME_RE = re.compile(r"^SASA-ResNet-(?P<variant>\d+)$")
+NAMES = tuple(f"SASA-ResNet-{d}" for d in DEPTHS)
+
+_conv_init = layers.flat_init(nn.initializers.he_normal())
+
+
+class LocalSelfAttention(nn.Module):
+  """Multi-head self-attention of every pixel over its window x window neighbourhood, with
+  relative row and column embeddings. (B, H, W, C) -> (B, H, W, features).
+
+  Parameters: `query`, `key`, `value` Dense kernels (C, features), no bias (the paper's W_Q, W_K,
+  W_V); `rel_height` (window, heads, d/2) and `rel_width` (window, heads, d - d/2), d = features
+  / heads, row o of each being the embedding of offset o - window // 2. The logits (B, H, W,
+  heads, window, window) are sown as `intermediates/attention_logits` when that collection is
+  mutable (masked neighbours at -1e9).
+  """
+  features: int
+  num_heads: int = 8
+  window: int = 7
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.features % self.num_heads:
+      raise errors.ConfigError(f"attention width {self.features} is not divisible by "
+                               f"num_heads={self.num_heads}.")
+    d = self.features // self.num_heads
+    if d < 2:
+      raise errors.ConfigError(
+          f"attention width {self.features} over num_heads={self.num_heads} leaves {d} channel "
+          "per head; the row and column embeddings need at least 2 (fewer heads or wider).")
+    b, h, w, _ = x.shape
+    k = self.window
+    dense = lambda name: nn.Dense(self.features, use_bias=False, name=name,
+                                  kernel_init=nn.initializers.lecun_normal(),
+                                  **layers.dense_kwargs(self.dtype, self.param_dtype))
+    heads = lambda t: t.reshape(*t.shape[:-1], self.num_heads, d)
+    q = heads(dense("query")(x)) * d**-0.5  # (B, H, W, heads, d)
+    key, value = dense("key")(x), dense("value")(x)  # (B, H, W, F)
+    table = lambda name, n: self.param(
+        name, layers.flat_init(nn.initializers.normal(stddev=d**-0.5)), (k, self.num_heads, n),
+        self.param_dtype)
+    # Offsets of the window's rows and columns from its centre pixel, as table rows.
+    idx = layers.relative_index([0], np.arange(k) - k // 2, k // 2)[0]  # (k,) = 0 .. k-1
+    rel_h = table("rel_height", d // 2)[idx]  # (k, heads, d/2)
+    rel_w = table("rel_width", d - d // 2)[idx]
+    attend = functools.partial(_local_attention, rel_h=rel_h, rel_w=rel_w, window=k,
+                               dtype=self.dtype)
+    if self.is_mutable_collection("intermediates"):
+      y, logits = attend(q, key, value)
+      self.sow("intermediates", "attention_logits", logits)
+    else:
+      # The logits and weights take B*H*W*heads*k*k floats (a 1000-image Fashion-MNIST eval
+      # batch: 7 GB of temporaries at once): images go through in chunks of about 2**24 of them,
+      # and the gradient recomputes a chunk's window products rather than keeping k*k shifted
+      # copies of its keys and values (a 128-image training step: 4.3 GB of temporaries without).
+      chunk = max(1, min(b, 2**24 // (h * w * self.num_heads * k * k)))
+      one = jax.checkpoint(lambda q, key, value: attend(q[None], key[None], value[None])[0][0])
+      y = jax.lax.map(lambda t: one(*t), (q, key, value), batch_size=chunk)
+    return y.reshape(b, h, w, self.features)
+
+
+def _local_attention(q, key, value, *, rel_h, rel_w, window: int, dtype):
+  """softmax over each pixel's window of q . (k + r), times the values: q (B, H, W, heads, d),
+  key and value (B, H, W, heads * d), rel_h (k, heads, d/2), rel_w (k, heads, d - d/2) ->
+  ((B, H, W, heads, d), logits (B, H, W, heads, k, k))."""
+  b, h, w, n, d = q.shape
+  k, dh = window, d // 2
+  heads = lambda t: t.reshape(*t.shape[:-1], n, d)
+  keys, valid = layers.local_windows(key, k)  # k*k x (B, H, W, F), (H, W, k, k)
+  values, _ = layers.local_windows(value, k)
+  ein = lambda spec, a, c: layers.einsum(spec, a, c, dtype)
+  # q . k per neighbour, one offset at a time (see layers.local_windows): (B, H, W, heads, k*k).
+  content = jnp.stack([ein("zhwnd,zhwnd->zhwn", q, heads(kk)) for kk in keys], axis=-1)
+  logits = content.reshape(b, h, w, n, k, k)
+  logits = logits + ein("zhwnd,ind->zhwni", q[..., :dh], rel_h)[..., None]
+  logits = logits + ein("zhwnd,jnd->zhwnj", q[..., dh:], rel_w)[..., None, :]
+  logits = jnp.where(valid[None, :, :, None], logits.astype(jnp.float32), -1e9)
+  weights = jax.nn.softmax(logits.reshape(b, h, w, n, k * k), axis=-1)
+  weights = weights.astype(layers.activation_dtype(dtype))
+  y = sum(weights[..., i, None] * heads(v).astype(weights.dtype) for i, v in enumerate(values))
+  return y, logits
+
+
+class SASABottleneck(nn.Module):
+  """1x1 conv -> BN -> relu -> local attention [-> 2x2/2 average pool] -> BN -> relu -> 1x1 conv
+  (4x) -> BN (zero-init scale) -> add the (projected) input -> relu."""
+  features: int  # attention width; the unit outputs 4 * features
+  stride: int = 1
+  num_heads: int = 8
+  window: int = 7
+  bn_axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    act = layers.activation_dtype(self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=act,
+                             param_dtype=self.param_dtype)
+    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, axis_name=self.bn_axis_name, dtype=act,
+                           param_dtype=self.param_dtype)
+    out = 4 * self.features
+    residual = x
+    if x.shape[-1] != out or self.stride != 1:
+      residual = conv(out, (1, 1), strides=self.stride, name="conv_proj")(x)
+      residual = bn(name="bn_proj")(residual)
+    y = nn.relu(bn(name="bn1")(conv(self.features, (1, 1), name="conv1")(x)))
+    y = LocalSelfAttention(self.features, self.num_heads, self.window, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="attention")(y)
+    if self.stride != 1:
+      y = nn.avg_pool(y, (self.stride, self.stride), strides=(self.stride, self.stride))
+    y = nn.relu(bn(name="bn2")(y))
+    y = bn(scale_init=nn.initializers.zeros, name="bn3")(conv(out, (1, 1), name="conv3")(y))
+    return nn.relu(residual + y)
+
+
+class SASAStage(nn.Module):
+  """`num_units` bottlenecks `unit1`, `unit2`, ...; the first carries `stride`."""
+  num_units: int
+  features: int
+  stride: int = 1
+  num_heads: int = 8
+  window: int = 7
+  bn_axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for u in range(self.num_units):
+      x = SASABottleneck(self.features, stride=self.stride if u == 0 else 1,
+                         num_heads=self.num_heads, window=self.window,
+                         bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=f"unit{u + 1}")(x, train)
+    return x
+
+
+class SASAResNet(nn.Module):
+  """Conv-stem stand-alone self-attention ResNet: root, stages of `SASABottleneck`, global
+  average pool, zero-init `head`. `num_classes=0` returns the pooled features (B, 4 * base_width *
+  2**(stages - 1)). CPU-sized variants: e.g. `get_model("SASA-ResNet-26", num_layers=(1, 1, 1),
+  base_width=16, num_heads=4, root="small", num_classes=10)`.
+  """
+  num_classes: int
+  num_layers: Tuple[int, ...] = (3, 4, 6, 3)
+  base_width: int = 64
+  num_heads: int = 8
+  window: int = 7
+  root: str = "imagenet"  # see layers.BN_ROOTS
+  bn_axis_name: Optional[str] = None  # the pmap axis to average BatchNorm statistics over
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    if images.ndim != 4:
+      raise errors.ConfigError(f"images must be (B, H, W, C); got shape {images.shape}.")
+    num_layers = tuple(int(n) for n in self.num_layers)
+    if not num_layers or any(n < 1 for n in num_layers):
+      raise errors.ConfigError(f"SASA-ResNet num_layers={num_layers}: needs at least one stage "
+                               "and at least one unit per stage.")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = layers.bn_conv_root(images.astype(layers.activation_dtype(self.dtype)), self.base_width,
+                            self.root, train=train, bn_axis_name=self.bn_axis_name, **kw)
+    for s, n in enumerate(num_layers):
+      x = SASAStage(n, self.base_width * 2**s, stride=2 if s else 1, num_heads=self.num_heads,
+                    window=self.window, bn_axis_name=self.bn_axis_name, name=f"block{s + 1}",
+                    **kw)(x, train)
+    x = jnp.mean(x, axis=(1, 2))  # (B, C)
+    return layers.classifier_head(x, self.num_classes, kernel_init=nn.initializers.zeros, **kw)
+
+
+def config_from_name(name: str) -> Optional[dict]:
+  """`SASA-ResNet-50` -> SASAResNet kwargs; None when the name is not a SASA name."""
+  m = NAME_RE.match(name)
+  if not m:
+    return None
+  if int(m["variant"]) not in DEPTHS:
+    raise errors.ConfigError(f"Unknown SASA-ResNet depth {m['variant']} in {name!r}; known: "
+                             f"{', '.join(NAMES)}.")
+  return dict(num_layers=DEPTHS[int(m["variant"])])
