@@ -51,8 +51,6 @@ NAME_RE = re.compile(r"^Axial-ResNet-(?:(?P<depth>\d+)-)?(?P<variant>[A-Za-z]+)$
 NAMES = ("Axial-ResNet-S", "Axial-ResNet-M", "Axial-ResNet-L", "Axial-ResNet-26-S")
 AXES = {"height": 1, "width": 2}
 
-_conv_init = layers.flat_init(nn.initializers.he_normal())
-
 
 class AxialAttention(nn.Module):
   """Position-sensitive multi-head attention along one axis: (B, H, W, C) -> (B, H, W, features).
@@ -91,9 +89,8 @@ class AxialAttention(nn.Module):
           f"along ({length} pixels): pass a span of at least {length} (the model's `span` is "
           "the first stage's feature-map size, halved at every stride).")
     act = layers.activation_dtype(self.dtype)
-    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, axis_name=self.bn_axis_name, dtype=act,
-                           param_dtype=self.param_dtype)
+    _, bn = layers.conv_and_bn(train=train, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                               param_dtype=self.param_dtype)
     ein = lambda spec, a, c: layers.einsum(spec, a, c, self.dtype)
     if self.axis == "height":
       x = jnp.swapaxes(x, 1, 2)  # (B, W, H, C): attend along axis 2
@@ -135,12 +132,8 @@ class AxialBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    act = layers.activation_dtype(self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=act,
-                             param_dtype=self.param_dtype)
-    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, axis_name=self.bn_axis_name, dtype=act,
-                           param_dtype=self.param_dtype)
+    conv, bn = layers.conv_and_bn(train=train, bn_axis_name=self.bn_axis_name,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
     att = functools.partial(AxialAttention, self.features, num_heads=self.num_heads,
                             span=self.span, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                             param_dtype=self.param_dtype)

@@ -650,6 +650,21 @@ BN_ROOTS = {
 }
 
 
+def conv_and_bn(*, train: bool, bn_axis_name: Optional[str] = None, dtype: Dtype = jnp.float32,
+                param_dtype: Dtype = jnp.float32):
+  """(conv, bn) partials of the BatchNorm ResNets (sasa.py, axial.py): bias-free convolutions
+  (He-normal over the flattened fan-in) and BatchNorm (momentum 0.9, eps 1e-5), both computing in
+  the activation dtype of `dtype`."""
+  act = activation_dtype(dtype)
+  conv = functools.partial(nn.Conv, use_bias=False,
+                           kernel_init=flat_init(nn.initializers.he_normal()), dtype=act,
+                           param_dtype=param_dtype)
+  bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                         epsilon=1e-5, axis_name=bn_axis_name, dtype=act,
+                         param_dtype=param_dtype)
+  return conv, bn
+
+
 def bn_conv_root(x, width: int, root: str, *, train: bool, bn_axis_name: Optional[str] = None,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
   """A torchvision-style ResNet root in the caller's compact scope: `conv_root` (no bias) and
@@ -658,13 +673,11 @@ def bn_conv_root(x, width: int, root: str, *, train: bool, bn_axis_name: Optiona
     raise errors.ConfigError(f"Unknown ResNet root {root!r}; known: "
                              + "; ".join(f"{k!r} ({v})" for k, v in BN_ROOTS.items()) + ".")
   big = root == "imagenet"
-  x = nn.Conv(width, (7, 7) if big else (3, 3), strides=2 if big else 1,
-              padding=3 if big else 1, use_bias=False, name="conv_root",
-              kernel_init=flat_init(nn.initializers.he_normal()),
-              dtype=activation_dtype(dtype), param_dtype=param_dtype)(x)
-  x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                   axis_name=bn_axis_name, name="bn_root", dtype=activation_dtype(dtype),
-                   param_dtype=param_dtype)(x)
+  conv, bn = conv_and_bn(train=train, bn_axis_name=bn_axis_name, dtype=dtype,
+                         param_dtype=param_dtype)
+  x = conv(width, (7, 7) if big else (3, 3), strides=2 if big else 1,
+           padding=3 if big else 1, name="conv_root")(x)
+  x = bn(name="bn_root")(x)
   x = nn.relu(x)
   if big:
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -41,8 +41,6 @@ DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 NAME_RE = re.compile(r"^SASA-ResNet-(?P<variant>\d+)$")
 NAMES = tuple(f"SASA-ResNet-{d}" for d in DEPTHS)
 
-_conv_init = layers.flat_init(nn.initializers.he_normal())
-
 
 class LocalSelfAttention(nn.Module):
   """Multi-head self-attention of every pixel over its window x window neighbourhood, with
@@ -136,12 +134,8 @@ class SASABottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    act = layers.activation_dtype(self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init, dtype=act,
-                             param_dtype=self.param_dtype)
-    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, axis_name=self.bn_axis_name, dtype=act,
-                           param_dtype=self.param_dtype)
+    conv, bn = layers.conv_and_bn(train=train, bn_axis_name=self.bn_axis_name,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
     out = 4 * self.features
     residual = x
     if x.shape[-1] != out or self.stride != 1:
