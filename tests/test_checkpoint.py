@@ -152,6 +152,22 @@ def test_every_finished_save_gets_a_manifest(tmp_path, async_save):
   assert not [f for f in os.listdir(_step_dir(ckpt, 1)) if ".tmp" in f]
 
 
+def test_manifests_ignore_a_file_system_mock_of_another_thread(tmp_path):
+  """The manifest is hashed on a background thread while the main thread may be building a
+  dataset under `tfds.testing.mock_data`, which patches epath process-wide for that moment
+  (a CI run failed so): local files are read and written past epath."""
+  from tensorflow_datasets.testing import test_utils  # pylint: disable=g-import-not-at-top
+  with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
+    ckpt.save(1, train_state(1))
+  step_dir = _step_dir(ckpt, 1)
+  before = json.load(open(os.path.join(step_dir, checkpoint.MANIFEST)))
+  os.remove(os.path.join(step_dir, checkpoint.MANIFEST))
+  with test_utils.MockFs():
+    checkpoint.write_manifest(step_dir)
+    assert checkpoint.verify_step(step_dir) is None
+  assert json.load(open(os.path.join(step_dir, checkpoint.MANIFEST))) == before
+
+
 def _biggest_data_file(step_dir):
   files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
            if os.path.basename(r) == "d"]
@@ -428,8 +444,8 @@ def test_write_atomic_replaces_whole_files_or_nothing(tmp_path, monkeypatch):
   checkpoint.write_atomic(path, b"second")
   assert path.read_bytes() == b"second" and os.listdir(tmp_path / "sub") == ["config.json"]
 
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  cls, original = type(epath.Path("/")), type(epath.Path("/")).write_text
+  import pathlib  # pylint: disable=g-import-not-at-top
+  cls, original = type(pathlib.Path("/")), type(pathlib.Path("/")).write_text  # local files
 
   def cut_short(self, data, *args, **kwargs):
     original(self, data[:3], *args, **kwargs)

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import pathlib
 import re
 import uuid
 from typing import Any, Optional, Union
@@ -29,12 +30,28 @@ from vit_jax import parallel
 PyTree = Any
 
 
+def _path(path: Union[str, os.PathLike]):
+  """`path` as a `pathlib.Path` when it is local, else as an `epath.Path` (gs://, ...).
+
+  Local files go through the standard library, not through epath: the manifest is hashed and
+  written on a background thread, and a file-system mock that patches epath process-wide for a
+  moment (`tfds.testing.mock_data` does, whenever a dataset is built) would otherwise send that
+  thread's reads and writes elsewhere."""
+  text = os.fspath(path)
+  return epath.Path(text) if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) else pathlib.Path(text)
+
+
+def _size(path) -> int:
+  st = path.stat()
+  return int(st.st_size if hasattr(st, "st_size") else st.length)
+
+
 def write_atomic(path: Union[str, os.PathLike], data: Union[str, bytes]) -> None:
   """Writes `data` (text as UTF-8, or bytes) to `path` so that the file appears only once
   complete: it goes to a temporary name next to it, which is then renamed over `path`; a failed
-  write leaves `path` as it was and no temporary file. Any epath works (local, gs://); the
+  write leaves `path` as it was and no temporary file. Any path works (local, gs://); the
   parent directory is created when missing."""
-  path = epath.Path(path)
+  path = _path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex}"
   try:
@@ -90,7 +107,7 @@ def _process_of(rel: str) -> Optional[int]:
   return int(m.group(1)) if m else None
 
 
-def _files(root: epath.Path, prefix: str = "", owner: Optional[int] = None):
+def _files(root, prefix: str = "", owner: Optional[int] = None):
   """(relative path, Path) of every file under `root` but the manifest parts (and their temporary
   files), sorted; with `owner`, only that process's files (other processes' directories are not
   even listed). Works for any epath (gs:// too)."""
@@ -104,7 +121,7 @@ def _files(root: epath.Path, prefix: str = "", owner: Optional[int] = None):
       yield rel, child
 
 
-def _sha256(path: epath.Path) -> str:
+def _sha256(path) -> str:
   digest = hashlib.sha256()
   with path.open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -120,16 +137,16 @@ def write_manifest(step_dir: Union[str, os.PathLike], *, process_index: Optional
   atomically (a temporary file renamed). Every process calls it for its own files; the process
   index and count default to JAX's. Orbax writes no checksums of its own: a flipped byte in an
   array file restores silently (measured with orbax 0.12.8)."""
-  step_dir = epath.Path(step_dir)
+  step_dir = _path(step_dir)
   p = jax.process_index() if process_index is None else int(process_index)
   n = jax.process_count() if process_count is None else int(process_count)
-  files = {rel: [f.stat().length, _sha256(f)]
+  files = {rel: [_size(f), _sha256(f)]
            for rel, f in _files(step_dir, owner=p if n > 1 else None)}
   write_atomic(step_dir / _part_name(p), json.dumps(
       {"version": 2, "process": p, "num_processes": n, "files": files}, indent=1))
 
 
-def _read_part(path: epath.Path) -> Optional[dict]:
+def _read_part(path) -> Optional[dict]:
   """A manifest part's {path: [bytes, sha256]} and process count (None when damaged). A
   manifest written before there were parts has no count: it is a whole manifest (count 1)."""
   try:
@@ -143,7 +160,7 @@ def _read_part(path: epath.Path) -> Optional[dict]:
   return None
 
 
-def _structure_problem(step_dir: epath.Path) -> Optional[str]:
+def _structure_problem(step_dir) -> Optional[str]:
   """Orbax's two metadata files are there and parse as JSON (None), or what is wrong."""
   for rel in ("_CHECKPOINT_METADATA", "default/_METADATA"):
     if not (step_dir / rel).exists():
@@ -169,7 +186,7 @@ def verify_step(step_dir: Union[str, os.PathLike], *, share: tuple = (0, 1)) -> 
   and verifier 0 also reads every part (the process count of the save, hence which parts are
   missing) and checks orbax's metadata where one is.
   """
-  step_dir = epath.Path(step_dir)
+  step_dir = _path(step_dir)
   index, count = share
   if not step_dir.is_dir():
     return "not a directory"
@@ -192,7 +209,7 @@ def verify_step(step_dir: Union[str, os.PathLike], *, share: tuple = (0, 1)) -> 
       f = step_dir / rel
       if not f.exists():
         return f"{rel} is missing"
-      actual = f.stat().length
+      actual = _size(f)
       if actual != size:
         return f"{rel} has {actual} bytes, {size} were written (cut short or appended to)"
       if _sha256(f) != sha:
