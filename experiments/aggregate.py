@@ -236,6 +236,17 @@ def collect(out: str) -> List[Dict[str, Any]]:
   return rows
 
 
+def read_selection(out: str) -> List[Dict[str, Any]]:
+  """The rows of a selection phase's OUT/results.csv (what a final phase chooses its recipe
+  from); a missing table is an error that says which phase to run first."""
+  path = os.path.join(out, "results.csv")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No selection results at {path}: run phase=select with "
+                            f"--out={out} first (the runner writes results.csv).")
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
 def check_out(out: str) -> None:
   """Raises AggregateError unless `out` is a runner's --out folder (sweep.json or points/)."""
   if not os.path.exists(out):

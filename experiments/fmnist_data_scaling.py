@@ -56,10 +56,9 @@ points (same names, so finished points are skipped); `--only` runs part of a gri
       --out=workdirs/fms_wide --parallel=2 --pin
 phase=final then chooses on the union of the grids run.
 """
-import csv
-import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from experiments import aggregate
 from experiments import sweep
 
 CONFIG = "configs/fashion_mnist.py"
@@ -138,12 +137,7 @@ def choose(rows: Sequence[Mapping], lrs: Optional[Sequence[float]] = None,
 
 def read_choice(out_dir: str, lrs: Optional[Sequence[float]] = None,
                 wds: Optional[Sequence[float]] = None) -> Dict[str, Tuple[float, float]]:
-  path = os.path.join(out_dir, "results.csv")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No selection results at {path}: run phase=select with "
-                            f"--out={out_dir} first (the runner writes results.csv).")
-  with open(path) as f:
-    return choose(list(csv.DictReader(f)), lrs, wds)
+  return choose(aggregate.read_selection(out_dir), lrs, wds)
 
 
 def _label(config, size: str) -> str:

@@ -168,6 +168,30 @@ def test_manifests_ignore_a_file_system_mock_of_another_thread(tmp_path):
   assert json.load(open(os.path.join(step_dir, checkpoint.MANIFEST))) == before
 
 
+def test_small_replicated_arrays_are_saved_whole_not_in_replica_slices(tmp_path, monkeypatch):
+  from orbax.checkpoint._src.serialization import replica_slices  # pylint: disable=g-import-not-at-top
+  sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P())
+  state = {"w": jax.device_put(np.arange(4096, dtype=np.float32), sharding)}
+  assert jax.device_count() == 8
+  sliced = []
+  original = replica_slices.ReplicaSlice.data
+  monkeypatch.setattr(replica_slices.ReplicaSlice, "data",
+                      lambda self: sliced.append(self.slice_args) or original(self))
+  for min_bytes, step in ((checkpoint.MIN_REPLICA_SLICE_BYTES, 1), (0, 2)):
+    monkeypatch.setattr(checkpoint, "MIN_REPLICA_SLICE_BYTES", min_bytes)
+    sliced.clear()
+    with checkpoint.TrainCheckpointer(tmp_path / str(step)) as ckpt:
+      ckpt.save(step, state)
+      restored = ckpt.restore(state, step)
+    np.testing.assert_array_equal(restored["w"], np.arange(4096, dtype=np.float32))
+    if min_bytes:
+      assert not [s for s in sliced if s is not None]  # one whole array, no slices
+    else:
+      assert len([s for s in sliced if s is not None]) == 8  # orbax's default: 8 slices
+  monkeypatch.undo()
+  checkpoint.TrainCheckpointer(tmp_path / "3")  # the process-wide handler back to ours
+
+
 def _biggest_data_file(step_dir):
   files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
            if os.path.basename(r) == "d"]

@@ -12,6 +12,7 @@ from benchmarks import compile_time
 from benchmarks import harness
 from benchmarks import input_pipeline
 from benchmarks import throughput
+from vit_jax import checkpoint
 
 TINY = ["--image_size=28"]
 
@@ -218,3 +219,14 @@ def test_report_tables_from_records(tmp_path, capsys):
   assert "| ViT-H/14 | 32 | 2.00 | 9.00 | 4.5x |" in out
   assert "| fashion_mnist.py:hybrid | 128 | 200.0 | 210.0 | +5.0% |" in out
   assert "Ablations" not in out  # no records, no table
+
+
+def test_replicated_save_compares_sliced_and_whole_saves(capsys):
+  from benchmarks import replicated_save  # pylint: disable=g-import-not-at-top
+  replicated_save.main(["--rounds=1", "--arrays=3", "--floats=64"])
+  rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  saves = {r["contender"]: r for r in rows if "contender" in r}
+  assert set(saves) == {"sliced", "whole"}
+  assert saves["whole"]["min_slice_bytes"] == checkpoint.MIN_REPLICA_SLICE_BYTES
+  assert all(r["devices"] == 8 and len(r["rounds_s"]) == 1 and r["save_s"] > 0
+             for r in saves.values())
