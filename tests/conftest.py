@@ -1,5 +1,11 @@
-"""Test set-up: 8 fake CPU devices (must happen before jax is imported anywhere)."""
+"""Test set-up: 8 fake CPU devices (must happen before jax is imported anywhere), and training
+runs shared by the tests of a session (`shared_run`)."""
+import functools
+import json
 import os
+import shutil
+
+import pytest
 
 # Compiling, not running, is most of the suite's time (its models are tiny): LLVM's optimisation
 # level 0 compiles about a quarter faster (measured on test_pvt/cvt/swin with an empty cache: 158 ->
@@ -19,3 +25,30 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                    ".pytest_cache", "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def _shared_run(tmp_path_factory, key: str, build):
+  """(workdir, result) of a training run made once per test session and shared by every
+  pytest-xdist worker: `build(workdir)` runs it (returning train_and_evaluate's result, a JSON
+  dict) the first time any worker asks for `key`; the others wait on a file lock and read it. The
+  directory lies in the session's temporary root, common to the workers. Tests must not change
+  it: copy it first (shutil.copytree) to run in it again."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's root, above each worker's own
+  workdir = root / f"shared_run_{key}"
+  done = root / f"shared_run_{key}.json"
+  with filelock.FileLock(str(root / f"shared_run_{key}.lock")):
+    if not done.exists():
+      if workdir.exists():
+        shutil.rmtree(workdir)  # a build that failed half-way
+      result = build(str(workdir))
+      done.write_text(json.dumps(result, default=float))
+  return str(workdir), json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+  """`shared_run(key, build) -> (workdir, result)`: see `_shared_run`."""
+  return functools.partial(_shared_run, tmp_path_factory)

@@ -26,10 +26,11 @@ def fmnist_test_images(n):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(shared_run, tmp_path_factory):
   """A tiny ViT (class token, 2 layers) trained for 4 steps on Fashion-MNIST by vit_jax.train,
   starting from a Hugging Face directory through `config.pretrained.path` (when transformers is
-  installed), which the test checks the run started from."""
+  installed), which the test checks the run started from. Made once per session (conftest's
+  `shared_run`)."""
   if not os.path.exists(FMNIST):
     pytest.skip(f"{FMNIST} missing (make data)")
   c = fashion_mnist.get_config("vit")
@@ -56,14 +57,16 @@ def workdir(tmp_path_factory):
     start = pretrained.load(hf_dir)[1]
   except ImportError:
     pass
-  path = str(tmp_path_factory.mktemp("fmnist_run"))
-  train.train_and_evaluate(c, path)
-  if start is not None:  # 4 Adam steps at lr <= 2e-3 move no parameter by more than ~1e-2
-    final = npz.load_npz(os.path.join(path, "params.npz"))
-    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-               for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(start)))
-    assert diff < 0.02, diff
-  return path
+
+  def build(path):
+    result = train.train_and_evaluate(c, path)
+    if start is not None:  # 4 Adam steps at lr <= 2e-3 move no parameter by more than ~1e-2
+      final = npz.load_npz(os.path.join(path, "params.npz"))
+      diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                 for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(start)))
+      assert diff < 0.02, diff
+    return result
+  return shared_run("fmnist_vit_from_hf", build)[0]
 
 
 @pytest.fixture

@@ -60,14 +60,26 @@ def mock_tfds():
     yield
 
 
+def trained(config):
+  """`build(workdir)` for conftest's `shared_run`: trains `config` under mock data."""
+  def build(workdir):
+    with tfds.testing.mock_data(num_examples=200):
+      return train.train_and_evaluate(config, workdir)
+  return build
+
+
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  """(workdir, result) of one finished `tiny_config()` run (6 steps), shared by the tests that
-  only read such a run (each test copies it first if it runs in it again)."""
-  workdir = str(tmp_path_factory.mktemp("finished_run"))
-  with tfds.testing.mock_data(num_examples=200):
-    result = train.train_and_evaluate(tiny_config(), workdir)
-  return workdir, result
+def finished_run(shared_run):
+  """(workdir, result) of one finished `tiny_config()` run (6 steps), made once per session and
+  shared by the tests that only read such a run (each copies it first to run in it again)."""
+  return shared_run("tiny", trained(tiny_config()))
+
+
+@pytest.fixture(scope="module")
+def stochastic_jit_run(shared_run):
+  """The same for `tiny_config(parallel="jit", **STOCHASTIC)`: jit = pmap's jit side and the
+  uninterrupted run the jit resume tests compare with."""
+  return shared_run("tiny_stochastic_jit", trained(tiny_config(parallel="jit", **STOCHASTIC)))
 
 
 def final_params(workdir):
@@ -187,15 +199,15 @@ def _max_diff(a, b):
              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-def test_jit_and_pmap_give_the_same_parameters(tmp_path, monkeypatch):
+def test_jit_and_pmap_give_the_same_parameters(tmp_path, monkeypatch, stochastic_jit_run):
   # Dropout, stochastic depth and AdamW on: the masks are drawn per example (seed, step, row), so
   # the two modes draw the same ones; what may differ is where the batch mean is reduced.
   # (Adam's g / sqrt(v) turns a rounding difference in a near-zero gradient into one of up to
   # 2 * lr: at lr 1e-2 without dropout the modes differed by 1.4e-4 here.)
   cfg = lambda mode: tiny_config(parallel=mode, **STOCHASTIC)
-  a = train.train_and_evaluate(cfg("jit"), str(tmp_path / "jit"))
+  jit_dir, a = stochastic_jit_run
   b = train.train_and_evaluate(cfg("pmap"), str(tmp_path / "pmap"))
-  pa, pb = final_params(str(tmp_path / "jit")), final_params(str(tmp_path / "pmap"))
+  pa, pb = final_params(jit_dir), final_params(str(tmp_path / "pmap"))
   assert _max_diff(pa, pb) <= JIT_PMAP_ATOL
   np.testing.assert_allclose(a["loss"], b["loss"], atol=1e-5)
   # Keys that depend on the device layout (each device numbering its own rows from 0, as a key
@@ -236,9 +248,13 @@ def _interrupting_iterator(monkeypatch, after_batches, how):
     ("sigterm", "jit"), pytest.param("crash", "jit", marks=pytest.mark.slow), ("sigint", "jit"),
     pytest.param("sigterm", "pmap", marks=pytest.mark.slow),  # jit == pmap is tested above
     pytest.param("crash", "pmap", marks=pytest.mark.slow)])
-def test_resume_is_bitwise_exact(tmp_path, monkeypatch, how, mode):
-  cfg = tiny_config(model__dropout_rate=0.1, model__droppath_rate=0.1, parallel=mode)
-  train.train_and_evaluate(cfg, str(tmp_path / "straight"))
+def test_resume_is_bitwise_exact(tmp_path, monkeypatch, how, mode, stochastic_jit_run):
+  cfg = tiny_config(parallel=mode, **STOCHASTIC)
+  if mode == "jit":
+    straight = stochastic_jit_run[0]
+  else:
+    straight = str(tmp_path / "straight")
+    train.train_and_evaluate(cfg, straight)
   workdir = str(tmp_path / "interrupted")
   original = _interrupting_iterator(monkeypatch, 4, how)
   if how in ("sigterm", "sigint"):
@@ -252,7 +268,7 @@ def test_resume_is_bitwise_exact(tmp_path, monkeypatch, how, mode):
     assert checkpoint.TrainCheckpointer(workdir).latest_step() in (2, 4)
   monkeypatch.setattr(data_lib, "train_iterator", original)
   train.train_and_evaluate(cfg, workdir)  # the same command again resumes
-  a, b = final_params(str(tmp_path / "straight")), final_params(workdir)
+  a, b = final_params(straight), final_params(workdir)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
@@ -272,8 +288,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
   cfg = lambda n: tiny_config(total_steps=2, grad_accum_steps=n, optax__name="momentum")
-  a = train.train_and_evaluate(cfg(1), str(tmp_path / "a"))
-  b = train.train_and_evaluate(cfg(2), str(tmp_path / "b"))
+  train.train_and_evaluate(cfg(1), str(tmp_path / "a"))
+  train.train_and_evaluate(cfg(2), str(tmp_path / "b"))
   pa, pb = final_params(str(tmp_path / "a")), final_params(str(tmp_path / "b"))
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), pa, pb)
 

@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tests.test_train import tiny_config
+from tests.test_train import trained
 from vit_jax import npz
 from vit_jax import predict
 from vit_jax import train
@@ -20,15 +21,12 @@ def mock_tfds():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(shared_run):
   """A finished teacher (ViT, 2 steps) and a student distilled from it (1 step), each kept with
-  its checkpoints and exports."""
-  root = tmp_path_factory.mktemp("runs")
-  with tfds.testing.mock_data(num_examples=200):
-    teacher = str(root / "teacher")
-    train.train_and_evaluate(tiny_config(total_steps=2), teacher)
-    student = str(root / "student")
-    train.train_and_evaluate(tiny_config(total_steps=1, distill__teacher=teacher), student)
+  its checkpoints and exports; made once per session (conftest's `shared_run`)."""
+  teacher = shared_run("teacher", trained(tiny_config(total_steps=2)))[0]
+  student = shared_run("student", trained(tiny_config(total_steps=1,
+                                                      distill__teacher=teacher)))[0]
   return teacher, student
 
 
