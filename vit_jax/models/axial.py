@@ -151,29 +151,6 @@ class AxialBlock(nn.Module):
     return nn.relu(residual + y)
 
 
-class AxialStage(nn.Module):
-  """`num_units` blocks `unit1`, `unit2`, ...; the first carries `stride` and attends over
-  `span`, the others over span / stride (the feature map they see)."""
-  num_units: int
-  features: int
-  stride: int = 1
-  num_heads: int = 8
-  span: int = 56
-  bn_axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    for u in range(self.num_units):
-      x = AxialBlock(self.features, stride=self.stride if u == 0 else 1,
-                     num_heads=self.num_heads,
-                     span=self.span if u == 0 else self.span // self.stride,
-                     bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=f"unit{u + 1}")(x, train)
-    return x
-
-
 class AxialResNet(nn.Module):
   """Conv-stem Axial-ResNet classifier: root, stages of `AxialBlock`, global average pool,
   zero-init `head`. `num_classes=0` returns the pooled features (B, 4 * base_width *
@@ -192,24 +169,20 @@ class AxialResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    if images.ndim != 4:
-      raise errors.ConfigError(f"images must be (B, H, W, C); got shape {images.shape}.")
-    num_layers = tuple(int(n) for n in self.num_layers)
-    if not num_layers or any(n < 1 for n in num_layers):
-      raise errors.ConfigError(f"Axial-ResNet num_layers={num_layers}: needs at least one stage "
-                               "and at least one unit per stage.")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = layers.bn_conv_root(images.astype(layers.activation_dtype(self.dtype)), self.base_width,
-                            self.root, train=train, bn_axis_name=self.bn_axis_name, **kw)
-    span = self.span
-    for s, n in enumerate(num_layers):
-      stride = 2 if s else 1
-      x = AxialStage(n, 2 * self.base_width * 2**s, stride=stride, num_heads=self.num_heads,
-                     span=span, bn_axis_name=self.bn_axis_name, name=f"block{s + 1}",
-                     **kw)(x, train)
-      span //= stride
-    x = jnp.mean(x, axis=(1, 2))  # (B, C)
-    return layers.classifier_head(x, self.num_classes, kernel_init=nn.initializers.zeros, **kw)
+    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def stage(s, n):
+      # Stage s attends over 2 * base_width * 2**s channels; its first unit (stride 2 after the
+      # first stage) spans span / 2**(s - 1), the others the feature map after its stride.
+      stride, span = (2 if s else 1), self.span // 2**max(s - 1, 0)
+      unit = lambda u: functools.partial(AxialBlock, 2 * self.base_width * 2**s,
+                                         stride=1 if u else stride, num_heads=self.num_heads,
+                                         span=span // stride if u else span, **kw)
+      return layers.UnitStage(n, unit, name=f"block{s + 1}")
+    return layers.bn_resnet_classifier(images, family="Axial-ResNet", num_layers=self.num_layers,
+                                       base_width=self.base_width, root=self.root,
+                                       num_classes=self.num_classes, train=train, stage=stage,
+                                       **kw)
 
 
 def config_from_name(name: str) -> Optional[dict]:

@@ -682,3 +682,40 @@ def bn_conv_root(x, width: int, root: str, *, train: bool, bn_axis_name: Optiona
   if big:
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   return x
+
+
+class UnitStage(nn.Module):
+  """A ResNet stage of the BatchNorm families (sasa.py, axial.py): units `unit1`, `unit2`, ...,
+  where `unit(u)` gives unit u's module class with its arguments bound (a functools.partial;
+  unit 0 carries the stage's stride). Called as `stage(x, train)`."""
+  num_units: int
+  unit: Callable[[int], Callable[..., nn.Module]]
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for u in range(self.num_units):
+      x = self.unit(u)(name=f"unit{u + 1}")(x, train)
+    return x
+
+
+def bn_resnet_classifier(images, *, family: str, num_layers, base_width: int, root: str,
+                         num_classes: int, train: bool, stage: Callable[[int, int], nn.Module],
+                         bn_axis_name: Optional[str] = None, dtype: Dtype = jnp.float32,
+                         param_dtype: Dtype = jnp.float32):
+  """The conv-stem classifier of the BatchNorm ResNets, in the caller's compact scope: checks,
+  `bn_conv_root`, `stage(s, num_units)(x, train)` for every stage s (named `block{s + 1}` by the
+  caller's `stage`), global average pool, zero-init `head` (`num_classes=0`: the pooled
+  features)."""
+  if images.ndim != 4:
+    raise errors.ConfigError(f"images must be (B, H, W, C); got shape {images.shape}.")
+  num_layers = tuple(int(n) for n in num_layers)
+  if not num_layers or any(n < 1 for n in num_layers):
+    raise errors.ConfigError(f"{family} num_layers={num_layers}: needs at least one stage "
+                             "and at least one unit per stage.")
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  x = bn_conv_root(images.astype(activation_dtype(dtype)), base_width, root, train=train,
+                   bn_axis_name=bn_axis_name, **kw)
+  for s, n in enumerate(num_layers):
+    x = stage(s, n)(x, train)
+  x = jnp.mean(x, axis=(1, 2))  # (B, C)
+  return classifier_head(x, num_classes, kernel_init=nn.initializers.zeros, **kw)

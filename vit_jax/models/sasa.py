@@ -151,27 +151,6 @@ class SASABottleneck(nn.Module):
     return nn.relu(residual + y)
 
 
-class SASAStage(nn.Module):
-  """`num_units` bottlenecks `unit1`, `unit2`, ...; the first carries `stride`."""
-  num_units: int
-  features: int
-  stride: int = 1
-  num_heads: int = 8
-  window: int = 7
-  bn_axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    for u in range(self.num_units):
-      x = SASABottleneck(self.features, stride=self.stride if u == 0 else 1,
-                         num_heads=self.num_heads, window=self.window,
-                         bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=f"unit{u + 1}")(x, train)
-    return x
-
-
 class SASAResNet(nn.Module):
   """Conv-stem stand-alone self-attention ResNet: root, stages of `SASABottleneck`, global
   average pool, zero-init `head`. `num_classes=0` returns the pooled features (B, 4 * base_width *
@@ -190,21 +169,17 @@ class SASAResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    if images.ndim != 4:
-      raise errors.ConfigError(f"images must be (B, H, W, C); got shape {images.shape}.")
-    num_layers = tuple(int(n) for n in self.num_layers)
-    if not num_layers or any(n < 1 for n in num_layers):
-      raise errors.ConfigError(f"SASA-ResNet num_layers={num_layers}: needs at least one stage "
-                               "and at least one unit per stage.")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = layers.bn_conv_root(images.astype(layers.activation_dtype(self.dtype)), self.base_width,
-                            self.root, train=train, bn_axis_name=self.bn_axis_name, **kw)
-    for s, n in enumerate(num_layers):
-      x = SASAStage(n, self.base_width * 2**s, stride=2 if s else 1, num_heads=self.num_heads,
-                    window=self.window, bn_axis_name=self.bn_axis_name, name=f"block{s + 1}",
-                    **kw)(x, train)
-    x = jnp.mean(x, axis=(1, 2))  # (B, C)
-    return layers.classifier_head(x, self.num_classes, kernel_init=nn.initializers.zeros, **kw)
+    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def stage(s, n):  # stage s: width base_width * 2**s, stride 2 after the first
+      unit = lambda u: functools.partial(SASABottleneck, self.base_width * 2**s,
+                                         stride=2 if s and not u else 1,
+                                         num_heads=self.num_heads, window=self.window, **kw)
+      return layers.UnitStage(n, unit, name=f"block{s + 1}")
+    return layers.bn_resnet_classifier(images, family="SASA-ResNet", num_layers=self.num_layers,
+                                       base_width=self.base_width, root=self.root,
+                                       num_classes=self.num_classes, train=train, stage=stage,
+                                       **kw)
 
 
 def config_from_name(name: str) -> Optional[dict]:
