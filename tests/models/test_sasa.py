@@ -152,27 +152,13 @@ def test_a_strided_unit_pools_after_the_attention(random_variables):
                              atol=1e-5)
 
 
-def test_tiny_sasa_resnet_trains_on_fashion_mnist_sized_images():
+def test_tiny_sasa_resnet_trains_on_fashion_mnist_sized_images(sgd_on_batchnorm_model):
   from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   name, overrides, _, _ = fashion_mnist.MODELS["sasa"]
   model = models.get_model(name, num_classes=10, **overrides)
   x = jax.random.uniform(jax.random.PRNGKey(4), (8, 28, 28, 1))
   y = jnp.arange(8) % 10
-  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x))()
-
-  def loss_fn(params, stats):
-    logits, new = model.apply({"params": params, "batch_stats": stats}, x, train=True,
-                              mutable=["batch_stats"])
-    loss = -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(y, 10), -1))
-    return loss, new["batch_stats"]
-
-  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-  params, stats = variables["params"], variables["batch_stats"]
-  losses = []
-  for _ in range(4):
-    (loss, stats), grads = step(params, stats)
-    losses.append(float(loss))
-    params = jax.tree_util.tree_map(lambda a, g: a - 0.1 * g, params, grads)
+  losses, params, stats = sgd_on_batchnorm_model(model, x, y)
   assert losses[0] == pytest.approx(np.log(10), abs=1e-5)  # zero-init head
   assert losses[-1] < losses[0] - 0.05
   assert not np.allclose(stats["bn_root"]["mean"], 0)  # training updated the statistics
