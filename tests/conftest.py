@@ -52,3 +52,26 @@ def _shared_run(tmp_path_factory, key: str, build):
 def shared_run(tmp_path_factory):
   """`shared_run(key, build) -> (workdir, result)`: see `_shared_run`."""
   return functools.partial(_shared_run, tmp_path_factory)
+
+
+def random_variables_of(model, *args, **kwargs):
+  """Variables shaped as `model.init(key, *args, **kwargs)`'s without running (or compiling) the
+  random initialisers -- on XLA:CPU an eager PVT or DETR init took 30-36 s on a loaded 2-core
+  machine, eval_shape under 1 s: LayerNorm/BatchNorm scales 1 + N(0, 0.05^2), BatchNorm running
+  means 0 and variances 1, everything else N(0, 0.05^2); deterministic (numpy seed 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs))
+  rng = np.random.default_rng(0)
+
+  def fill(path, s):
+    last = getattr(path[-1], "key", None)
+    if last == "mean" and path[0].key == "batch_stats":
+      return jnp.zeros(s.shape, s.dtype)
+    if last == "var" and path[0].key == "batch_stats":
+      return jnp.ones(s.shape, s.dtype)
+    base = 1.0 if last == "scale" else 0.0
+    return jnp.asarray(base + 0.05 * rng.normal(size=s.shape), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)

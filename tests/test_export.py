@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
+from tests.conftest import random_variables_of
 from vit_jax import errors
 from vit_jax import export
 from vit_jax import models
@@ -42,11 +43,8 @@ def make_predictor(family):
   else:
     name, overrides, _, _ = fashion_mnist.MODELS[family]
     model, size = models.get_model(name, num_classes=10, **overrides), (28, 28)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + size + (1,)), train=False)
-  leaves, tree = jax.tree.flatten(variables)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  variables = jax.tree.unflatten(tree, [
-      np.asarray(x + 0.05 * jax.random.normal(k, x.shape, x.dtype)) for x, k in zip(leaves, keys)])
+  variables = jax.tree.map(np.asarray, random_variables_of(
+      model, jnp.zeros((1,) + size + (1,)), train=False))  # no eager init: 30 s for PVT
   return predict.Predictor(model, variables, size, 1,
                            predict._normalise((0.5,) * 3, (0.5,) * 3, 1), None)  # pylint: disable=protected-access
 
