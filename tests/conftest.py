@@ -75,3 +75,19 @@ def random_variables_of(model, *args, **kwargs):
     return jnp.asarray(base + 0.05 * rng.normal(size=s.shape), s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# The quick suite's longest tests (minutes each with an empty compilation cache), run first: the
+# pytest-xdist workers take tests in collection order and steal from each other's queues, so a
+# long test collected last keeps one worker busy while the others have run out of work (a
+# fresh-clone run ended with 10 minutes of one worker running three of these alone).
+LONG_TESTS = ("test_a_batchnorm_run_exports_and_evaluates_the_ema_statistics",
+              "test_a_distilled_run_is_evaluated_and_predicted_from_its_checkpoint",
+              "test_the_readme_commands_run_as_written",
+              "test_the_notebook_runs_with_tiny_parameters",
+              "test_trains_evaluates_resumes_and_samples",
+              "test_tiny_sasa_resnet_trains_on_fashion_mnist_sized_images")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.name not in LONG_TESTS)  # stable: the rest keep their order
