@@ -238,7 +238,9 @@ def collect(out: str) -> List[Dict[str, Any]]:
 
 def read_selection(out: str) -> List[Dict[str, Any]]:
   """The rows of a selection phase's OUT/results.csv (what a final phase chooses its recipe
-  from); a missing table is an error that says which phase to run first."""
+  from); no folder given, or a missing table, is an error that says which phase to run first."""
+  if not out:
+    raise ValueError("phase=final needs select_from=DIR, the --out folder of phase=select.")
   path = os.path.join(out, "results.csv")
   if not os.path.exists(path):
     raise FileNotFoundError(f"No selection results at {path}: run phase=select with "

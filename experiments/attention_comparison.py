@@ -101,21 +101,19 @@ def choose(rows: Sequence[Mapping]) -> Dict[str, Tuple[float, float]]:
 
 def _point(name: str, seed: int, lr: float, wd: float, epochs: float, *, final: bool,
            point_name: str) -> sweep.Point:
-  label, arg, over = MODELS[name]
-  config = f"{CONFIG}:{arg}"
-  base = sweep.load_config(config)
+  label, arg, _ = MODELS[name]
+  base = model_config(name)
   budget = int(epochs * N)
-  merged = base.model.to_dict()
-  merged.update(over)
   overrides = {"seed": seed, "train_split": f"{TRAIN}@seeded({N}, seed={seed})",
-               "eval_split": VAL, "test_split": TEST if final else "", "model": merged,
+               "eval_split": VAL, "test_split": TEST if final else "",
+               "model": base.model.to_dict(),
                "lr.base": lr, "wd": wd}
   overrides.update(sweep.examples_budget(base, "total", budget, N))
   overrides.update(sweep.examples_budget(base, "lr.warmup", budget // 10, N))
   overrides.update(sweep.examples_budget(base, "checkpoint_every", budget // 4, N))
   tags = {"family": label, "arch": name, "model": label, "train_size": N, "seed": seed,
           "lr": lr, "wd": wd, "budget_examples": budget}
-  return sweep.Point(point_name, config, overrides, tags)
+  return sweep.Point(point_name, f"{CONFIG}:{arg}", overrides, tags)
 
 
 def get_sweep(arg=None) -> sweep.Sweep:
@@ -134,8 +132,6 @@ def get_sweep(arg=None) -> sweep.Sweep:
                        "Recipe per family on the validation split (seed 0).")
   if a["phase"] != "final":
     raise ValueError(f"phase={a['phase']!r}: use phase=select or phase=final.")
-  if not a["select_from"]:
-    raise ValueError("phase=final needs select_from=DIR, the --out folder of phase=select.")
   chosen = choose(aggregate.read_selection(a["select_from"]))
   missing = [m for m in a["models"] if m not in chosen]
   if missing:

@@ -199,8 +199,6 @@ def get_sweep(arg=None) -> sweep.Sweep:
                        "Fashion-MNIST data scaling: lr x wd per family on the validation split.")
   if a["phase"] != "final":
     raise ValueError(f"phase must be select or final, not {a['phase']!r}.")
-  if not a["select_from"]:
-    raise ValueError("phase=final needs select_from=DIR, the --out folder of phase=select.")
   chosen = read_choice(a["select_from"], lrs or None, wds or None)
   # Seed-major order: an interrupted study has every point of seed 0 before any of seed 1.
   for seed in a["seeds"]:

@@ -38,7 +38,12 @@ def _path(path: Union[str, os.PathLike]):
   moment (`tfds.testing.mock_data` does, whenever a dataset is built) would otherwise send that
   thread's reads and writes elsewhere."""
   text = os.fspath(path)
-  return epath.Path(text) if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) else pathlib.Path(text)
+  return epath.Path(text) if _is_remote(text) else pathlib.Path(text)
+
+
+def _is_remote(path: str) -> bool:
+  """Whether `path` names a remote file system (gs://, s3://, ...) rather than a local path."""
+  return "://" in path
 
 
 def _size(path) -> int:
@@ -288,7 +293,7 @@ class TrainCheckpointer:
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep}: must be >= 1, or None to keep all steps.")
     workdir = os.fspath(workdir)
-    if "://" not in workdir:  # orbax needs absolute paths; `--workdir=workdirs/demo` is relative
+    if not _is_remote(workdir):  # orbax needs absolute paths; `--workdir=workdirs/demo` is relative
       workdir = os.path.abspath(workdir)
     self.directory = epath.Path(workdir) / "checkpoints"
     _whole_small_replicas()

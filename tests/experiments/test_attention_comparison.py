@@ -49,6 +49,8 @@ def test_final_runs_the_recipe_with_the_best_validation_accuracy(tmp_path):
   assert (by_name["vit_rope_seed2"].lr.base, by_name["vit_rope_seed2"].wd) == ac.RECIPES["vit"]
   assert (by_name["axial_seed1"].lr.base, by_name["axial_seed1"].wd) == ac.RECIPES["resnet"]
   assert by_name["axial_seed1"].seed == 1 and by_name["axial_seed1"].test_split == "test"
+  with pytest.raises(ValueError, match="phase=final needs select_from=DIR"):
+    ac.get_sweep("phase=final")
   with pytest.raises(ValueError, match="has no finished run of \\['sasa'\\]"):
     ac.get_sweep(f"phase=final,select_from={tmp_path},models=sasa")
   rows[0]["eval_split"] = "test"
