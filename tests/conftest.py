@@ -18,15 +18,11 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as vit_jax/__init__.py sa
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # CPU devices only (libtpu, installed for vit_jax.plan, would otherwise look for a TPU and warn).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many tests compile the same tiny models: a persistent compilation cache (keyed by the HLO, the
-# compile options and XLA flags and the jax/jaxlib versions, so never stale) shared by this
-# session, the subprocesses it starts and every later run on this machine, fresh clones included
-# (like pip's cache, it lives in the user's cache directory; at most 2 GiB, least recently used
-# entries evicted). An empty cache costs a fresh machine's first `make test` about twice the time.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-    "vit_jax", "jax_compilation_cache"))
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
+# Many tests compile the same tiny models: a persistent compilation cache (keyed by the HLO, so
+# never stale) shared by this session and the subprocesses it starts.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   ".pytest_cache", "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
