@@ -37,18 +37,6 @@ from vit_jax import checkpoint
 ARRAY_MIB = 64
 
 
-def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo ('unknown' where there is none)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
-
-
 def make_state(mib: int) -> dict:
   """float32 arrays of ARRAY_MIB MiB (the last one smaller) totalling `mib` MiB, on the device."""
   rng = np.random.default_rng(0)
@@ -153,7 +141,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.mib < 1 or args.rounds < 1:
     raise ValueError("--mib and --rounds must be >= 1.")
-  cpu = cpu_model()
+  cpu = harness.cpu_model()
   load_start = harness.load_average()
   results = run(args.mib, args.rounds, args.dir)
   env = dict(harness.environment(), cpu_model=cpu, load_average_start=load_start)

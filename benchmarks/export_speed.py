@@ -20,18 +20,6 @@ import numpy as np
 from benchmarks import harness
 
 
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-  except OSError:
-    return "unknown"
-  name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-               if line.startswith("model name")), "unknown")
-  flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-  return f"{name} ({'AVX-512' if ' avx512f' in flags else 'AVX2' if ' avx2' in flags else 'no AVX2'})"
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", default="vit,resnet")
@@ -43,7 +31,7 @@ def main(argv=None):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tests import test_export  # pylint: disable=g-import-not-at-top  (the same test models)
   from vit_jax import export  # pylint: disable=g-import-not-at-top
-  harness.emit(dict(kind="environment", cpu_name=cpu_name(), tensorflow=tf.__version__,
+  harness.emit(dict(kind="environment", cpu_name=harness.cpu_model(), tensorflow=tf.__version__,
                     onnxruntime=onnxruntime.__version__, **harness.environment()))
   for family in args.models.split(","):
     predictor = test_export.make_predictor(family)

@@ -24,6 +24,20 @@ def cpu_threads() -> int:
   return metrics.usable_cores()
 
 
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo with its widest vector extension, e.g. 'AMD EPYC
+  (AVX-512)' ('unknown' where there is none): figures are compared only within one machine."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return "unknown"
+  name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+               if line.startswith("model name")), "unknown")
+  flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+  return f"{name} ({'AVX-512' if ' avx512f' in flags else 'AVX2' if ' avx2' in flags else 'no AVX2'})"
+
+
 def load_average() -> List[float]:
   return [round(x, 2) for x in os.getloadavg()]
 

@@ -29,7 +29,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from benchmarks import checkpoint_save  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONTENDERS = {"sliced": 0, "whole": checkpoint.MIN_REPLICA_SLICE_BYTES}
@@ -76,11 +76,11 @@ def main(argv=None):
            "save_s": statistics.median(ts), "rounds_s": ts, "devices": jax.device_count()}
     print(json.dumps(row))
     rows.append(row)
-  print(json.dumps({"environment": True, "cpu": checkpoint_save.cpu_model(),
+  print(json.dumps({"environment": True, "cpu": harness.cpu_model(),
                     "cores": os.cpu_count(), "load_average": os.getloadavg(),
                     "jax": jax.__version__}))
   ref = rows[0]["save_s"]
-  print(f"\nCPU {checkpoint_save.cpu_model()}, {os.cpu_count()} cores, "
+  print(f"\nCPU {harness.cpu_model()}, {os.cpu_count()} cores, "
         f"load {os.getloadavg()[0]:.1f}\n\n| save | save() median (s) | ratio to sliced |\n|---|---|---|")
   for row in rows:
     print(f"| {row['contender']} | {row['save_s']:.3f} | {row['save_s'] / ref:.2f} |")

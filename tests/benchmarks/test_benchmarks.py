@@ -11,6 +11,7 @@ from benchmarks import ablations
 from benchmarks import compile_time
 from benchmarks import harness
 from benchmarks import input_pipeline
+from benchmarks import sasa_attention
 from benchmarks import throughput
 from vit_jax import checkpoint
 
@@ -230,3 +231,14 @@ def test_replicated_save_compares_sliced_and_whole_saves(capsys):
   assert saves["whole"]["min_slice_bytes"] == checkpoint.MIN_REPLICA_SLICE_BYTES
   assert all(r["devices"] == 8 and len(r["rounds_s"]) == 1 and r["save_s"] > 0
              for r in saves.values())
+
+
+def test_sasa_attention_compares_windowed_and_blocked_steps(capsys):
+  sasa_attention.main(["--blocks=0,4", "--batch=2", "--rounds=1"])
+  out = capsys.readouterr().out
+  records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r["contender"] for r in records] == ["query_block=0", "query_block=4"]
+  assert records[0]["ratio_to_first"] == 1.0 and len(records[0]["rounds"]) == 2  # A, B, A
+  assert records[1]["seconds_per_step"] > 0 and "| query_block=4 |" in out
+  with pytest.raises(ValueError, match="--blocks"):
+    sasa_attention.main(["--blocks=-1"])

@@ -17,7 +17,7 @@ def test_models_have_the_documented_forward_flops():
 
 def test_points_are_the_named_models_on_54k_with_validation():
   s = ac.get_sweep("phase=select")
-  assert len(s.points) == 5 * 2  # five default models (no SASA) x two recipes
+  assert len(s.points) == 6 * 2  # six models x two recipes
   p = next(p for p in s.points if p.name == "axial_resnet_recipe")
   config = sweep.build_config(p)
   assert config.model_name == "Axial-ResNet-S" and config.model.base_width == 3
@@ -38,22 +38,23 @@ def _rows(path, rows):
 
 def test_final_runs_the_recipe_with_the_best_validation_accuracy(tmp_path):
   rows = [dict(name=f"{m}_{r}_recipe", arch=m, lr=lr, wd=wd, eval_split=ac.VAL, accuracy=acc)
-          for m in ac.MODELS if m != "sasa"
+          for m in ac.MODELS if m != "axial"
           for (r, (lr, wd)), acc in zip(ac.RECIPES.items(), (0.8, 0.7) if "vit" in m
                                         else (0.6, 0.9))]
   _rows(tmp_path / "results.csv", rows)
-  s = ac.get_sweep(f"phase=final,select_from={tmp_path}")
-  assert [p.name for p in s.points[:5]] == [f"{m}_seed0" for m in ac.MODELS if m != "sasa"]
+  s = ac.get_sweep(f"phase=final,select_from={tmp_path},models=vit_learn/vit_relbias/vit_rope/"
+                   "resnet/sasa")
+  assert [p.name for p in s.points[:5]] == [f"{m}_seed0" for m in ac.MODELS if m != "axial"]
   assert len(s.points) == 15
   by_name = {p.name: sweep.build_config(p) for p in s.points}
   assert (by_name["vit_rope_seed2"].lr.base, by_name["vit_rope_seed2"].wd) == ac.RECIPES["vit"]
-  assert (by_name["axial_seed1"].lr.base, by_name["axial_seed1"].wd) == ac.RECIPES["resnet"]
-  assert by_name["axial_seed1"].seed == 1 and by_name["axial_seed1"].test_split == "test"
+  assert (by_name["sasa_seed1"].lr.base, by_name["sasa_seed1"].wd) == ac.RECIPES["resnet"]
+  assert by_name["sasa_seed1"].seed == 1 and by_name["sasa_seed1"].test_split == "test"
   with pytest.raises(ValueError, match="phase=final needs select_from=DIR"):
     ac.get_sweep("phase=final")
-  with pytest.raises(ValueError, match="has no finished run of \\['sasa'\\]"):
-    ac.get_sweep(f"phase=final,select_from={tmp_path},models=sasa")
+  with pytest.raises(ValueError, match="has no finished run of \\['axial'\\]"):
+    ac.get_sweep(f"phase=final,select_from={tmp_path}")  # every model by default
   rows[0]["eval_split"] = "test"
   _rows(tmp_path / "results.csv", rows)
   with pytest.raises(ValueError, match="not on the validation split"):
-    ac.get_sweep(f"phase=final,select_from={tmp_path}")
+    ac.get_sweep(f"phase=final,select_from={tmp_path},models=sasa")

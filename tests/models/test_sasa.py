@@ -126,6 +126,40 @@ def test_relative_embeddings_make_logits_depend_on_offsets_only(random_variables
   assert (logits[0, 0, :, :2, :] < -1e8).all() and (logits[0, 0, :, 2:, 2:] > -1e8).all()
 
 
+@pytest.mark.parametrize("window,block,hw", [(3, 3, (9, 9)), (5, 4, (9, 11)), (7, 7, (14, 28)),
+                                             (7, 7, (5, 6)), (3, 7, (28, 28))])
+def test_blocked_attention_computes_the_windowed_attention(window, block, hw):
+  # The layer trains and predicts through the blocked form; the windowed form (its logits are the
+  # sown attention maps) is the definition: the same outputs, image sizes that are and are not
+  # multiples of the block, windows wider than parts of the image.
+  rng = np.random.default_rng(0)
+  heads, d = 2, 4
+  q = jnp.asarray(rng.normal(size=(2, *hw, heads, d)), jnp.float32)
+  key, value = (jnp.asarray(rng.normal(size=(2, *hw, heads * d)), jnp.float32) for _ in "kv")
+  rel_h = jnp.asarray(rng.normal(size=(window, heads, d // 2)), jnp.float32)
+  rel_w = jnp.asarray(rng.normal(size=(window, heads, d - d // 2)), jnp.float32)
+  kw = dict(rel_h=rel_h, rel_w=rel_w, window=window, dtype=jnp.float32)
+  y_windows, _ = sasa._local_attention(q, key, value, **kw)
+  y_blocks = sasa._blocked_local_attention(q, key, value, block=block, **kw)
+  assert y_blocks.shape == y_windows.shape == (2, *hw, heads, d)
+  np.testing.assert_allclose(np.asarray(y_blocks), np.asarray(y_windows), atol=2e-6, rtol=2e-6)
+
+
+def test_the_layer_trains_through_blocks_with_the_windowed_outputs(random_variables):
+  # query_block only chooses the computation: 0 (windowed) and 4 (blocked) share the parameters
+  # and give the same outputs and gradients.
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 9, 10, 8))
+  variables = random_variables(_layer(window=5), x)
+  out = {}
+  for block in (0, 4):
+    layer = sasa.LocalSelfAttention(8, num_heads=2, window=5, query_block=block)
+    loss = lambda v: jnp.sum(layer.apply(v, x)**2)
+    out[block] = jax.jit(jax.value_and_grad(loss))(variables)
+  np.testing.assert_allclose(out[4][0], out[0][0], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(out[4][1]), jax.tree_util.tree_leaves(out[0][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_local_attention_is_translation_equivariant(random_variables):
   layer = _layer(window=3)
   x = jax.random.normal(jax.random.PRNGKey(2), (1, 12, 12, 4))

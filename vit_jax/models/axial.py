@@ -52,7 +52,7 @@ NAMES = ("Axial-ResNet-S", "Axial-ResNet-M", "Axial-ResNet-L", "Axial-ResNet-26-
 AXES = {"height": 1, "width": 2}
 
 
-class AxialAttention(nn.Module):
+class AxialAttention(layers.Module):
   """Position-sensitive multi-head attention along one axis: (B, H, W, C) -> (B, H, W, features).
 
   `axis="height"` attends within each column, `"width"` within each row. With d = features /
@@ -68,8 +68,6 @@ class AxialAttention(nn.Module):
   num_heads: int = 8
   span: int = 56
   bn_axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -96,7 +94,7 @@ class AxialAttention(nn.Module):
       x = jnp.swapaxes(x, 1, 2)  # (B, W, H, C): attend along axis 2
     b, m, l, _ = x.shape
     qkv = nn.Dense(2 * f, use_bias=False, kernel_init=nn.initializers.lecun_normal(),
-                   name="qkv", **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
+                   name="qkv", **self.dense_kw)(x)
     qkv = bn(name="bn_qkv")(qkv).reshape(b, m, l, n, 2 * d)
     q, k, v = qkv[..., :d // 2], qkv[..., d // 2:d], qkv[..., d:]  # (B, M, L, heads, .)
 
@@ -119,7 +117,7 @@ class AxialAttention(nn.Module):
     return jnp.swapaxes(y, 1, 2) if self.axis == "height" else y
 
 
-class AxialBlock(nn.Module):
+class AxialBlock(layers.Module):
   """1x1 conv -> BN -> relu -> height attention -> width attention [-> 2x2/2 average pool] ->
   relu -> 1x1 conv (2x) -> BN (zero-init scale) -> add the (projected) input -> relu."""
   features: int  # attention width; the unit outputs 2 * features
@@ -127,13 +125,11 @@ class AxialBlock(nn.Module):
   num_heads: int = 8
   span: int = 56
   bn_axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv, bn = layers.conv_and_bn(train=train, bn_axis_name=self.bn_axis_name,
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
+                                  **self.kw)
     att = functools.partial(AxialAttention, self.features, num_heads=self.num_heads,
                             span=self.span, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                             param_dtype=self.param_dtype)
@@ -151,7 +147,7 @@ class AxialBlock(nn.Module):
     return nn.relu(residual + y)
 
 
-class AxialResNet(nn.Module):
+class AxialResNet(layers.Module):
   """Conv-stem Axial-ResNet classifier: root, stages of `AxialBlock`, global average pool,
   zero-init `head`. `num_classes=0` returns the pooled features (B, 4 * base_width *
   2**(stages - 1)). CPU-sized variants: e.g. `get_model("Axial-ResNet-S", num_layers=(1, 1, 1),
@@ -164,12 +160,10 @@ class AxialResNet(nn.Module):
   span: int = 56  # the first stage's; halved at every stride
   root: str = "imagenet"  # see layers.BN_ROOTS
   bn_axis_name: Optional[str] = None  # the pmap axis to average BatchNorm statistics over
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(bn_axis_name=self.bn_axis_name, **self.kw)
 
     def stage(s, n):
       # Stage s attends over 2 * base_width * 2**s channels; its first unit (stride 2 after the

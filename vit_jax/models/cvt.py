@@ -52,27 +52,25 @@ DROPPATH = {"13": 0.1, "21": 0.1}  # official configs' last-stage rate; W24's is
 NAMES = tuple(f"CvT-{v}" for v in VARIANTS)
 NAME_RE = re.compile(r"^CvT-(?P<variant>[A-Za-z0-9]+)$")
 
-class ConvProjection(nn.Module):
+class ConvProjection(layers.Module):
   """3x3 depth-wise conv (no bias), then BatchNorm; (B, H, W, C) -> (B, H', W', C)."""
   stride: int
   kernel_size: int = 3
   bn_axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     c, k = x.shape[-1], self.kernel_size
     x = nn.Conv(c, (k, k), strides=(self.stride,) * 2, padding=((k // 2, k // 2),) * 2,
                 feature_group_count=c, use_bias=False, kernel_init=layers.trunc_normal, name="conv",
-                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+                **self.kw)(x)
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         axis_name=self.bn_axis_name, name="bn",
                         dtype=layers.activation_dtype(self.dtype),
                         param_dtype=self.param_dtype)(x)
 
 
-class ConvAttention(nn.Module):
+class ConvAttention(layers.Module):
   """Multi-head attention over convolutional projections; x is (B, [1 +] h*w, C)."""
   num_heads: int
   with_cls: bool = False
@@ -81,16 +79,14 @@ class ConvAttention(nn.Module):
   kernel_size: int = 3
   qkv_bias: bool = True
   bn_axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, h: int, w: int, train: bool):
     b, n, c = x.shape
     if c % self.num_heads:
       raise errors.ConfigError(f"width {c} is not divisible by num_heads={self.num_heads}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
+    kw = self.kw
+    dkw = self.dense_kw
     cls, x = (x[:, :1], x[:, 1:]) if self.with_cls else (None, x)
     grid = x.reshape(b, h, w, c)
     qkv = {}
@@ -109,7 +105,7 @@ class ConvAttention(nn.Module):
     return nn.DenseGeneral(c, axis=(-2, -1), kernel_init=layers.trunc_normal, name="out", **dkw)(y)
 
 
-class CvTBlock(nn.Module):
+class CvTBlock(layers.Module):
   """x + DropPath(ConvAttention(LN(x))), then x + DropPath(MLP(LN(x)))."""
   num_heads: int
   mlp_ratio: float = 4.0
@@ -118,12 +114,10 @@ class CvTBlock(nn.Module):
   dropout_rate: float = 0.0
   droppath_rate: float = 0.0
   bn_axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, h: int, w: int, train: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     attention = ConvAttention(self.num_heads, with_cls=self.with_cls, qkv_bias=self.qkv_bias,
                               bn_axis_name=self.bn_axis_name, name="attn", **kw)
     mlp = layers.MlpBlock(int(x.shape[-1] * self.mlp_ratio), dropout_rate=self.dropout_rate,
@@ -135,26 +129,24 @@ class CvTBlock(nn.Module):
         deterministic=not train, **kw)
 
 
-class ConvEmbed(nn.Module):
+class ConvEmbed(layers.Module):
   """Convolutional token embedding: a strided, padded conv, then LayerNorm (B, H', W', C)."""
   features: int
   patch_size: int
   stride: int
   padding: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
+    kw = self.kw
+    nkw = self.norm_kw
     k, p = self.patch_size, self.padding
     x = nn.Conv(self.features, (k, k), strides=(self.stride,) * 2, padding=((p, p), (p, p)),
                 kernel_init=layers.trunc_normal, name="proj", **kw)(x)
     return nn.LayerNorm(epsilon=1e-5, name="norm", **nkw)(x)
 
 
-class CvTStage(nn.Module):
+class CvTStage(layers.Module):
   """Token embedding, [cls token], `depth` blocks; (B, H, W, Cin) -> (B, [1 +] h*w, C), h, w."""
   features: int
   depth: int
@@ -168,12 +160,10 @@ class CvTStage(nn.Module):
   qkv_bias: bool = True
   dropout_rate: float = 0.0
   bn_axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     in_h, in_w = x.shape[1:3]
     x = ConvEmbed(self.features, self.patch_size, self.stride, self.padding, name="embed",
                   **kw)(x)
@@ -194,7 +184,7 @@ class CvTStage(nn.Module):
     return x, h, w
 
 
-class ConvolutionalVisionTransformer(nn.Module):
+class ConvolutionalVisionTransformer(layers.Module):
   """CvT classifier (see the module docstring). `num_classes=0` returns the normalised cls token."""
   num_classes: int = 1000
   embed_dims: Sequence[int] = (64, 192, 384)
@@ -208,8 +198,6 @@ class ConvolutionalVisionTransformer(nn.Module):
   dropout_rate: float = 0.0
   droppath_rate: float = 0.0  # the last stage's; earlier stages have none (official configs)
   bn_axis_name: Optional[str] = None  # the pmap axis to average BatchNorm statistics over
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -224,7 +212,7 @@ class ConvolutionalVisionTransformer(nn.Module):
       raise errors.ConfigError(
           f"per-stage settings must all have {n_stages} entries (len(depths)); "
           f"got {bad}.")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     x = images.astype(layers.activation_dtype(self.dtype))
     for i in range(n_stages):
       last = i == n_stages - 1

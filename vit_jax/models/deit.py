@@ -55,8 +55,8 @@ class DeiT(vit.VisionTransformer):
       raise errors.ConfigError(
           "A distilled DeiT has no representation layer: set representation_size="
           "None.")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
+    kw = self.kw
+    dkw = self.dense_kw
     init = vit.inits(self.init_style)
     x = layers.PatchEmbed(self.hidden_size, tuple(self.patch_size), name="embedding", **kw)(
         images.astype(layers.activation_dtype(self.dtype)))

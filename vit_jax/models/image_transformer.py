@@ -127,13 +127,11 @@ def memory_blocks(x, kind: str, height: int, width: int, *, block_length: int = 
                     for r in range(0, height, qh) for c in range(0, width, qw)], axis=1)
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(layers.Module):
   """Pre-LN block: masked attention of each query block over its memory, then an MLP."""
   num_heads: int
   mlp_dim: int
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, memory_fn, bias, *, deterministic: bool):
@@ -159,7 +157,7 @@ class DecoderBlock(nn.Module):
                                  param_dtype=self.param_dtype)
 
 
-class ImageTransformer(nn.Module):
+class ImageTransformer(layers.Module):
   """Autoregressive model of image intensities (see the module docstring)."""
   num_classes: int = 0  # class-conditional generation is not implemented: 0 (set by the task)
   attention: str = "local_2d"
@@ -172,8 +170,6 @@ class ImageTransformer(nn.Module):
   memory_length: int = 128  # local_1d: positions before the block it also sees
   query_shape: Tuple[int, int] = (8, 16)  # local_2d: rows, columns (times channels)
   memory_flange: Tuple[int, int] = (8, 16)  # local_2d: rows above, columns to either side
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   def _plan_kwargs(self):
     return dict(block_length=self.block_length, memory_length=self.memory_length,
@@ -212,8 +208,8 @@ class ImageTransformer(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     bias = jnp.where(jnp.asarray(mask), 0.0, -1e9).astype(jnp.float32)
     for i in range(self.num_layers):
-      x = DecoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate, self.dtype,
-                       self.param_dtype, name=f"block_{i}")(
+      x = DecoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate, name=f"block_{i}",
+                       **self.kw)(
           x, memory_fn, bias, deterministic=not train)
     x = nn.LayerNorm(epsilon=1e-6, name="norm", param_dtype=self.param_dtype)(x)
     # Zero-initialised: training starts from the uniform model, exactly 8 bits per dimension.

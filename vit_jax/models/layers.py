@@ -10,6 +10,7 @@ import re
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
+from flax.linen import kw_only_dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,6 +208,28 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       precision=precision, preferred_element_type=preferred_element_type)
 
 
+class Module(nn.Module):
+  """A flax module under the precision policy above: `dtype` (computation: bfloat16 means mixed
+  precision) and `param_dtype`, both keyword-only and last in the constructor, so a family's own
+  fields keep their positions; `self.kw` for layers that take both as given, `self.norm_kw` for
+  norms, convolutions and inputs (`activation_dtype`), `self.dense_kw` for nn.Dense /
+  nn.DenseGeneral (`dense_kwargs`)."""
+  dtype: Dtype = kw_only_dataclasses.field(default=jnp.float32, kw_only=True)
+  param_dtype: Dtype = kw_only_dataclasses.field(default=jnp.float32, kw_only=True)
+
+  @property
+  def kw(self) -> dict:
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+  @property
+  def norm_kw(self) -> dict:
+    return dict(dtype=activation_dtype(self.dtype), param_dtype=self.param_dtype)
+
+  @property
+  def dense_kw(self) -> dict:
+    return dense_kwargs(self.dtype, self.param_dtype)
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per example with probability `rate`.
 
@@ -249,14 +272,12 @@ def pre_norm_block(x, attention: Callable, mlp: Callable, *, epsilon: float, dro
   return x + DropPath(droppath_rate)(y, deterministic)
 
 
-class MlpBlock(nn.Module):
+class MlpBlock(Module):
   """Dense -> GELU -> dropout -> Dense -> dropout."""
   mlp_dim: int
   out_dim: Optional[int] = None
   dropout_rate: float = 0.0
   approximate_gelu: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.normal(stddev=1e-6)
 
@@ -264,7 +285,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x, *, deterministic: bool):
     out_dim = self.out_dim or x.shape[-1]
     dense = lambda n, name: nn.Dense(n, kernel_init=self.kernel_init, bias_init=self.bias_init,
-                                     name=name, **dense_kwargs(self.dtype, self.param_dtype))
+                                     name=name, **self.dense_kw)
     x = dense(self.mlp_dim, "Dense_0")(x)
     x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -272,7 +293,7 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
-class Attention(nn.Module):
+class Attention(Module):
   """Multi-head dot-product attention with the published parameter layout.
 
   Without attention dropout and without anyone asking for the weights, it calls the fused
@@ -283,8 +304,6 @@ class Attention(nn.Module):
   num_heads: int
   qkv_bias: bool = True
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.zeros
 
@@ -302,7 +321,7 @@ class Attention(nn.Module):
     head_dim = d_model // self.num_heads
     proj = lambda name, use_bias: nn.DenseGeneral(
         (self.num_heads, head_dim), use_bias=use_bias, kernel_init=self.kernel_init,
-        bias_init=self.bias_init, name=name, **dense_kwargs(self.dtype, self.param_dtype))
+        bias_init=self.bias_init, name=name, **self.dense_kw)
     q = proj("query", self.qkv_bias)(x)  # (B, N, H, d)
     k = proj("key", self.qkv_bias)(kv)
     v = proj("value", self.qkv_bias)(kv)
@@ -326,10 +345,10 @@ class Attention(nn.Module):
           q, k, v, bias=None if bias is None else bias.astype(q.dtype))
     return nn.DenseGeneral(d_model, axis=(-2, -1), kernel_init=self.kernel_init,
                            bias_init=self.bias_init, name="out",
-                           **dense_kwargs(self.dtype, self.param_dtype))(y)
+                           **self.dense_kw)(y)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(Module):
   """Non-overlapping patches -> linear projection; the same parameters as
   `nn.Conv(features, patch, strides=patch, padding="VALID")` (kernel (P, P, C, D), bias (D,)),
   computed as a reshape and one matmul, which is cheaper on CPU than a strided convolution and
@@ -337,8 +356,6 @@ class PatchEmbed(nn.Module):
   patch are dropped, as VALID padding does."""
   features: int
   patch_size: Tuple[int, int]
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.lecun_normal()
 
   @nn.compact
@@ -417,12 +434,10 @@ def rope_2d_axial(q, k, *, grid: Tuple[int, int], num_prefix_tokens: int = 0,
   return rotate(q), rotate(k)
 
 
-class MAPHead(nn.Module):
+class MAPHead(Module):
   """Multi-head attention pooling: a learned probe attends over the tokens (big_vision)."""
   num_heads: int
   mlp_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -620,6 +635,13 @@ def relative_index(query_pos, key_pos, max_distance: int) -> np.ndarray:
   return offsets + max_distance
 
 
+def check_window(window: int):
+  """A local attention window is centred on its pixel: a positive odd size."""
+  if window < 1 or window % 2 == 0:
+    raise errors.ConfigError(f"window={window}: a local window must be a positive odd size "
+                             "(centred on its pixel), e.g. 7.")
+
+
 def local_windows(x, window: int):
   """The window x window neighbourhood of every pixel, centred on it, as window**2 shifted copies
   of `x`: ([x shifted by offset (a - r, b - r) for a, b in range(window)], valid) with r =
@@ -630,9 +652,7 @@ def local_windows(x, window: int):
   Shifted copies rather than one (B, H, W, window, window, C) stack: a consumer that reduces each
   copy at once (a dot product per offset) lets XLA fuse the slice into it, and never holds
   window**2 copies of the feature map (7x7 windows: 49x its memory)."""
-  if window < 1 or window % 2 == 0:
-    raise errors.ConfigError(f"window={window}: a local window must be a positive odd size "
-                             "(centred on its pixel), e.g. 7.")
+  check_window(window)
   r = window // 2
   _, h, w, _ = x.shape
   xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))

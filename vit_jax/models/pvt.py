@@ -80,7 +80,7 @@ def adaptive_avg_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
   return m
 
 
-class SpatialReductionAttention(nn.Module):
+class SpatialReductionAttention(layers.Module):
   """layers.Attention whose keys/values come from a reduced map; shares its scope with it, so
   `query`/`key`/`value`/`out` and `sr`/`sr_norm` are siblings under `attn/`."""
   num_heads: int
@@ -89,8 +89,6 @@ class SpatialReductionAttention(nn.Module):
   qkv_bias: bool = True
   layernorm_eps: float = 1e-6
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   def setup(self):
     self.attention = layers.Attention(
@@ -103,8 +101,8 @@ class SpatialReductionAttention(nn.Module):
   def __call__(self, x, h: int, w: int, *, deterministic: bool):
     """x: (B, [1 +] h*w, C); a leading cls token (v1's last stage) needs sr_ratio = 1."""
     b, n, c = x.shape
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
+    kw = self.kw
+    nkw = self.norm_kw
     if not self.linear and self.sr_ratio == 1:
       return self.attention(x, deterministic=deterministic)
     if n != h * w:
@@ -131,18 +129,16 @@ class SpatialReductionAttention(nn.Module):
     return self.attention(x, kv, deterministic=deterministic)
 
 
-class ConvMlp(nn.Module):
+class ConvMlp(layers.Module):
   """PVT v2's MLP: Dense -> [ReLU, linear variant] -> 3x3 depth-wise conv -> GELU -> Dense."""
   mlp_dim: int
   linear: bool = False
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, h: int, w: int, *, deterministic: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
+    kw = self.kw
+    dkw = self.dense_kw
     b, _, c = x.shape
     y = nn.Dense(self.mlp_dim, kernel_init=layers.trunc_normal, name="Dense_0", **dkw)(x)
     if self.linear:
@@ -156,7 +152,7 @@ class ConvMlp(nn.Module):
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
-class PVTBlock(nn.Module):
+class PVTBlock(layers.Module):
   """x + DropPath(SRA(LN(x))), then x + DropPath(MLP(LN(x))); x is (B, [1 +] h*w, C)."""
   num_heads: int
   mlp_ratio: float
@@ -168,12 +164,10 @@ class PVTBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, h: int, w: int, deterministic: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     attention = SpatialReductionAttention(
         self.num_heads, self.sr_ratio, linear=self.linear, qkv_bias=self.qkv_bias,
         layernorm_eps=self.layernorm_eps, dropout_rate=self.attention_dropout_rate, name="attn",
@@ -193,20 +187,18 @@ class PVTBlock(nn.Module):
         droppath_rate=self.droppath_rate, deterministic=deterministic, **kw)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(layers.Module):
   """Strided conv (v1: VALID, kernel = stride; v2: padding kernel // 2), then LayerNorm."""
   features: int
   patch_size: int
   stride: int
   overlap: bool
   layernorm_eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
+    kw = self.kw
+    nkw = self.norm_kw
     k = self.patch_size
     if self.overlap:
       x = nn.Conv(self.features, (k, k), strides=(self.stride,) * 2,
@@ -220,7 +212,7 @@ class PatchEmbed(nn.Module):
     return nn.LayerNorm(epsilon=self.layernorm_eps, name="norm", **nkw)(x)  # (B, H', W', C)
 
 
-class PVTStage(nn.Module):
+class PVTStage(layers.Module):
   """Patch embedding, [v1: cls token and position embedding], `depth` blocks, [v2: LayerNorm].
   Returns (tokens (B, [1 +] h*w, C), h, w)."""
   features: int
@@ -238,13 +230,11 @@ class PVTStage(nn.Module):
   layernorm_eps: float = 1e-6
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
+    kw = self.kw
+    nkw = self.norm_kw
     v1, c = self.version == 1, self.features
     in_h, in_w = x.shape[1:3]
     x = PatchEmbed(c, self.patch_size, self.stride, overlap=not v1,
@@ -273,7 +263,7 @@ class PVTStage(nn.Module):
     return x, h, w
 
 
-class PyramidVisionTransformer(nn.Module):
+class PyramidVisionTransformer(layers.Module):
   """PVT v1 or v2 classifier (see the module docstring). `num_classes=0` returns the pooled
   features (v1: the normalised cls token; v2: the mean of the last stage's tokens)."""
   num_classes: int = 1000
@@ -291,8 +281,6 @@ class PyramidVisionTransformer(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -312,7 +300,7 @@ class PyramidVisionTransformer(nn.Module):
           f"got {bad}.")
     if self.linear_attention and self.version == 1:
       raise errors.ConfigError("linear_attention is a PVT v2 option; set version=2.")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     v1 = self.version == 1
     rates = np.linspace(0.0, self.droppath_rate, sum(self.depths)).tolist()
     x = images.astype(layers.activation_dtype(self.dtype))

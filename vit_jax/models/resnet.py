@@ -71,7 +71,7 @@ def weight_standardize(w, *, eps: float, eps_in_sqrt: bool = False):
   return w / (jnp.sqrt(var + eps) if eps_in_sqrt else jnp.sqrt(var) + eps)
 
 
-class StdConv(nn.Module):
+class StdConv(layers.Module):
   """2D convolution without bias whose stored raw `kernel` is weight-standardised before use."""
   features: int
   kernel_size: Tuple[int, int]
@@ -79,8 +79,6 @@ class StdConv(nn.Module):
   padding: Any = "SAME"  # "SAME", "VALID" or ((top, bottom), (left, right))
   eps: float = 1e-5
   eps_in_sqrt: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -92,7 +90,7 @@ class StdConv(nn.Module):
         padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-class NonLocalBlock(nn.Module):
+class NonLocalBlock(layers.Module):
   """Embedded-Gaussian non-local block (Wang et al. 2018): z = x + GN(W_z y), where
   y_i = sum_j softmax_j(theta(x_i) . phi(x_j) / sqrt(C/2)) g(x_j) over every position j of the
   feature map. theta, phi, g: 1x1 convolutions (with bias) to C/2 channels; W_z (`out`): 1x1 back
@@ -101,15 +99,13 @@ class NonLocalBlock(nn.Module):
   is the official code's default (video-nonlocal-net, `USE_SCALE`); its optional max-pool
   subsampling of phi and g is not done here. Parameters: 2C^2 + 4.5C."""
   gn_groups: int = 32
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     inner = c // 2
     dense = lambda n, name: nn.Dense(n, name=name,
-                                     **layers.dense_kwargs(self.dtype, self.param_dtype))
+                                     **self.dense_kw)
     flat = x.reshape(b, h * w, c)
     theta, phi, g = (dense(inner, name)(flat) for name in ("theta", "phi", "g"))  # (B, N, C/2)
     logits = layers.einsum("bic,bjc->bij", theta, phi, self.dtype) / jnp.sqrt(inner)
@@ -152,7 +148,7 @@ def relative_logits_2d(q, rel_height, rel_width):
   return logits.reshape(b, n, h * w, h * w)
 
 
-class AttentionAugmentation(nn.Module):
+class AttentionAugmentation(layers.Module):
   """The self-attention half of an attention-augmented convolution (Bello et al. 2019):
   (B, H, W, C_in) -> (B, H', W', d_v). One 1x1 projection `qkv` to 2 d_k + d_v channels, heads
   of d_k/heads and d_v/heads channels, logits q.k/sqrt(d_k/heads) plus `relative_logits_2d`
@@ -165,8 +161,6 @@ class AttentionAugmentation(nn.Module):
   value_depth: int
   num_heads: int
   strides: Tuple[int, int] = (1, 1)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -176,7 +170,7 @@ class AttentionAugmentation(nn.Module):
     nh, dk, dv = self.num_heads, self.key_depth, self.value_depth
     dkh = dk // nh
     qkv = nn.Dense(2 * dk + dv, use_bias=False, name="qkv",
-                   **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
+                   **self.dense_kw)(x)
     q, k, v = jnp.split(qkv, [dk, 2 * dk], axis=-1)
     heads = lambda t: jnp.moveaxis(t.reshape(b, h, w, nh, -1), 3, 1)  # (B, heads, H, W, d)
     q, k, v = heads(q) * dkh ** -0.5, heads(k), heads(v)
@@ -191,7 +185,7 @@ class AttentionAugmentation(nn.Module):
     y = layers.einsum("bnij,bnjd->bnid", weights, flat(v), self.dtype)  # (B, heads, N, dv/heads)
     y = jnp.moveaxis(y, 1, 2).reshape(b, h, w, dv)
     return nn.Dense(dv, use_bias=False, name="out",
-                    **layers.dense_kwargs(self.dtype, self.param_dtype))(y)
+                    **self.dense_kw)(y)
 
 
 def _conv2(x, conv, features: int, strides, aa, dtype, param_dtype, **conv_kwargs):
@@ -206,19 +200,17 @@ def _conv2(x, conv, features: int, strides, aa, dtype, param_dtype, **conv_kwarg
   return jnp.concatenate([y, a.astype(y.dtype)], axis=-1)
 
 
-class BottleneckUnit(nn.Module):
+class BottleneckUnit(layers.Module):
   """Post-activation bottleneck: 1x1 -> GN -> relu -> 3x3 (stride) -> GN -> relu -> 1x1 (4x) ->
   GN (zero-init scale) -> add the (projected) input -> relu."""
   features: int  # channels of the 1x1 and 3x3 convs; the unit outputs 4 * features
   strides: Tuple[int, int] = (1, 1)
   gn_groups: int = 32
   aa: Optional[Tuple[float, float, int]] = None  # augment conv2: (key, value fractions, heads)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     conv = functools.partial(StdConv, **kw)
     gn = functools.partial(nn.GroupNorm, num_groups=self.gn_groups, epsilon=1e-6, **kw)
     out = 4 * self.features
@@ -237,19 +229,17 @@ class BottleneckUnit(nn.Module):
     return nn.relu(residual + y)
 
 
-class PreActBottleneckUnit(nn.Module):
+class PreActBottleneckUnit(layers.Module):
   """Pre-activation (ResNet-v2) bottleneck: GN -> relu -> [conv_proj for the shortcut] -> 1x1 ->
   GN -> relu -> 3x3 (stride) -> GN -> relu -> 1x1 (4x) -> add. No norm after the addition."""
   features: int
   strides: Tuple[int, int] = (1, 1)
   gn_groups: int = 32
   aa: Optional[Tuple[float, float, int]] = None  # augment conv2: (key, value fractions, heads)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     conv = functools.partial(StdConv, eps=1e-10, eps_in_sqrt=True, **kw)
     gn = functools.partial(nn.GroupNorm, num_groups=self.gn_groups, epsilon=1e-5,
                            use_fast_variance=False, **kw)
@@ -269,7 +259,7 @@ class PreActBottleneckUnit(nn.Module):
     return residual + y
 
 
-class ResNetStage(nn.Module):
+class ResNetStage(layers.Module):
   """`num_units` bottleneck units `unit1`, `unit2`, ...; the first carries `first_stride`. A
   non-local block `nonlocal{u}` follows each unit u of `nonlocal_after`; `aa` augments every
   unit's 3x3 convolution."""
@@ -280,8 +270,6 @@ class ResNetStage(nn.Module):
   gn_groups: int = 32
   nonlocal_after: Tuple[int, ...] = ()
   aa: Optional[Tuple[float, float, int]] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -389,7 +377,7 @@ def stem(x, *, num_layers: Sequence[int], width_factor: float = 1, base_width: i
                    preact=False, dtype=dtype, param_dtype=param_dtype)
 
 
-class ResNet(nn.Module):
+class ResNet(layers.Module):
   """BiT ResNet classifier: root, stages, global average pool, zero-init `head`.
 
   `preact=True` is the BiT paper's ResNet-v2 (names `BiT-R50x1`, ...); `preact=False` uses the
@@ -419,13 +407,11 @@ class ResNet(nn.Module):
   aa_value_fraction: float = 0.1
   aa_heads: int = 8
   head_bias_init: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     del train  # No batch statistics and no dropout: train and eval are the same function.
-    kw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
+    kw = self.norm_kw
     width = int(self.base_width * self.width_factor)
     num_layers = _check(self.num_layers, width, self.root, self.gn_groups)
     _check_attention(num_layers, self.nonlocal_units, self.aa_stages, self.aa_key_fraction,
@@ -445,7 +431,7 @@ class ResNet(nn.Module):
       return x
     x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                  bias_init=nn.initializers.constant(self.head_bias_init), name="head",
-                 **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
+                 **self.dense_kw)(x)
     return x.astype(jnp.float32)
 
 

@@ -42,7 +42,7 @@ NAME_RE = re.compile(r"^SASA-ResNet-(?P<variant>\d+)$")
 NAMES = tuple(f"SASA-ResNet-{d}" for d in DEPTHS)
 
 
-class LocalSelfAttention(nn.Module):
+class LocalSelfAttention(layers.Module):
   """Multi-head self-attention of every pixel over its window x window neighbourhood, with
   relative row and column embeddings. (B, H, W, C) -> (B, H, W, features).
 
@@ -55,8 +55,10 @@ class LocalSelfAttention(nn.Module):
   features: int
   num_heads: int = 8
   window: int = 7
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  # Queries per block side in the computation (`_blocked_local_attention`; 0: the windowed form,
+  # window**2 shifted products, slower to train: benchmarks/sasa_attention.py). Changes no
+  # parameter and no output beyond float rounding.
+  query_block: int = 4
 
   @nn.compact
   def __call__(self, x):
@@ -68,11 +70,15 @@ class LocalSelfAttention(nn.Module):
       raise errors.ConfigError(
           f"attention width {self.features} over num_heads={self.num_heads} leaves {d} channel "
           "per head; the row and column embeddings need at least 2 (fewer heads or wider).")
+    layers.check_window(self.window)
+    if self.query_block < 0:
+      raise errors.ConfigError(f"query_block={self.query_block}: the side of the query blocks "
+                               "the attention is computed by, >= 1 (0: by shifted windows).")
     b, h, w, _ = x.shape
     k = self.window
     dense = lambda name: nn.Dense(self.features, use_bias=False, name=name,
                                   kernel_init=nn.initializers.lecun_normal(),
-                                  **layers.dense_kwargs(self.dtype, self.param_dtype))
+                                  **self.dense_kw)
     heads = lambda t: t.reshape(*t.shape[:-1], self.num_heads, d)
     q = heads(dense("query")(x)) * d**-0.5  # (B, H, W, heads, d)
     key, value = dense("key")(x), dense("value")(x)  # (B, H, W, F)
@@ -89,12 +95,19 @@ class LocalSelfAttention(nn.Module):
       y, logits = attend(q, key, value)
       self.sow("intermediates", "attention_logits", logits)
     else:
-      # The logits and weights take B*H*W*heads*k*k floats (a 1000-image Fashion-MNIST eval
-      # batch: 7 GB of temporaries at once): images go through in chunks of about 2**24 of them,
-      # and the gradient recomputes a chunk's window products rather than keeping k*k shifted
-      # copies of its keys and values (a 128-image training step: 4.3 GB of temporaries without).
-      chunk = max(1, min(b, 2**24 // (h * w * self.num_heads * k * k)))
-      one = jax.checkpoint(lambda q, key, value: attend(q[None], key[None], value[None])[0][0])
+      # Blocks of `query_block`**2 queries attend to their (query_block + k - 1)**2 halo with the
+      # window masked in (`_blocked_local_attention`): batched matmuls instead of k*k shifted
+      # products. The logits take B*H*W*heads*(block + k - 1)**2 floats: images go through in
+      # chunks of about 2**24 of them, and the gradient recomputes a chunk rather than keeping it.
+      if self.query_block:
+        halo = (self.query_block + k - 1)**2
+        attend = functools.partial(_blocked_local_attention, rel_h=rel_h, rel_w=rel_w, window=k,
+                                   block=self.query_block, dtype=self.dtype)
+      else:
+        halo, windowed = k * k, attend
+        attend = lambda *a: windowed(*a)[0]
+      chunk = max(1, min(b, 2**24 // (h * w * self.num_heads * halo)))
+      one = jax.checkpoint(lambda q, key, value: attend(q[None], key[None], value[None])[0])
       y = jax.lax.map(lambda t: one(*t), (q, key, value), batch_size=chunk)
     return y.reshape(b, h, w, self.features)
 
@@ -121,29 +134,77 @@ def _local_attention(q, key, value, *, rel_h, rel_w, window: int, dtype):
   return y, logits
 
 
-class SASABottleneck(nn.Module):
+def _blocked_local_attention(q, key, value, *, rel_h, rel_w, window: int, block: int, dtype):
+  """What `_local_attention` computes (its y, not its logits), computed by blocks: the queries in
+  each `block` x `block` tile attend to the tile's halo (the tile grown by window // 2 on every
+  side, L = block + window - 1 pixels a side) through batched matmuls, with a static mask keeping
+  each query's own window of in-image pixels; the row and column embeddings reach the halo
+  through per-tile tables of offsets. About (L / window)**2 times the logits of the windowed form
+  (block 7, window 7: 3.4x), but dense matmuls on contiguous tiles instead of window**2 shifted
+  copies of the keys and values. (B, H, W, heads, d) queries -> (B, H, W, heads, d)."""
+  b, h, w, n, d = q.shape
+  k, dh, r, s = window, d // 2, window // 2, block
+  big = s + k - 1  # L
+  nh, nw = -(-h // s), -(-w // s)  # tiles down and across; the last ones padded
+  heads = lambda t: t.reshape(*t.shape[:-1], n, d)
+  qt = jnp.pad(q, ((0, 0), (0, nh * s - h), (0, nw * s - w), (0, 0), (0, 0)))
+  qt = qt.reshape(b, nh, s, nw, s, n, d).transpose(0, 1, 3, 2, 4, 5, 6)  # (B, P, Q, s, s, n, d)
+
+  def halos(t):  # (B, H, W, F) -> (B, P, Q, L*L, n, d): every tile's halo
+    t = jnp.pad(heads(t), ((0, 0), (r, r + nh * s - h), (r, r + nw * s - w), (0, 0), (0, 0)))
+    rows = jnp.stack([t[:, p * s:p * s + big] for p in range(nh)], axis=1)  # (B, P, L, W', n, d)
+    tiles = jnp.stack([rows[:, :, :, c * s:c * s + big] for c in range(nw)], axis=2)
+    return tiles.reshape(b, nh, nw, big * big, n, d)
+
+  keys, values = halos(key), halos(value)
+  ein = lambda spec, a, c: layers.einsum(spec, a, c, dtype)
+  content = ein("zpqsnd,zpqtnd->zpqnst", qt.reshape(b, nh, nw, s * s, n, d), keys)
+  # Offset of halo row u from query row i is u - i (0 .. k-1 inside the window): the table row.
+  offset = np.clip(np.arange(big)[None, :] - np.arange(s)[:, None], 0, k - 1)  # (s, L)
+  by_row = ein("zpqijnd,iund->zpqniju", qt[..., :dh], rel_h[offset])  # (B, P, Q, n, s, s, L)
+  by_col = ein("zpqijnd,jvnd->zpqnijv", qt[..., dh:], rel_w[offset])
+  logits = (content.reshape(b, nh, nw, n, s, s, big, big) + by_row[..., :, None]
+            + by_col[..., None, :])
+  # Key (u, v) of tile (p, c) is pixel (p*s + u - r, c*s + v - r): in the window of query (i, j)
+  # when 0 <= u - i < k and 0 <= v - j < k, and in the image.
+  inside = lambda start, size: (start >= 0) & (start < size)
+  win = (np.arange(big)[None, :] - np.arange(s)[:, None] >= 0) & (
+      np.arange(big)[None, :] - np.arange(s)[:, None] < k)  # (s, L)
+  rows_in = inside(np.arange(nh)[:, None] * s + np.arange(big)[None, :] - r, h)  # (P, L)
+  cols_in = inside(np.arange(nw)[:, None] * s + np.arange(big)[None, :] - r, w)  # (Q, L)
+  valid = (win[None, None, None, :, None, :, None] & win[None, None, None, None, :, None, :]
+           & rows_in[:, None, None, None, None, :, None]
+           & cols_in[None, :, None, None, None, None, :])  # (P, Q, 1, s, s, L, L)
+  logits = jnp.where(valid[None], logits.astype(jnp.float32), -1e9)
+  weights = jax.nn.softmax(logits.reshape(b, nh, nw, n, s * s, big * big), axis=-1)
+  weights = weights.astype(layers.activation_dtype(dtype))
+  y = jnp.einsum("zpqnst,zpqtnd->zpqsnd", weights, values.astype(weights.dtype))
+  y = y.reshape(b, nh, nw, s, s, n, d).transpose(0, 1, 3, 2, 4, 5, 6)
+  return y.reshape(b, nh * s, nw * s, n, d)[:, :h, :w]
+
+
+class SASABottleneck(layers.Module):
   """1x1 conv -> BN -> relu -> local attention [-> 2x2/2 average pool] -> BN -> relu -> 1x1 conv
   (4x) -> BN (zero-init scale) -> add the (projected) input -> relu."""
   features: int  # attention width; the unit outputs 4 * features
   stride: int = 1
   num_heads: int = 8
   window: int = 7
+  query_block: int = 4  # see LocalSelfAttention
   bn_axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv, bn = layers.conv_and_bn(train=train, bn_axis_name=self.bn_axis_name,
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
+                                  **self.kw)
     out = 4 * self.features
     residual = x
     if x.shape[-1] != out or self.stride != 1:
       residual = conv(out, (1, 1), strides=self.stride, name="conv_proj")(x)
       residual = bn(name="bn_proj")(residual)
     y = nn.relu(bn(name="bn1")(conv(self.features, (1, 1), name="conv1")(x)))
-    y = LocalSelfAttention(self.features, self.num_heads, self.window, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="attention")(y)
+    y = LocalSelfAttention(self.features, self.num_heads, self.window, self.query_block,
+                           name="attention", **self.kw)(y)
     if self.stride != 1:
       y = nn.avg_pool(y, (self.stride, self.stride), strides=(self.stride, self.stride))
     y = nn.relu(bn(name="bn2")(y))
@@ -151,7 +212,7 @@ class SASABottleneck(nn.Module):
     return nn.relu(residual + y)
 
 
-class SASAResNet(nn.Module):
+class SASAResNet(layers.Module):
   """Conv-stem stand-alone self-attention ResNet: root, stages of `SASABottleneck`, global
   average pool, zero-init `head`. `num_classes=0` returns the pooled features (B, 4 * base_width *
   2**(stages - 1)). CPU-sized variants: e.g. `get_model("SASA-ResNet-26", num_layers=(1, 1, 1),
@@ -162,19 +223,19 @@ class SASAResNet(nn.Module):
   base_width: int = 64
   num_heads: int = 8
   window: int = 7
+  query_block: int = 4  # see LocalSelfAttention
   root: str = "imagenet"  # see layers.BN_ROOTS
   bn_axis_name: Optional[str] = None  # the pmap axis to average BatchNorm statistics over
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(bn_axis_name=self.bn_axis_name, **self.kw)
 
     def stage(s, n):  # stage s: width base_width * 2**s, stride 2 after the first
       unit = lambda u: functools.partial(SASABottleneck, self.base_width * 2**s,
                                          stride=2 if s and not u else 1,
-                                         num_heads=self.num_heads, window=self.window, **kw)
+                                         num_heads=self.num_heads, window=self.window,
+                                         query_block=self.query_block, **kw)
       return layers.UnitStage(n, unit, name=f"block{s + 1}")
     return layers.bn_resnet_classifier(images, family="SASA-ResNet", num_layers=self.num_layers,
                                        base_width=self.base_width, root=self.root,

@@ -118,7 +118,7 @@ def stage_windows(img_size: Tuple[int, int], patch_size: int, num_stages: int,
 
 
 # ------------------------------------------------------------------ modules.
-class WindowAttention(nn.Module):
+class WindowAttention(layers.Module):
   """layers.Attention on windows plus the relative position bias (and the shift mask).
 
   Shares its scope with the inner Attention, so `query`/`key`/`value`/`out` and
@@ -127,8 +127,6 @@ class WindowAttention(nn.Module):
   num_heads: int
   window_size: int
   dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   def setup(self):
     self.attention = layers.Attention(
@@ -152,7 +150,7 @@ class WindowAttention(nn.Module):
     return self.attention(x, bias=bias, deterministic=deterministic)
 
 
-class SwinBlock(nn.Module):
+class SwinBlock(layers.Module):
   """x + DropPath(W-MSA(LN(x))), then x + DropPath(MLP(LN(x))); x is (B, H, W, C)."""
   num_heads: int
   window_size: int
@@ -161,17 +159,15 @@ class SwinBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     _, h, w, c = x.shape
     win = self.window_size
     shift = win // 2 if self.shifted and min(h, w) > win else 0
 
-    ln_kw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
+    ln_kw = self.norm_kw
     y = nn.LayerNorm(epsilon=1e-5, name="norm1", **ln_kw)(x)
     pad_h, pad_w = -h % win, -w % win
     y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
@@ -197,10 +193,8 @@ class SwinBlock(nn.Module):
     return x + layers.DropPath(self.droppath_rate)(y, deterministic)
 
 
-class PatchMerging(nn.Module):
+class PatchMerging(layers.Module):
   """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C): merge 2x2 neighbours, LN(4C), Dense(2C)."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -209,20 +203,18 @@ class PatchMerging(nn.Module):
     x = nn.LayerNorm(epsilon=1e-5, name="norm", dtype=layers.activation_dtype(self.dtype),
                      param_dtype=self.param_dtype)(x)
     return nn.Dense(2 * c, use_bias=False, kernel_init=layers.trunc_normal, name="reduction",
-                    **layers.dense_kwargs(self.dtype, self.param_dtype))(x)
+                    **self.dense_kw)(x)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(layers.Module):
   """Non-overlapping patch x patch conv, then LayerNorm; pads images to a multiple of the patch."""
   patch_size: int
   embed_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     # The patch convolution stays float32 under mixed precision, as resnet.py's convolutions.
-    kw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
+    kw = self.norm_kw
     p = self.patch_size
     _, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (0, -h % p), (0, -w % p), (0, 0)))
@@ -231,7 +223,7 @@ class PatchEmbed(nn.Module):
     return nn.LayerNorm(epsilon=1e-5, name="norm", **kw)(x)  # (B, H/p, W/p, C)
 
 
-class SwinStage(nn.Module):
+class SwinStage(layers.Module):
   """`depth` blocks (odd ones shifted), then patch merging unless it is the last stage."""
   depth: int
   num_heads: int
@@ -241,12 +233,10 @@ class SwinStage(nn.Module):
   mlp_ratio: float = 4.0
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     for j in range(self.depth):
       x = SwinBlock(self.num_heads, self.window_size, shifted=j % 2 == 1,
                     mlp_ratio=self.mlp_ratio, dropout_rate=self.dropout_rate,
@@ -258,7 +248,7 @@ class SwinStage(nn.Module):
     return x
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(layers.Module):
   """Swin classifier: LN -> mean pool -> head. `num_classes=0` returns the pooled features."""
   num_classes: int = 1000
   patch_size: int = 4
@@ -271,8 +261,6 @@ class SwinTransformer(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: float = 0.0  # linspace(0, rate, sum(depths)) over all blocks
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -283,7 +271,7 @@ class SwinTransformer(nn.Module):
       raise errors.ConfigError(f"depths {depths} and num_heads {heads} must have the same length.")
     if self.window_size < 1:
       raise errors.ConfigError(f"window_size must be positive, got {self.window_size}.")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     img = (self.img_size,) * 2 if isinstance(self.img_size, int) else tuple(self.img_size)
     windows = stage_windows(img, self.patch_size, len(depths), self.window_size)
     rates = np.linspace(0.0, self.droppath_rate, sum(depths)).tolist()

@@ -80,19 +80,17 @@ def _performer_w_init(key, shape, dtype=jnp.float32):
   return nn.initializers.orthogonal()(key, shape, dtype) * math.sqrt(m)
 
 
-class TokenPerformer(nn.Module):
+class TokenPerformer(layers.Module):
   """The official `Token_performer` (see the module docstring); (B, T, Din) -> (B, T, emb)."""
   emb: int = 64
   kernel_ratio: float = 0.5
   dropout_rate: float = 0.1
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    nkw = dict(dtype=layers.activation_dtype(self.dtype), param_dtype=self.param_dtype)
-    dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
+    kw = self.kw
+    nkw = self.norm_kw
+    dkw = self.dense_kw
     dense = lambda n, name: nn.Dense(n, kernel_init=layers.trunc_normal, name=name, **dkw)
     m = int(self.emb * self.kernel_ratio)
     w = jax.lax.stop_gradient(self.param("w", _performer_w_init, (m, self.emb),
@@ -116,18 +114,16 @@ class TokenPerformer(nn.Module):
     return x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
-class TokensToToken(nn.Module):
+class TokensToToken(layers.Module):
   """Soft split, performer, soft split, performer, soft split, Dense: (B, H, W, C) -> (B, N, D)."""
   embed_dim: int
   token_dim: int = 64
   dropout_rate: float = 0.1
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dkw = layers.dense_kwargs(self.dtype, self.param_dtype)
+    kw = self.kw
+    dkw = self.dense_kw
     for i, split in enumerate(SOFT_SPLITS):
       x, h, w = soft_split(x, *split)
       if i < len(SOFT_SPLITS) - 1:
@@ -137,19 +133,17 @@ class TokensToToken(nn.Module):
     return nn.Dense(self.embed_dim, kernel_init=layers.trunc_normal, name="project", **dkw)(x)
 
 
-class T2TBlock(nn.Module):
+class T2TBlock(layers.Module):
   """Pre-LN block: x + DropPath(MHA(LN(x))) without qkv bias, then x + DropPath(MLP(LN(x)))."""
   num_heads: int
   mlp_dim: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     attention = layers.Attention(self.num_heads, qkv_bias=False,
                                  dropout_rate=self.attention_dropout_rate,
                                  kernel_init=layers.trunc_normal, name="attn", **kw)
@@ -163,7 +157,7 @@ class T2TBlock(nn.Module):
         deterministic=deterministic, **kw)
 
 
-class T2TViT(nn.Module):
+class T2TViT(layers.Module):
   """T2T-ViT classifier (see the module docstring). `num_classes=0` returns the cls token."""
   num_classes: int = 1000
   embed_dim: int = 384
@@ -175,14 +169,12 @@ class T2TViT(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: float = 0.0  # linspace(0, rate, depth) over the blocks
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     if images.ndim != 4:
       raise errors.ConfigError(f"images must be (B, H, W, C); got shape {images.shape}.")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     x = images.astype(layers.activation_dtype(self.dtype))
     x = TokensToToken(self.embed_dim, self.token_dim, self.t2t_dropout_rate,
                       name="tokens_to_token", **kw)(x, not train)

@@ -111,7 +111,7 @@ class RelativePositionBias(nn.Module):
     return jnp.transpose(bias, (2, 0, 1))[None]  # (1, heads, N, N)
 
 
-class Encoder1DBlock(nn.Module):
+class Encoder1DBlock(layers.Module):
   """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
 
   `posemb` "relbias" and "rope2d" act here (see POSEMBS); `grid` and `num_prefix_tokens` say
@@ -126,12 +126,10 @@ class Encoder1DBlock(nn.Module):
   droppath_rate: Any = 0.0  # float, or a traced scalar under nn.scan
   init_style: str = "vit"  # vit | deit: see INITS
   approximate_gelu: bool = True  # tanh GELU (the JAX release); False: exact erf GELU (DeiT)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     init = inits(self.init_style)
     attention = layers.Attention(self.num_heads, dropout_rate=self.attention_dropout_rate,
                                  kernel_init=init["dense"], bias_init=init["attn_bias"],
@@ -172,7 +170,7 @@ class _ScanBlock(nn.Module):
     return x, None
 
 
-class Encoder(nn.Module):
+class Encoder(layers.Module):
   """Position embedding, `num_layers` blocks, final LayerNorm (`Transformer/...` in checkpoints)."""
   num_layers: int
   mlp_dim: int
@@ -187,8 +185,6 @@ class Encoder(nn.Module):
   remat_policy: Optional[str] = None
   init_style: str = "vit"
   approximate_gelu: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -215,7 +211,7 @@ class Encoder(nn.Module):
                         init_style=self.init_style, approximate_gelu=self.approximate_gelu,
                         posemb=self.posemb, grid=tuple(self.grid),
                         num_prefix_tokens=self.num_prefix_tokens,
-                        dtype=self.dtype, param_dtype=self.param_dtype)
+                        **self.kw)
     if self.scan:
       block = _ScanBlock
       if self.remat_policy:
@@ -253,7 +249,7 @@ def _policy(name: str):
   return getattr(jax.checkpoint_policies, name)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(layers.Module):
   """ViT classifier. `num_classes=0` returns the pooled (pre-head) representation.
 
   `resnet`, when set, is a dict for `resnet.stem` (a hybrid: the ResNet's feature map becomes the
@@ -277,12 +273,10 @@ class VisionTransformer(nn.Module):
   resnet: Optional[Any] = None
   init_style: str = "vit"  # vit | deit: see INITS (DeiT's models use "deit")
   approximate_gelu: bool = True  # False: exact erf GELU, as DeiT (timm) and HF's ViT/DeiT use
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     init = inits(self.init_style)
     x = images.astype(layers.activation_dtype(self.dtype))  # f32 under mixed precision
     if self.resnet is not None:
@@ -319,7 +313,7 @@ class VisionTransformer(nn.Module):
 
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits",
-                           **layers.dense_kwargs(self.dtype, self.param_dtype))(x))
+                           **self.dense_kw)(x))
     return layers.classifier_head(x, self.num_classes, kernel_init=init["head"],
                                   bias_init=nn.initializers.constant(self.head_bias_init), **kw)
 
