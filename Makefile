@@ -30,8 +30,10 @@ demo: $(STAMP) data
 	$(PY) -m vit_jax.main --config=configs/fashion_mnist.py --workdir=workdirs/demo
 
 # Quick suite (CI): everything but tests marked slow, on one pytest worker per core (at most 4:
-# each holds jax, TensorFlow and torch in memory).
-XDIST := -n auto --maxprocesses=4 --dist worksteal
+# each holds jax, TensorFlow and torch in memory). A quick test still running after 15 minutes (the
+# longest take about 4 with a cold compilation cache) fails with every thread's stack, rather than
+# holding CI until its own limit.
+XDIST := -n auto --maxprocesses=4 --dist worksteal --timeout=900
 test: $(STAMP) data
 	$(PY) -m pytest -q $(XDIST) -m "not slow" --durations=15 tests
 

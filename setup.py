@@ -31,7 +31,7 @@ setuptools.setup(
     ],
     extras_require={
         # pycocotools: tests/detection/test_mean_ap.py checks our COCO mAP against it.
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<4", "pycocotools>=2.0.8,<2.1"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pytest-timeout>=2.3,<3", "filelock>=3.12,<4", "pycocotools>=2.0.8,<2.1"],
         # Parity tests and side-by-side benchmarks only; never imported by vit_jax itself.
         "torch": ["torch==2.13.0", "transformers>=5.23,<5.24"],
         # Hugging Face weights in and out (vit_jax.pretrained), imported only when used; reading
