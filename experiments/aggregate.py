@@ -29,7 +29,9 @@ are replaced atomically. Exit status: 0 on success, 2 on an error (one or two li
 
 `--into=DIR` writes the same table and plots for the points of every OUT given (say a study's
 teacher and student sweeps) into DIR, created if needed: how results are committed under
-experiments/results/.
+experiments/results/. With `--add` the table already in DIR keeps its rows and the new points
+join it (a row of the same name is replaced): points run later, or on another machine, added
+to a committed study whose workdirs are gone.
 """
 import argparse
 import csv
@@ -286,6 +288,12 @@ def check_not_fewer(rows: List[Dict[str, Any]], out: str) -> None:
       raise AggregateError(f"{path} has {before} row(s) but {out} has only {len(rows)} finished "
                            "point(s), so it is not replaced.\nPass --allow_fewer_rows to replace "
                            "it anyway.")
+  gone = sorted({r["name"] for r in read_table(out)} - {r.get("name") for r in rows})
+  if gone:  # as many rows, other points: replacing the table would lose these
+    raise AggregateError(f"{os.path.join(out, 'results.json')} has rows of points that are not "
+                         f"among the finished ones: {', '.join(gone[:5])}"
+                         f"{' ...' if len(gone) > 5 else ''}, so it is not replaced.\nPass --add "
+                         "to keep them beside the new rows, or --allow_fewer_rows to drop them.")
 
 
 def _replace(path: str, write, newline=None) -> None:
@@ -429,20 +437,39 @@ def plot_accuracy_vs_compute(rows, path: str) -> bool:
   return _plot(rows, path, "core_hours", "training compute (core-hours)", lines=False)
 
 
+def read_table(out: str) -> List[Dict[str, Any]]:
+  """The rows of an existing OUT/results.json ([] when there is none)."""
+  path = os.path.join(out, "results.json")
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path) as f:
+      rows = json.load(f)
+  except ValueError as e:
+    raise AggregateError(f"{path} is not a results table (JSON list of rows): {e}") from None
+  if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+    raise AggregateError(f"{path} is not a results table (JSON list of rows with a 'name').")
+  return rows
+
+
 def aggregate(out: str, *, allow_fewer_rows: bool = False, log=print,
-              sources: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+              sources: Optional[Sequence[str]] = None, add: bool = False) -> List[Dict[str, Any]]:
   """collect + write_table + both plots; returns the rows.
 
   `sources`: runner --out folders whose points are collected together into `out` (e.g. a study's
   teachers and students into experiments/results/NAME, created if needed); by default `out`
   itself. Raises AggregateError (and writes nothing) if a source is not a runner's --out folder,
   or if an existing results table has more rows than the finished points unless
-  `allow_fewer_rows`.
+  `allow_fewer_rows`. `add`: the rows of the table already in `out` are kept, those of the same
+  name as a new one replaced by it.
   """
   sources = list(sources) if sources else [out]
   for src in sources:
     check_out(src)
   rows = [r for src in sources for r in collect(src)]
+  if add:
+    new = {r["name"] for r in rows}
+    rows = [r for r in read_table(out) if r["name"] not in new] + rows
   os.makedirs(out, exist_ok=True)
   if not allow_fewer_rows:
     check_not_fewer(rows, out)
@@ -470,6 +497,9 @@ def main(argv=None) -> int:
   parser.add_argument("--allow_fewer_rows", "--allow-fewer-rows", action="store_true",
                       help="replace an existing results.csv/results.json even if it has more rows "
                       "than there are finished points now (by default that is refused)")
+  parser.add_argument("--add", action="store_true",
+                      help="keep the rows of the table already in --into (or OUT) and add these "
+                      "points' rows to it, replacing rows of the same name")
   args = parser.parse_args(argv)
   if len(args.out) > 1 and not args.into:
     print(f"{parser.prog}: error: {len(args.out)} folders given: say where their joint table "
@@ -477,7 +507,7 @@ def main(argv=None) -> int:
     return 2
   try:
     aggregate(args.into or args.out[0], allow_fewer_rows=args.allow_fewer_rows,
-              sources=args.out)
+              sources=args.out, add=args.add)
   except AggregateError as e:
     print(f"{parser.prog}: error: {e}", file=sys.stderr)
     return 2

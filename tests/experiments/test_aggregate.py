@@ -286,6 +286,30 @@ def test_several_sweeps_go_into_one_results_folder(tmp_path, capsys):
   assert len(_csv_rows(into)) == 5
 
 
+def test_points_added_to_a_committed_table_keep_its_rows(tmp_path, capsys):
+  # A study's results folder holds only its table (workdirs gone); points run later join it.
+  first, later, into = (str(tmp_path / n) for n in ("first", "later", "results/x"))
+  _sweep_folder(first, names=("a", "b", "d"))
+  assert aggregate.main([first, "--into", into]) == 0
+  shutil.rmtree(first)
+  _sweep_folder(later, names=("b", "c"))
+  assert aggregate.main([later, "--into", into]) == 2  # without --add: 2 rows would replace 3
+  _sweep_folder(later, names=("b", "c", "e"))
+  assert aggregate.main([later, "--into", into]) == 2  # 3 for 3, but a and d would be lost
+  assert "a, d, so it is not replaced" in capsys.readouterr().err
+  shutil.rmtree(os.path.join(later, "points", "e"))
+  _sweep_folder(later, names=("b", "c"))
+  assert aggregate.main([later, "--into", into, "--add"]) == 0
+  assert [r["name"] for r in _csv_rows(into)] == ["a", "d", "b", "c"]  # b replaced, not repeated
+  with open(os.path.join(into, "results.json")) as f:
+    assert [r["name"] for r in json.load(f)] == ["a", "d", "b", "c"]
+  assert "| ViT-Mu/7 |" in open(os.path.join(into, "summary.md")).read()
+  with open(os.path.join(into, "results.json"), "w") as f:
+    f.write("{}")
+  assert aggregate.main([later, "--into", into, "--add"]) == 2
+  assert "not a results table" in capsys.readouterr().err
+
+
 def test_summary_gives_mean_and_min_max_over_seeds():
   rows = [dict(family="ViT", model="ViT-Mu/7 (S)", train_size=1000, seed=s, accuracy=a,
                test_accuracy=t, fewshot_5shot_accuracy=f, core_hours=0.1)
