@@ -411,8 +411,9 @@ def _plot(rows, path: str, x_key: str, x_label: str, lines: bool) -> bool:
       if lines:  # Mean and min-max over seeds at each x.
         ys = [[r[metric] for r in rs if r[x_key] == x] for x in xs]
         mean = np.array([np.mean(y) for y in ys])
-        err = np.array([[m - min(y) for m, y in zip(mean, ys)], [max(y) - m for m, y in
-                                                                 zip(mean, ys)]])
+        # Clipped at 0: the mean of equal accuracies can round past them (0.4 x 3 -> 0.4 + 6e-17).
+        err = np.maximum(np.array([[m - min(y) for m, y in zip(mean, ys)],
+                                   [max(y) - m for m, y in zip(mean, ys)]]), 0)
         ax.errorbar(xs, mean, yerr=err, color=colour[family], marker=markers[j % len(markers)],
                     capsize=2, label=f"{model} ({family})")
       else:
@@ -437,11 +438,28 @@ def plot_accuracy_vs_compute(rows, path: str) -> bool:
   return _plot(rows, path, "core_hours", "training compute (core-hours)", lines=False)
 
 
+def _number(text: str) -> Any:
+  """A CSV cell as write_table wrote it: '' -> None, numbers -> int or float, else the text."""
+  if text == "":
+    return None
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
 def read_table(out: str) -> List[Dict[str, Any]]:
-  """The rows of an existing OUT/results.json ([] when there is none)."""
+  """The rows of an existing OUT/results.json, else OUT/results.csv (numbers parsed); [] when
+  there is neither."""
   path = os.path.join(out, "results.json")
   if not os.path.exists(path):
-    return []
+    csv_path = os.path.join(out, "results.csv")
+    if not os.path.exists(csv_path):
+      return []
+    with open(csv_path, newline="") as f:
+      return [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
   try:
     with open(path) as f:
       rows = json.load(f)

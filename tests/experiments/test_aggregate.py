@@ -304,6 +304,14 @@ def test_points_added_to_a_committed_table_keep_its_rows(tmp_path, capsys):
   with open(os.path.join(into, "results.json")) as f:
     assert [r["name"] for r in json.load(f)] == ["a", "d", "b", "c"]
   assert "| ViT-Mu/7 |" in open(os.path.join(into, "summary.md")).read()
+  os.remove(os.path.join(into, "results.json"))  # a folder committed with its CSV only
+  latest = str(tmp_path / "latest")
+  _sweep_folder(latest, names=("f",))
+  assert aggregate.main([latest, "--into", into, "--add"]) == 0
+  with open(os.path.join(into, "results.json")) as f:
+    table = json.load(f)
+  assert [r["name"] for r in table] == ["a", "d", "b", "c", "f"]
+  assert all(isinstance(r["accuracy"], float) and isinstance(r["steps"], int) for r in table)
   with open(os.path.join(into, "results.json"), "w") as f:
     f.write("{}")
   assert aggregate.main([later, "--into", into, "--add"]) == 2
