@@ -4,9 +4,9 @@ r"""Training-step time of the SASA ResNet by how its local attention is computed
   python -m benchmarks.sasa_attention --blocks=0,2,3,4 --rounds=5
 
 The model is the attention comparison's SASA point (experiments/attention_comparison.py:
-SASA-ResNet-26 with stages 2/2/2, width 6, 2 heads, 7x7 windows, the small root) on a batch of
-`--batch` 28x28x1 images; the step is a jitted forward and backward pass of the cross-entropy
-(no optimizer: the attention is what differs). `query_block=0` computes each pixel's window as
+SASA-ResNet-26 with stages 2/2/2 (`--num_layers`), width 6, 2 heads, 7x7 windows, the small
+root) on a batch of `--batch` 28x28x1 images (`--image_size`); the step is a jitted forward and
+backward pass of the cross-entropy (no optimizer: the attention is what differs). `query_block=0` computes each pixel's window as
 window**2 shifted products (`sasa._local_attention`), `query_block=s` by s x s tiles of queries
 against their halo (`sasa._blocked_local_attention`). All contenders compile first, then run in
 turns (`harness.interleave`) and each reports its median seconds per step and the ratio to the
@@ -23,14 +23,14 @@ import optax
 from benchmarks import harness
 from vit_jax import models
 
-SASA_POINT = dict(num_layers=(2, 2, 2), base_width=6, num_heads=2, window=7, root="small")
+SASA_POINT = dict(base_width=6, num_heads=2, window=7, root="small")
 
 
-def make_step(query_block: int, batch: int):
+def make_step(query_block: int, batch: int, num_layers=(2, 2, 2), image_size: int = 28):
   model = models.get_model("SASA-ResNet-26", num_classes=10, query_block=query_block,
-                           **SASA_POINT)
+                           num_layers=tuple(num_layers), **SASA_POINT)
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(batch, 28, 28, 1)), jnp.float32)
+  images = jnp.asarray(rng.normal(size=(batch, image_size, image_size, 1)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, size=batch))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
 
@@ -51,22 +51,28 @@ def main(argv=None):
                       "reference of the ratios")
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--num_layers", default="2,2,2", help="units per stage")
+  parser.add_argument("--image_size", type=int, default=28)
   args = parser.parse_args(argv)
   blocks = [int(b) for b in args.blocks.split(",")]
   if any(b < 0 for b in blocks):
     raise ValueError(f"--blocks must be integers >= 0 (0: the windowed form), got {args.blocks!r}.")
-  steps = {f"query_block={b}": make_step(b, args.batch) for b in blocks}
+  num_layers = harness.parse_ints(args.num_layers, "--num_layers")
+  steps = {f"query_block={b}": make_step(b, args.batch, num_layers, args.image_size)
+           for b in blocks}
   first = next(iter(steps))
   times = harness.interleave(steps, args.rounds, close_with=first)
   ref = harness.median(times[first])
   rows = []
   for name, ts in times.items():
     record = dict(benchmark="sasa_attention", contender=name, batch=args.batch,
+                  num_layers=num_layers, image_size=args.image_size,
                   seconds_per_step=harness.median(ts), ratio_to_first=harness.median(ts) / ref,
                   rounds=ts, **harness.environment())
     harness.emit(record)
     rows.append(f"| {name} | {record['seconds_per_step']:.2f} | {record['ratio_to_first']:.2f} |")
-  print(f"\nSASA-ResNet (attention comparison size), batch {args.batch}, forward + backward, "
+  print(f"\nSASA-ResNet (stages {args.num_layers}, width 6, 2 heads), {args.image_size}x"
+        f"{args.image_size}x1 images, batch {args.batch}, forward + backward, "
         f"{harness.cpu_model()}, {harness.cpu_threads()} cores, load "
         f"{harness.load_average()}:\n| computation | s/step | ratio |\n|---|---|---|\n" +
         "\n".join(rows))

@@ -234,11 +234,13 @@ def test_replicated_save_compares_sliced_and_whole_saves(capsys):
 
 
 def test_sasa_attention_compares_windowed_and_blocked_steps(capsys):
-  sasa_attention.main(["--blocks=0,4", "--batch=2", "--rounds=1"])
+  sasa_attention.main(["--blocks=0,4", "--batch=2", "--rounds=1", "--num_layers=1",
+                       "--image_size=8"])
   out = capsys.readouterr().out
   records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   assert [r["contender"] for r in records] == ["query_block=0", "query_block=4"]
   assert records[0]["ratio_to_first"] == 1.0 and len(records[0]["rounds"]) == 2  # A, B, A
   assert records[1]["seconds_per_step"] > 0 and "| query_block=4 |" in out
+  assert records[1]["num_layers"] == [1] and records[1]["image_size"] == 8
   with pytest.raises(ValueError, match="--blocks"):
     sasa_attention.main(["--blocks=-1"])
