@@ -33,7 +33,7 @@ bn_qkv, relative, bn_similarity, bn_output}, width/..., conv_up, bn_up[, conv_pr
 """
 import functools
 import re
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -43,7 +43,6 @@ import numpy as np
 from vit_jax import errors
 from vit_jax.models import layers
 
-Dtype = Any
 
 VARIANTS = {"S": 32, "M": 48, "L": 64}  # base_width: 64 x the paper's channel multiplier
 DEPTHS = {26: (1, 2, 4, 1), 50: (3, 4, 6, 3)}

@@ -40,7 +40,6 @@ import numpy as np
 from vit_jax import errors
 from vit_jax.models import layers
 
-Dtype = Any
 
 # name -> (embed dims, depths, heads): the official configs (HF's microsoft/cvt-13, -21, -w24).
 VARIANTS = {

@@ -32,7 +32,7 @@ Sizes are ours, not the paper's: `ImageTransformer-{2D,1D,Full}` name the attent
 field (width, depth, heads, block shapes) is a config override.
 """
 import re
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,6 @@ import numpy as np
 from vit_jax import errors
 from vit_jax.models import layers
 
-Dtype = Any
 
 VARIANTS = {"2D": "local_2d", "1D": "local_1d", "Full": "full"}
 NAMES = tuple(f"ImageTransformer-{v}" for v in VARIANTS)

@@ -42,7 +42,6 @@ import numpy as np
 from vit_jax import errors
 from vit_jax.models import layers
 
-Dtype = Any
 
 _V1_DEPTHS = {"Tiny": (2, 2, 2, 2), "Small": (3, 4, 6, 3), "Medium": (3, 4, 18, 3),
               "Large": (3, 8, 27, 3)}
@@ -58,7 +57,6 @@ _V2 = {
 NAMES = (tuple(f"PVT-{v}" for v in _V1_DEPTHS) + tuple(f"PVTv2-{v}" for v in _V2)
          + ("PVTv2-B2-Li",))
 NAME_RE = re.compile(r"^PVT(?P<v2>v2)?-(?P<variant>[A-Za-z0-9]+?)(?P<li>-Li)?$")
-
 
 
 def _conv_init(groups: int = 1):

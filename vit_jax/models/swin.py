@@ -30,7 +30,6 @@ import numpy as np
 from vit_jax import errors
 from vit_jax.models import layers
 
-Dtype = Any
 
 # name -> (embed_dim, depths, num_heads, drop path rate): docs/reference.md, "Swin Transformer".
 VARIANTS = {

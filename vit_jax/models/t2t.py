@@ -32,7 +32,7 @@ Parameter tree:
 """
 import math
 import re
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,6 @@ import numpy as np
 from vit_jax import errors
 from vit_jax.models import layers
 
-Dtype = Any
 
 # name -> (embed_dim, depth, num_heads, mlp_ratio): the official t2t_vit_14/19/24 (Performer T2T).
 VARIANTS = {"14": (384, 14, 6, 3.0), "19": (448, 19, 7, 3.0), "24": (512, 24, 8, 3.0)}
