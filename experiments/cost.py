@@ -79,10 +79,10 @@ def measure(config, steps: int = 3) -> Dict[str, float]:
 def point_work(config) -> Dict[str, float]:
   """Training steps and evaluated examples of a point, from its config and its data's sizes."""
   from vit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax import optim  # pylint: disable=g-import-not-at-top
   source = data_lib.get_source(config.dataset)
   spe = data_lib.steps_per_epoch(source, config.train_split, int(config.batch_size))
-  total, _, _, eval_every, _ = train._resolve_durations(config, spe)  # pylint: disable=protected-access
+  total, _, _, eval_every, _ = optim.resolve_durations(config, spe)
   evals = (total // eval_every if eval_every else 0) + 1
   if eval_every and total % eval_every == 0:
     evals -= 1  # the last periodic one is the final one

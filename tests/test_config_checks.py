@@ -14,7 +14,7 @@ from vit_jax import config_checks
 from vit_jax import errors
 from vit_jax import main
 from vit_jax import models
-from vit_jax import train
+from vit_jax import optim
 from vit_jax import trainer
 
 
@@ -36,7 +36,7 @@ def test_a_duration_on_the_command_line_replaces_the_configs_unit():
   assert (c.total_steps, c.total_epochs, c.total_examples) == (3, None, None)
   assert (c.lr.warmup_steps, c.lr.warmup_epochs) == (0, None)
   assert (c.log_every_epochs, c.log_every_steps) == (1, None)
-  assert train._resolve_durations(c, steps_per_epoch=469)[:3] == (3, 0, 469)
+  assert optim.resolve_durations(c, steps_per_epoch=469)[:3] == (3, 0, 469)
   with pytest.raises(ValueError, match="total_steps and --config.total_epochs both set"):
     parse("--config=configs/fashion_mnist.py:vit", "--config.total_steps=3",
           "--config.total_epochs=2")

@@ -127,3 +127,14 @@ def durations(cfg, prefix: str, *, steps_per_epoch: float, batch_size: int,
   if unit == "epochs":
     return int(round(value * steps_per_epoch))
   return int(round(value / batch_size))
+
+
+def resolve_durations(config, steps_per_epoch: int):
+  """(total, warmup, log_every, eval_every, checkpoint_every) of a training config, in steps."""
+  batch_size = int(config.batch_size)
+  every = lambda name, default=0, required=False: durations(
+      config, name, steps_per_epoch=steps_per_epoch, batch_size=batch_size, default=default,
+      required=required)
+  total = every("total", required=True)
+  return (total, every("lr.warmup"), every("log_every", max(1, min(100, total // 20))),
+          every("eval_every"), every("checkpoint_every"))

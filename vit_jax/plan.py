@@ -531,7 +531,7 @@ def plan(config, topology: str = "local", *, image_shape=None, num_classes=None,
   import ml_collections  # pylint: disable=g-import-not-at-top
   from vit_jax import parallel  # pylint: disable=g-import-not-at-top
   from vit_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax import optim  # pylint: disable=g-import-not-at-top
   from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from vit_jax.data import sources  # pylint: disable=g-import-not-at-top
 
@@ -555,8 +555,7 @@ def plan(config, topology: str = "local", *, image_shape=None, num_classes=None,
     config = ml_collections.ConfigDict(config.to_dict())
     config.total_steps = steps_per_epoch
   # The trainer's own reading of the durations (only the optimizer's schedule depends on them).
-  total, warmup = train._resolve_durations(  # pylint: disable=protected-access
-      config, steps_per_epoch)[:2]
+  total, warmup = optim.resolve_durations(config, steps_per_epoch)[:2]
   trainer = trainer_lib.build_trainer(config, num_classes, image_shape, total_steps=total,
                                 warmup_steps=min(warmup, total), devices=devices)
   runner, shardings = trainer.runner, trainer.shardings
