@@ -229,12 +229,13 @@ def _to_json(x):
   return str(x)
 
 
-def parse_ints(text: str, what: str) -> List[int]:
-  """'8,16' -> [8, 16], with an error naming the flag."""
+def parse_ints(text: str, what: str, minimum: int = 1) -> List[int]:
+  """'8,16' -> [8, 16], each at least `minimum`, with an error naming the flag."""
   try:
     out = [int(t) for t in text.split(",") if t.strip()]
   except ValueError:
     raise ValueError(f"{what} must be comma-separated integers such as '8,16', got {text!r}.")
-  if not out or any(v <= 0 for v in out):
-    raise ValueError(f"{what} must be positive integers, got {text!r}.")
+  if not out or any(v < minimum for v in out):
+    kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+    raise ValueError(f"{what} must be {kind}, got {text!r}.")
   return out

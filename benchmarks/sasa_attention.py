@@ -54,9 +54,7 @@ def main(argv=None):
   parser.add_argument("--num_layers", default="2,2,2", help="units per stage")
   parser.add_argument("--image_size", type=int, default=28)
   args = parser.parse_args(argv)
-  blocks = [int(b) for b in args.blocks.split(",")]
-  if any(b < 0 for b in blocks):
-    raise ValueError(f"--blocks must be integers >= 0 (0: the windowed form), got {args.blocks!r}.")
+  blocks = harness.parse_ints(args.blocks, "--blocks (0: the windowed form)", minimum=0)
   num_layers = harness.parse_ints(args.num_layers, "--num_layers")
   steps = {f"query_block={b}": make_step(b, args.batch, num_layers, args.image_size)
            for b in blocks}

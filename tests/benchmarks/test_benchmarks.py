@@ -52,6 +52,9 @@ def test_parse_ints_names_the_flag():
     harness.parse_ints("8,x", "--batch_sizes")
   with pytest.raises(ValueError, match="positive"):
     harness.parse_ints("0", "--batch_sizes")
+  assert harness.parse_ints("0,4", "--blocks", minimum=0) == [0, 4]
+  with pytest.raises(ValueError, match="--blocks must be integers >= 0"):
+    harness.parse_ints("-1", "--blocks", minimum=0)
 
 
 def test_matmul_peak_rates_follow_from_the_timings():

@@ -106,13 +106,13 @@ class LocalSelfAttention(layers.Module):
       # chunks of about 2**24 of them, and the gradient recomputes a chunk rather than keeping it.
       if self.query_block:
         halo = (self.query_block + k - 1)**2
-        attend = functools.partial(_blocked_local_attention, rel_h=rel_h, rel_w=rel_w, window=k,
-                                   block=self.query_block, dtype=self.dtype)
+        compute = functools.partial(_blocked_local_attention, rel_h=rel_h, rel_w=rel_w, window=k,
+                                    block=self.query_block, dtype=self.dtype)
       else:
-        halo, windowed = k * k, attend
-        attend = lambda *a: windowed(*a)[0]
+        halo = k * k
+        compute = lambda *a: attend(*a)[0]
       chunk = max(1, min(b, 2**24 // (h * w * self.num_heads * halo)))
-      one = jax.checkpoint(lambda q, key, value: attend(q[None], key[None], value[None])[0])
+      one = jax.checkpoint(lambda q, key, value: compute(q[None], key[None], value[None])[0])
       y = jax.lax.map(lambda t: one(*t), (q, key, value), batch_size=chunk)
     return y.reshape(b, h, w, self.features)
 
@@ -165,7 +165,8 @@ def _blocked_local_attention(q, key, value, *, rel_h, rel_w, window: int, block:
   ein = lambda spec, a, c: layers.einsum(spec, a, c, dtype)
   content = ein("zpqsnd,zpqtnd->zpqnst", qt.reshape(b, nh, nw, s * s, n, d), keys)
   # Offset of halo row u from query row i is u - i (0 .. k-1 inside the window): the table row.
-  offset = np.clip(np.arange(big)[None, :] - np.arange(s)[:, None], 0, k - 1)  # (s, L)
+  rel = np.arange(big)[None, :] - np.arange(s)[:, None]  # (s, L)
+  offset = np.clip(rel, 0, k - 1)
   by_row = ein("zpqijnd,iund->zpqniju", qt[..., :dh], rel_h[offset])  # (B, P, Q, n, s, s, L)
   by_col = ein("zpqijnd,jvnd->zpqnijv", qt[..., dh:], rel_w[offset])
   logits = (content.reshape(b, nh, nw, n, s, s, big, big) + by_row[..., :, None]
@@ -173,8 +174,7 @@ def _blocked_local_attention(q, key, value, *, rel_h, rel_w, window: int, block:
   # Key (u, v) of tile (p, c) is pixel (p*s + u - r, c*s + v - r): in the window of query (i, j)
   # when 0 <= u - i < k and 0 <= v - j < k, and in the image.
   inside = lambda start, size: (start >= 0) & (start < size)
-  win = (np.arange(big)[None, :] - np.arange(s)[:, None] >= 0) & (
-      np.arange(big)[None, :] - np.arange(s)[:, None] < k)  # (s, L)
+  win = (rel >= 0) & (rel < k)  # (s, L)
   rows_in = inside(np.arange(nh)[:, None] * s + np.arange(big)[None, :] - r, h)  # (P, L)
   cols_in = inside(np.arange(nw)[:, None] * s + np.arange(big)[None, :] - r, w)  # (Q, L)
   valid = (win[None, None, None, :, None, :, None] & win[None, None, None, None, :, None, :]
